@@ -1,0 +1,116 @@
+"""Losses of C-SRIP (paper Sec. 2.3): SSIM loss (eqs. 2-3), identity cross-entropy (eq. 1), total (eq. 4).
+
+Every loss returns named terms keyed in the shared vocabulary
+(``loss``, ``ssim/x2``, ``ce/x8``, ``acc/x4`` …) so the same names reach logs,
+Prometheus and dashboards. Losses run in fp32 even inside a bf16 autocast region.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .degrade import gaussian_kernel1d, residual
+from .vocab import SCALE_OF, TARGETS
+
+# The paper's constants on 0-255 pixel values: (0.01·256)² and (0.03·256)².
+C1 = (0.01 * 256) ** 2  # ≈ 6.55
+C2 = (0.03 * 256) ** 2  # ≈ 58.98
+PIXEL_MAX = 255.0
+
+
+def ssim_map(
+    x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5, c1: float = C1, c2: float = C2
+) -> torch.Tensor:
+    """SSIM map of eq. (3) with a Gaussian window. x, y: (B, C, H, W) on 0-255 -> (B, C, H, W).
+
+    Borders are reflect-padded (as torchmetrics does), so the whole image counts —
+    on a 48² output a 'valid' window would ignore 40% of the pixels.
+    """
+    c = x.shape[1]
+    k = gaussian_kernel1d(sigma, dtype=x.dtype).to(x.device)
+    if k.numel() != window:  # radius ceil(3σ) gives 11 taps for σ=1.5; honour an explicit window
+        t = torch.arange(window, dtype=torch.float64, device=x.device) - (window - 1) / 2
+        k = torch.exp(-0.5 * (t / sigma) ** 2)
+        k = (k / k.sum()).to(x.dtype)
+    p = (window - 1) // 2
+    x, y = F.pad(x, (p, p, p, p), mode="reflect"), F.pad(y, (p, p, p, p), mode="reflect")
+    stack = torch.cat([x, y, x * x, y * y, x * y], dim=1)  # (B, 5C, H+2p, W+2p): one grouped conv for all moments
+    g = stack.shape[1]
+    stack = F.conv2d(stack, k.view(1, 1, -1, 1).expand(g, 1, -1, 1), groups=g)
+    stack = F.conv2d(stack, k.view(1, 1, 1, -1).expand(g, 1, 1, -1), groups=g)
+    mu1, mu2, e11, e22, e12 = stack.split(c, dim=1)
+    mu11, mu22, mu12 = mu1 * mu1, mu2 * mu2, mu1 * mu2
+    s11, s22, s12 = (e11 - mu11).clamp(min=0), (e22 - mu22).clamp(min=0), e12 - mu12
+    return ((2 * mu12 + c1) * (2 * s12 + c2)) / ((mu11 + mu22 + c1) * (s11 + s22 + c2))
+
+
+def ssim(sr: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean SSIM with the paper's constants; inputs in [0, 1], computed in fp32 on 0-255."""
+    with torch.autocast(sr.device.type, enabled=False):
+        return ssim_map(sr.float() * PIXEL_MAX, target.float() * PIXEL_MAX).mean()
+
+
+def ssim_loss(sr: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Eq. (2): ½ (1 − E[SSIM])."""
+    return 0.5 * (1.0 - ssim(sr, target))
+
+
+def identity_ce(logits: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    """Eq. (1) averaged over the batch; samples with cls = -1 (identity outside the class map) are ignored."""
+    if not (cls >= 0).any():
+        return logits.float().sum() * 0.0  # keeps the graph; no labelled sample in this batch
+    return F.cross_entropy(logits.float(), cls, ignore_index=-1)
+
+
+class CSRIPLoss(nn.Module):
+    """Eq. (4): Σ_{j ∈ {x2, x4, hr}} L_SSIM(x^j) + α L_CE(θ_SN^j, Δx^j).
+
+    ``priors`` maps a target key (x2, x4, hr) to a frozen prior; with ``priors=None``
+    or ``alpha=0`` only the SSIM terms are computed (the α = 0 ablation).
+    """
+
+    def __init__(self, priors: dict[str, nn.Module] | None = None, alpha: float = 0.001):
+        super().__init__()
+        self.alpha = alpha
+        self.priors = nn.ModuleDict(priors) if priors and alpha > 0 else None
+
+    def forward(self, sr: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        terms: dict[str, torch.Tensor] = {}
+        total = 0.0
+        for key in TARGETS:
+            scale = SCALE_OF[key]
+            terms[f"ssim/{scale}"] = ssim(sr[key], batch[key]).detach()
+            total = total + ssim_loss(sr[key], batch[key])
+            if self.priors is not None:
+                with torch.autocast(sr[key].device.type, enabled=False):
+                    delta = residual(sr[key].float(), key)  # high-pass of the SR output, fp32
+                logits = self.priors[key](delta.to(memory_format=torch.channels_last) if _is_cl(sr[key]) else delta)
+                ce = identity_ce(logits, batch["cls"])
+                terms[f"ce/{scale}"] = ce.detach()
+                total = total + self.alpha * ce
+        terms["loss"] = total
+        return terms
+
+
+class PriorLoss(nn.Module):
+    """Stage 1: cross-entropy and top-1 accuracy of each prior on its residual images."""
+
+    def forward(self, logits: dict[str, torch.Tensor], cls: torch.Tensor) -> dict[str, torch.Tensor]:
+        terms: dict[str, torch.Tensor] = {}
+        total = 0.0
+        keep = cls >= 0
+        for key, lg in logits.items():
+            scale = SCALE_OF[key]
+            ce = identity_ce(lg, cls)
+            terms[f"ce/{scale}"] = ce.detach()
+            hit = (lg.argmax(1) == cls) & keep
+            terms[f"acc/{scale}"] = hit.sum().float() / keep.sum().clamp(min=1)
+            total = total + ce
+        terms["loss"] = total
+        return terms
+
+
+def _is_cl(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()

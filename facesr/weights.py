@@ -1,0 +1,110 @@
+"""Saving and loading trained networks as safetensors (no pickle anywhere).
+
+A weights file carries its own description in the safetensors metadata: what
+it is (``kind``), the preset / config it was built from, and for priors the
+class map they were trained on (its names and a sha256), so a stage-2 run or
+an evaluation can refuse priors trained on another class map.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, safe_open, save_file
+
+from .models import FrozenPrior, PriorConfig, SRNet, SRNetConfig, build_prior
+
+
+def classes_digest(classes: list[str]) -> str:
+    """sha256 of the class map (index order matters)."""
+    return hashlib.sha256("\n".join(classes).encode()).hexdigest()
+
+
+def _save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
+    os.replace(tmp, path)  # never a half-written file under the final name
+
+
+def read_meta(path: str | Path) -> dict:
+    """The metadata of a weights file; clear error if it is not one of ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weights file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise ValueError(f"{path}: not a safetensors weights file ({e})") from None
+    if "kind" not in raw:
+        raise ValueError(f"{path}: safetensors file without facesr metadata (kind)")
+    return {k: json.loads(v) for k, v in raw.items()}
+
+
+def save_priors(path, priors: dict[str, nn.Module], cfg: PriorConfig, classes: list[str], extra: dict | None = None):
+    """Three priors (keys x2, x4, hr) in one file, with the class map they were trained on."""
+    tensors = {f"{k}.{n}": t for k, m in priors.items() for n, t in _unwrap(m).state_dict().items()}
+    meta = {
+        "kind": "priors",
+        "keys": sorted(priors),
+        "prior": dataclasses.asdict(cfg),
+        "num_classes": len(classes),
+        "classes": classes,
+        "classes_sha256": classes_digest(classes),
+        **(extra or {}),
+    }
+    _save(path, tensors, meta)
+
+
+def load_priors(path, device: str | torch.device = "cpu", classes: list[str] | None = None) -> dict[str, FrozenPrior]:
+    """Frozen priors from ``save_priors``; with ``classes`` given, refuse priors of another class map."""
+    meta = read_meta(path)
+    if meta["kind"] != "priors":
+        raise ValueError(f"{path}: holds {meta['kind']!r}, not priors")
+    if classes is not None and meta["classes_sha256"] != classes_digest(classes):
+        raise ValueError(
+            f"{path}: priors were trained on another class map ({meta['num_classes']} classes, "
+            f"sha256 {meta['classes_sha256'][:12]}) than this data ({len(classes)} classes, "
+            f"sha256 {classes_digest(classes)[:12]})"
+        )
+    state = load_file(str(path), device="cpu")
+    cfg = PriorConfig(**meta["prior"])
+    out = {}
+    for key in meta["keys"]:
+        model = build_prior(cfg, meta["num_classes"])
+        prefix = f"{key}."
+        model.load_state_dict({n[len(prefix):]: t for n, t in state.items() if n.startswith(prefix)})
+        out[key] = FrozenPrior(model.to(device))
+    return out
+
+
+def save_srnet(path, net: nn.Module, extra: dict | None = None) -> None:
+    """The SR cascade (all branches) with its config."""
+    net = _unwrap(net)
+    _save(path, net.state_dict(), {"kind": "srnet", "sr": dataclasses.asdict(net.cfg), **(extra or {})})
+
+
+def load_srnet(path, device: str | torch.device = "cpu") -> SRNet:
+    meta = read_meta(path)
+    if meta["kind"] != "srnet":
+        raise ValueError(f"{path}: holds {meta['kind']!r}, not an SR network")
+    sr = meta["sr"]
+    cfg = SRNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in sr.items()})
+    net = SRNet(cfg)
+    net.load_state_dict(load_file(str(path), device="cpu"))
+    return net.to(device).eval()
+
+
+def _unwrap(m: nn.Module) -> nn.Module:
+    while hasattr(m, "module") and isinstance(m.module, nn.Module):  # DeepSpeed / DDP
+        m = m.module
+    return m.model if isinstance(m, FrozenPrior) else m
