@@ -1,0 +1,177 @@
+"""End to end against a real Prometheus: exporters of a short run -> file_sd -> every dashboard query.
+
+Installs Debian's ``prometheus`` if missing (needs root and apt), starts it on loopback with
+cluster/prometheus/prometheus.yml rendered to a temporary discovery dir and a 1 s scrape
+interval, runs WORKLOAD to completion, then evaluates every PromQL query of the Grafana
+dashboard over the run's time window through /api/v1/query_range (as Grafana does).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from cluster import monitor
+from cluster.summary import write_summary
+from facesr.vocab import SCALES
+
+ROOT = Path(__file__).resolve().parents[1]
+DASHBOARD = ROOT / "cluster" / "grafana" / "dashboards" / "facesr.json"
+# The run being monitored. Swap for the real short CPU training once it accepts the same
+# --run/--runs-dir/--workers/--telemetry-* arguments, e.g.
+# WORKLOAD = [sys.executable, "-m", "launch.train", "--preset", "tiny", "--device", "cpu"]
+WORKLOAD = [sys.executable, "-m", "tests.monitoring_workload", "--seconds-per-stage", "8"]
+WORKERS = 2
+RUN = "monitoring-e2e"
+PER_SCALE = re.compile(r"\bfacesr_(ssim|ce|acc|psnr)\b")  # families labelled by scale
+RATE_INTERVAL = "10s"  # $__rate_interval for a 1 s scrape interval
+
+pytestmark = pytest.mark.slow
+
+
+def panels(dashboard: dict) -> list[dict]:
+    """Every non-row panel, including those folded inside collapsed rows."""
+    out = []
+    for p in dashboard["panels"]:
+        if p["type"] == "row":
+            out.extend(p.get("panels", []))
+        else:
+            out.append(p)
+    return out
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title / refId, expr) for every query target of the dashboard."""
+    dash = json.loads(DASHBOARD.read_text())
+    return [(f"{p['title']} / {t['refId']}", t["expr"]) for p in panels(dash) for t in p["targets"]]
+
+
+def substitute(expr: str, values: dict[str, str]) -> str:
+    """Replace Grafana variables ($v, ${v}, [[v]]) as the dashboard would with these choices."""
+    def repl(m: re.Match) -> str:
+        name = m.group(1) or m.group(2) or m.group(3)
+        if name not in values:
+            raise KeyError(f"unknown dashboard variable ${name} in {expr}")
+        return values[name]
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)|\[\[(\w+)\]\]", repl, expr)
+
+
+VARIABLES = {"run": RUN,  # no regex metacharacters in RUN
+             "stage": ".*", "node": ".*", "rank": ".*",
+             "__rate_interval": RATE_INTERVAL, "__interval": "1s"}
+
+
+def api(url: str, path: str, **params) -> dict:
+    query = urllib.parse.urlencode(params, doseq=True)
+    try:
+        with urllib.request.urlopen(f"{url}/api/v1/{path}?{query}", timeout=10) as r:
+            body = json.load(r)
+    except urllib.error.HTTPError as e:  # 400/422 carry Prometheus' parse error: show it
+        raise AssertionError(f"{path} {params}: {e.code} {e.read().decode()}") from None
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+@pytest.fixture(scope="module")
+def prometheus(tmp_path_factory):
+    """A real Prometheus on 127.0.0.1 watching a temporary file_sd dir; yields (url, sd_dir)."""
+    try:
+        monitor.prometheus_binary(install=True)
+    except (FileNotFoundError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"prometheus unavailable and not installable here: {e}")
+    tmp = tmp_path_factory.mktemp("prometheus")
+    sd_dir = tmp / "sd"
+    sd_dir.mkdir()
+    ray_sd = tmp / "ray_sd.json"
+    ray_sd.write_text("[]")  # no Ray cluster in this test: an empty target list
+    port = monitor.free_port()
+    text = monitor.render_config(str(sd_dir), str(ray_sd), scrape_interval="1s")
+    log = open(tmp / "prometheus.log", "w")
+    proc = monitor.start(text, str(tmp / "data"), port=port, log_file=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        monitor.wait_ready(url, proc)
+        yield url, sd_dir
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def run_window(prometheus, tmp_path_factory):
+    """Runs WORKLOAD to completion; yields (t_start, t_end, runs_dir)."""
+    _, sd_dir = prometheus
+    runs_dir = tmp_path_factory.mktemp("runs")
+    cmd = WORKLOAD + ["--run", RUN, "--runs-dir", str(runs_dir), "--workers", str(WORKERS),
+                      "--telemetry-host", "127.0.0.1", "--telemetry-port", str(monitor.free_port()),
+                      "--telemetry-sd-dir", str(sd_dir)]
+    t_start = time.time()
+    subprocess.run(cmd, cwd=ROOT, check=True, timeout=120)
+    t_end = time.time()
+    return t_start, t_end, runs_dir
+
+
+def test_rendered_config_is_valid(prometheus, tmp_path):
+    """promtool accepts the project's config once rendered with other paths and interval."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed")
+    cfg = tmp_path / "prometheus.yml"
+    cfg.write_text(monitor.render_config(str(tmp_path), scrape_interval="1s"))
+    out = subprocess.run([promtool, "check", "config", str(cfg)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("title,expr", dashboard_queries(), ids=[t for t, _ in dashboard_queries()])
+def test_dashboard_query_returns_series(prometheus, run_window, title, expr):
+    """Each dashboard panel query returns series during the run, for every scale if per-scale."""
+    url, _ = prometheus
+    t_start, t_end, _ = run_window
+    data = api(url, "query_range", query=substitute(expr, VARIABLES),
+               start=f"{t_start:.3f}", end=f"{t_end:.3f}", step="1s")
+    series = data["result"]
+    assert series, f"{title}: no series for {substitute(expr, VARIABLES)}"
+    if PER_SCALE.search(expr):
+        scales = {s["metric"].get("scale") for s in series}
+        assert scales == set(SCALES), f"{title}: scales {scales}"
+
+
+def test_dashboard_variables_resolve(prometheus, run_window):
+    """Each template variable's label_values() lists this run's values (both stages, all ranks)."""
+    url, _ = prometheus
+    t_start, t_end, _ = run_window
+    dash = json.loads(DASHBOARD.read_text())
+    expected = {"run": {RUN}, "stage": {"prior", "sr"}, "rank": {str(r) for r in range(WORKERS)}}
+    for var in dash["templating"]["list"]:
+        m = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", var["query"])
+        assert m, var["query"]
+        selector, label = substitute(m.group(1), VARIABLES), m.group(2)
+        values = set(api(url, f"label/{label}/values", **{"match[]": selector},
+                         start=f"{t_start:.3f}", end=f"{t_end:.3f}"))
+        assert values >= expected.get(label, set()) and values, (var["name"], values)
+
+
+def test_exporters_withdraw_after_run(prometheus, run_window):
+    """Closed exporters remove their file_sd files, so finished runs are not scraped forever."""
+    _, sd_dir = prometheus
+    assert list(sd_dir.glob("*.json")) == []
+
+
+def test_summary_of_monitored_run(run_window):
+    """The run folder's metrics.jsonl from the same run yields summary.md and summary.png."""
+    _, _, runs_dir = run_window
+    md, png = write_summary(runs_dir / RUN)
+    text = md.read_text()
+    assert all(f"| {s} |" in text for s in SCALES)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
