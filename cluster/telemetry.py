@@ -1,0 +1,331 @@
+"""Per-worker Prometheus exporter for facesr training, found by Prometheus via file_sd.
+
+Contract with the training loop (cluster/train*.py), one instance per worker process::
+
+    from cluster.telemetry import Telemetry, node_ip
+
+    tel = Telemetry(run=cfg.run, stage="sr", rank=ctx.get_world_rank(), node=socket.gethostname(),
+                    port=cfg.telemetry_port + ctx.get_local_rank(),  # None: no exporter
+                    host=node_ip(),                                 # loopback unless inside Ray
+                    sd_dir=cfg.telemetry_sd_dir, restarts=restarts)
+    ...
+    tel.log(loss_dict | {"lr": lr, "samples_per_s": sps, "step_time_s": dt,
+                         "data_wait_s": wait, "epoch": epoch, "step": step,
+                         "decode_errors": n_decode_errors}, split="train")  # every step (cheap)
+    tel.log(val_dict | {"epoch": epoch, "step": step}, split="val")      # after each evaluation
+    tel.checkpoint_saved()                                               # after a checkpoint is written
+    tel.set_stage("prior")                                               # if one process runs both stages
+    tel.close()                                                          # in a finally: block
+
+``log`` keys follow the loss-dict vocabulary: ``"<name>/<scale>"`` (``ssim/x8``, ``ce/x2``,
+``acc/x4``, ``psnr/x8``) becomes ``facesr_<name>{scale="x8"}``; plain keys map through
+``PLAIN`` (``lr`` -> ``facesr_learning_rate``, so the learning rate is never confused with the
+``lr`` image level); any other numeric key becomes ``facesr_<key>``. Non-numeric values and
+the jsonl bookkeeping keys (``stage``, ``split``, ``time``) are ignored, so the same dict that
+goes to ``metrics.jsonl`` can be passed. ``decode_errors`` is the loader's cumulative count in
+this process (exported as the counter ``facesr_decode_errors_total``). Every series carries
+``run, stage, node, rank`` (and ``split``, ``scale`` where they apply).
+
+Also exported, computed when Prometheus scrapes: ``facesr_checkpoint_age_seconds`` (since the
+last ``checkpoint_saved()``, or since this exporter started), ``facesr_restarts_total``
+(``restarts`` at construction plus ``restart()`` calls), ``facesr_last_log_timestamp_seconds``
+(stall detection) and ``facesr_process_*`` (memory, CPU of this worker).
+
+Ports and discovery. ``port`` is tried first (convention: base port + local rank); if it is
+busy the OS picks a free one; with ``port=None`` or if binding fails there is no exporter at
+all. None of these stop training: they are logged. The exporter binds to ``host`` only
+(loopback by default; on a cluster the node's IP, see ``node_ip``). Because the real port can
+differ from the requested one, every exporter advertises itself in ``sd_dir`` as a Prometheus
+file_sd file ``<run>-<node>-r<rank>.json`` written atomically (tmp + rename) and removed by
+``close()``. ``sd_dir`` must be readable by the Prometheus server: on a multi-node cluster a
+shared filesystem (the one holding Ray Train's ``storage_path``); see
+cluster/prometheus/prometheus.yml. A worker killed hard leaves its file behind: Prometheus then
+shows that target as ``up == 0`` until the same run/node/rank rewrites it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import re
+import socket
+import tempfile
+import threading
+import time
+import weakref
+from typing import Iterable, Mapping
+
+from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from facesr.vocab import SCALES
+
+log = logging.getLogger(__name__)
+
+PREFIX = "facesr"
+DEFAULT_SD_DIR = "/tmp/facesr/prometheus_sd"  # what cluster/prometheus/prometheus.yml watches
+# plain log() keys -> metric names in Prometheus base units
+PLAIN = {
+    "loss": "loss",
+    "lr": "learning_rate",
+    "samples_per_s": "samples_per_second",
+    "step_time_s": "step_time_seconds",
+    "data_wait_s": "data_wait_seconds",
+    "epoch": "epoch",
+    "step": "step",
+    "decode_errors": "decode_errors",
+}
+COUNTERS = {"decode_errors"}  # cumulative counts: exported as <name>_total counters
+IGNORED = {"stage", "split", "time", "run", "rank", "node"}  # jsonl bookkeeping, not metrics
+HELP = {
+    "loss": "Total loss of the current stage (last logged value).",
+    "ssim": "SSIM between output and target at this scale.",
+    "ce": "Identity cross-entropy of the frozen prior at this scale.",
+    "acc": "Prior top-1 identity accuracy at this scale.",
+    "psnr": "PSNR in dB between output and target at this scale.",
+    "learning_rate": "Optimizer learning rate.",
+    "samples_per_second": "Training throughput of this worker.",
+    "step_time_seconds": "Wall time of the last training step.",
+    "data_wait_seconds": "Time the last step waited for its batch.",
+    "epoch": "Current epoch.",
+    "step": "Current optimizer step.",
+    "decode_errors": "Samples skipped because they failed to decode (cumulative).",
+    "restarts": "Times this run was restarted (from a checkpoint) before this worker started.",
+    "checkpoint_age_seconds": "Seconds since the last checkpoint (or since the worker started).",
+    "last_log_timestamp_seconds": "Unix time of the last log() call for this split.",
+}
+_NAME_OK = re.compile(r"[^a-zA-Z0-9_]")
+BASE_LABELS = ("run", "stage", "node", "rank")
+
+
+def metric_name(key: str) -> tuple[str, str | None]:
+    """``"ssim/x8" -> ("facesr_ssim", "x8")``; ``"lr" -> ("facesr_learning_rate", None)``."""
+    base, _, scale = key.partition("/")
+    if scale and scale not in SCALES:  # not a scale suffix: keep it in the name
+        base, scale = key, ""
+    base = PLAIN.get(base, base)
+    return f"{PREFIX}_{_NAME_OK.sub('_', base)}", scale or None
+
+
+def node_ip() -> str:
+    """Address to bind on: this node's IP inside a Ray cluster, loopback otherwise."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except Exception:  # Ray missing or not in a worker: stay on loopback
+        pass
+    return "127.0.0.1"
+
+
+def write_sd_file(path: str, targets: list[str], labels: Mapping[str, str]) -> None:
+    """Atomically (tmp + rename in the same dir) write one Prometheus file_sd target group."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".", suffix=".tmp")  # not *.json: unseen
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump([{"targets": targets, "labels": dict(labels)}], f)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; Prometheus may run as another user
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class _Collector(Collector):
+    """Builds metric families from the Telemetry's latest values at scrape time."""
+
+    def __init__(self, tel: "Telemetry"):
+        self._tel = weakref.ref(tel)
+
+    def collect(self) -> Iterable[Metric]:
+        tel = self._tel()
+        if tel is None:
+            return []
+        return tel._families()
+
+
+class Telemetry:
+    """Latest training metrics of one worker, served for Prometheus on ``host:port``."""
+
+    def __init__(
+        self,
+        run: str,
+        stage: str,
+        rank: int,
+        node: str,
+        port: int | None,
+        host: str = "127.0.0.1",
+        sd_dir: str | None = None,
+        restarts: int = 0,
+    ):
+        self.run, self.stage, self.rank, self.node, self.host = run, stage, int(rank), node, host
+        self.restarts = int(restarts)
+        self.port: int | None = None  # the bound port, None without exporter
+        self.sd_file: str | None = None
+        self._lock = threading.Lock()
+        # (name, scale, split) -> value; cleared by set_stage
+        self._values: dict[tuple[str, str | None, str], float] = {}
+        self._last_log: dict[str, float] = {}  # split -> unix time of last log()
+        self._checkpoint_time = time.time()  # age counts from start until the first checkpoint
+        self._bad_keys: set[str] = set()
+        self._httpd = None
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Collector(self))
+        ProcessCollector(namespace=PREFIX, registry=self.registry)
+        self._serve(port)
+        if self.port is not None and sd_dir:
+            self._advertise(sd_dir)
+        atexit.register(_close_ref, weakref.ref(self))
+
+    # --- what the training loop calls -------------------------------------------------
+
+    def log(self, metrics: Mapping[str, object], split: str) -> None:
+        """Record the latest value of each metric for ``split`` (``train`` or ``val``)."""
+        now = time.time()
+        with self._lock:
+            for key, value in metrics.items():
+                if key in IGNORED:
+                    continue
+                try:
+                    value = float(value)  # also 0-dim tensors
+                except (TypeError, ValueError):
+                    if key not in self._bad_keys:  # once per key, not every step
+                        self._bad_keys.add(key)
+                        log.warning("telemetry: ignoring non-numeric metric %r=%r", key, value)
+                    continue
+                name, scale = metric_name(key)
+                self._values[(name, scale, split)] = value
+            self._last_log[split] = now
+
+    def checkpoint_saved(self) -> None:
+        """Restart the checkpoint-age clock (call after the checkpoint is durably written)."""
+        self._checkpoint_time = time.time()
+
+    def restart(self) -> None:
+        """Count one restart of this worker (alternative to ``restarts=`` at construction)."""
+        self.restarts += 1
+
+    def set_stage(self, stage: str) -> None:
+        """Switch stage label; the previous stage's values stop being exported."""
+        with self._lock:
+            self.stage = stage
+            self._values.clear()
+            self._last_log.clear()
+
+    def close(self) -> None:
+        """Withdraw from discovery and stop serving. Safe to call twice."""
+        if self.sd_file:
+            try:
+                os.unlink(self.sd_file)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("telemetry: could not remove %s: %s", self.sd_file, e)
+            self.sd_file = None
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def __enter__(self) -> "Telemetry":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def target(self) -> str | None:
+        """``host:port`` Prometheus scrapes, or None without exporter."""
+        if self.port is None:
+            return None
+        host = self.host
+        if host in ("0.0.0.0", "::", ""):  # bound everywhere: advertise a routable name
+            host = socket.getfqdn()
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _serve(self, port: int | None) -> None:
+        if port is None:
+            log.info("telemetry: no port configured, metrics are not exported (rank %d)", self.rank)
+            return
+        for attempt in (port, 0):  # 0: let the OS pick a free port; file_sd advertises it
+            try:
+                self._httpd, _ = start_http_server(attempt, addr=self.host, registry=self.registry)
+            except OSError as e:
+                if attempt != 0:
+                    log.warning("telemetry: port %s:%d unavailable (%s), trying a free port",
+                                self.host, attempt, e)
+                else:
+                    log.error("telemetry: cannot serve on %s (%s); training continues without "
+                              "exporter (rank %d)", self.host, e, self.rank)
+                continue
+            except Exception:  # never let monitoring stop training
+                log.exception("telemetry: exporter failed to start (rank %d)", self.rank)
+                return
+            self.port = self._httpd.server_address[1]
+            log.info("telemetry: rank %d serving http://%s/metrics", self.rank, self.target)
+            return
+
+    def _advertise(self, sd_dir: str) -> None:
+        safe = lambda s: re.sub(r"[^A-Za-z0-9_.-]", "_", str(s))  # noqa: E731
+        path = os.path.join(sd_dir, f"{safe(self.run)}-{safe(self.node)}-r{self.rank}.json")
+        labels = {"run": self.run, "node": self.node, "rank": str(self.rank)}
+        try:
+            write_sd_file(path, [self.target], labels)
+            self.sd_file = path
+        except OSError as e:
+            log.error("telemetry: cannot write discovery file %s: %s", path, e)
+
+    def _families(self) -> list[Metric]:
+        now = time.time()
+        with self._lock:
+            values = dict(self._values)
+            last_log = dict(self._last_log)
+            stage = self.stage
+        base = [self.run, stage, self.node, str(self.rank)]
+        families: dict[str, Metric] = {}
+
+        def family(name: str, labels: tuple[str, ...], counter: bool = False) -> Metric | None:
+            if name not in families:
+                short = name[len(PREFIX) + 1:]
+                kind = CounterMetricFamily if counter else GaugeMetricFamily
+                families[name] = kind(name, HELP.get(short, f"facesr metric {short}."),
+                                      labels=BASE_LABELS + labels)
+                families[name]._facesr_labels = labels
+            if families[name]._facesr_labels != labels:  # e.g. "ssim" logged beside "ssim/x2"
+                if name not in self._bad_keys:
+                    self._bad_keys.add(name)
+                    log.warning("telemetry: %s logged with and without a scale; dropping one", name)
+                return None
+            return families[name]
+
+        for (name, scale, split), value in sorted(values.items(), key=lambda kv: str(kv[0])):
+            counter = name[len(PREFIX) + 1:] in COUNTERS
+            labels, label_values = (("split",), [split]) if scale is None else (
+                ("scale", "split"), [scale, split])
+            fam = family(name, labels, counter)
+            if fam is not None:
+                fam.add_metric(base + label_values, value)
+        for split, t in last_log.items():
+            family(f"{PREFIX}_last_log_timestamp_seconds", ("split",)).add_metric(base + [split], t)
+        age = family(f"{PREFIX}_checkpoint_age_seconds", ())
+        age.add_metric(base, max(0.0, now - self._checkpoint_time))
+        family(f"{PREFIX}_restarts", (), counter=True).add_metric(base, float(self.restarts))
+        return list(families.values())
+
+
+def _close_ref(ref: "weakref.ref[Telemetry]") -> None:
+    tel = ref()
+    if tel is not None:
+        tel.close()
+
+
+__all__ = ["Telemetry", "node_ip", "metric_name", "write_sd_file", "DEFAULT_SD_DIR"]

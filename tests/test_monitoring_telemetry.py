@@ -1,0 +1,161 @@
+"""cluster.telemetry on its own: names, labels, ports, discovery files; real HTTP scrapes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from cluster.telemetry import Telemetry, metric_name
+from facesr.vocab import SCALES
+
+
+def scrape(tel: Telemetry) -> dict[str, list]:
+    """family name -> samples, read over HTTP like Prometheus does."""
+    with urllib.request.urlopen(f"http://{tel.target}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+@pytest.fixture
+def tel(tmp_path):
+    t = Telemetry(run="r", stage="sr", rank=1, node="n0", port=0, sd_dir=str(tmp_path / "sd"))
+    yield t
+    t.close()
+
+
+@pytest.mark.parametrize("key,expected", [
+    ("ssim/x8", ("facesr_ssim", "x8")),
+    ("ce/x2", ("facesr_ce", "x2")),
+    ("acc/x4", ("facesr_acc", "x4")),
+    ("loss", ("facesr_loss", None)),
+    ("lr", ("facesr_learning_rate", None)),
+    ("samples_per_s", ("facesr_samples_per_second", None)),
+    ("step_time_s", ("facesr_step_time_seconds", None)),
+    ("data_wait_s", ("facesr_data_wait_seconds", None)),
+    ("grad/norm", ("facesr_grad_norm", None)),
+])
+def test_metric_name(key, expected):
+    """Loss-dict keys map to facesr_ names, '/<scale>' to a scale label, units to base units."""
+    assert metric_name(key) == expected
+
+
+def test_log_exports_every_scale_with_labels(tel):
+    """Logged values are scraped with run/stage/node/rank/split and scale labels."""
+    tel.log({f"ssim/{s}": 0.5 + i / 10 for i, s in enumerate(SCALES)} | {"loss": 0.3, "lr": 1e-3},
+            split="val")
+    fams = scrape(tel)
+    ssim = {s.labels["scale"]: s for s in fams["facesr_ssim"]}
+    assert set(ssim) == set(SCALES)
+    assert ssim["x4"].value == pytest.approx(0.6)
+    assert ssim["x8"].labels == {"run": "r", "stage": "sr", "node": "n0", "rank": "1",
+                                 "scale": "x8", "split": "val"}
+    assert fams["facesr_learning_rate"][0].value == pytest.approx(1e-3)
+
+
+def test_bookkeeping_and_non_numeric_values_are_ignored(tel, caplog):
+    """The metrics.jsonl row can be passed as is: stage/split/time and strings are skipped."""
+    with caplog.at_level(logging.WARNING, logger="cluster.telemetry"):
+        tel.log({"stage": "sr", "split": "train", "time": 1.0, "note": "hi", "step": 7}, "train")
+        tel.log({"note": "again"}, "train")
+    fams = scrape(tel)
+    assert "facesr_time" not in fams and "facesr_note" not in fams
+    assert fams["facesr_step"][0].value == 7
+    assert sum("note" in r.message for r in caplog.records) == 1  # warned once, not per step
+
+
+def test_decode_errors_and_restarts_are_counters(tmp_path):
+    """decode_errors (cumulative) and restarts are exported as *_total counters."""
+    with Telemetry("r", "sr", 0, "n0", port=0, restarts=2) as t:
+        t.restart()
+        t.log({"decode_errors": 5}, "train")
+        fams = scrape(t)
+    assert [s.value for s in fams["facesr_decode_errors"] if s.name.endswith("_total")] == [5]
+    assert [s.value for s in fams["facesr_restarts"] if s.name.endswith("_total")] == [3]
+
+
+def test_checkpoint_age_is_computed_at_scrape_time(tel):
+    """The age grows between scrapes without any log() and resets on checkpoint_saved()."""
+    def age():
+        return scrape(tel)["facesr_checkpoint_age_seconds"][0].value
+    first = age()
+    time.sleep(0.3)
+    assert age() >= first + 0.25
+    tel.checkpoint_saved()
+    assert age() < 0.25
+
+
+def test_set_stage_drops_previous_stage_series(tel):
+    """After set_stage, only the new stage's values are exported."""
+    tel.log({"acc/x2": 0.9}, "train")
+    tel.set_stage("prior2")
+    tel.log({"loss": 1.0}, "train")
+    fams = scrape(tel)
+    assert "facesr_acc" not in fams
+    assert fams["facesr_loss"][0].labels["stage"] == "prior2"
+
+
+def test_busy_port_falls_back_and_advertises_real_port(tmp_path, caplog):
+    """A port in use is logged and replaced by a free one, which the file_sd file advertises."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        with caplog.at_level(logging.WARNING, logger="cluster.telemetry"):
+            t = Telemetry("r", "sr", 0, "n0", port=taken, sd_dir=str(tmp_path))
+        try:
+            assert t.port not in (None, taken)
+            assert "unavailable" in caplog.text
+            [group] = json.loads((tmp_path / "r-n0-r0.json").read_text())
+            assert group["targets"] == [f"127.0.0.1:{t.port}"]
+            assert group["labels"] == {"run": "r", "node": "n0", "rank": "0"}
+            assert "facesr_checkpoint_age_seconds" in scrape(t)
+        finally:
+            t.close()
+
+
+def test_ranks_get_their_own_ports(tmp_path):
+    """base_port + local rank gives each worker of a node its own exporter and file."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        base = s.getsockname()[1]
+    tels = [Telemetry("r", "sr", rank, "n0", port=base + rank, sd_dir=str(tmp_path))
+            for rank in range(2)]
+    try:
+        assert len({t.port for t in tels}) == 2
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["r-n0-r0.json", "r-n0-r1.json"]
+    finally:
+        for t in tels:
+            t.close()
+
+
+@pytest.mark.parametrize("port,host,message", [
+    (None, "127.0.0.1", "no port configured"),
+    (0, "192.0.2.1", "cannot serve"),  # TEST-NET address: not an interface of this machine
+])
+def test_no_exporter_never_breaks_training(tmp_path, caplog, port, host, message):
+    """Without a usable port the loop's calls still work; the reason is logged; nothing advertised."""
+    with caplog.at_level(logging.INFO, logger="cluster.telemetry"):
+        t = Telemetry("r", "sr", 0, "n0", port=port, host=host, sd_dir=str(tmp_path))
+    assert t.port is None and t.target is None
+    t.log({"loss": 1.0, "ssim/x2": 0.5}, "train")
+    t.checkpoint_saved()
+    t.restart()
+    t.close()
+    assert message in caplog.text
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_discovery_file_written_atomically_and_removed(tel, tmp_path):
+    """Only the finished *.json is ever visible (no temp leftovers); close() removes it; twice is fine."""
+    sd = tmp_path / "sd"
+    assert [p.name for p in sd.iterdir()] == ["r-n0-r1.json"]
+    assert json.loads((sd / "r-n0-r1.json").read_text())[0]["targets"] == [tel.target]
+    tel.close()
+    tel.close()
+    assert list(sd.iterdir()) == []
