@@ -59,6 +59,7 @@ def worker(rank: int, args: argparse.Namespace) -> None:
         jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
     step, decode_errors, batch = 0, 0, 16
     try:
+        time.sleep(args.setup_s)  # like building the model and opening shards: exporter up, no logs
         for stage in STAGES:
             tel.set_stage(stage)
             start = last_val = last_ckpt = time.monotonic()
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--telemetry-port", type=int, default=None, help="base port; rank r uses base+r")
     p.add_argument("--telemetry-sd-dir", default=None)
     p.add_argument("--restarts", type=int, default=0)
-    p.add_argument("--seconds-per-stage", type=float, default=8.0)
+    p.add_argument("--setup-s", type=float, default=4.0)
+    p.add_argument("--seconds-per-stage", type=float, default=6.0)
     p.add_argument("--step-s", type=float, default=0.05)
     p.add_argument("--val-every-s", type=float, default=0.5)
     p.add_argument("--checkpoint-every-s", type=float, default=2.0)

@@ -30,7 +30,7 @@ DASHBOARD = ROOT / "cluster" / "grafana" / "dashboards" / "facesr.json"
 # The run being monitored. Swap for the real short CPU training once it accepts the same
 # --run/--runs-dir/--workers/--telemetry-* arguments, e.g.
 # WORKLOAD = [sys.executable, "-m", "launch.train", "--preset", "tiny", "--device", "cpu"]
-WORKLOAD = [sys.executable, "-m", "tests.monitoring_workload", "--seconds-per-stage", "8"]
+WORKLOAD = [sys.executable, "-m", "tests.monitoring_workload"]
 WORKERS = 2
 RUN = "monitoring-e2e"
 PER_SCALE = re.compile(r"\bfacesr_(ssim|ce|acc|psnr)\b")  # families labelled by scale

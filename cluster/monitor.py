@@ -1,0 +1,128 @@
+"""Start a local Prometheus with the project's configuration (``make monitor``).
+
+    python -m cluster.monitor [--port 9090] [--sd-dir /tmp/facesr/prometheus_sd]
+                              [--scrape-interval 5s] [--data-dir runs/prometheus]
+
+Renders cluster/prometheus/prometheus.yml with the given discovery dir and interval into the
+data dir, starts ``prometheus`` bound to ``--host`` (loopback by default), prints the URL and
+runs in the foreground until Ctrl-C. The tests start Prometheus through the same functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from cluster.telemetry import DEFAULT_SD_DIR
+
+CONFIG = Path(__file__).parent / "prometheus" / "prometheus.yml"
+RAY_SD_FILE = "/tmp/ray/prom_metrics_service_discovery.json"
+
+
+def render_config(sd_dir: str, ray_sd_file: str = RAY_SD_FILE,
+                  scrape_interval: str | None = None, src: Path = CONFIG) -> str:
+    """The project's Prometheus config with the discovery paths and interval replaced."""
+    cfg = yaml.safe_load(src.read_text())
+    if scrape_interval:
+        cfg["global"]["scrape_interval"] = scrape_interval
+        cfg["global"]["evaluation_interval"] = scrape_interval
+        cfg["global"]["scrape_timeout"] = scrape_interval
+    files = {"facesr": os.path.join(os.path.abspath(sd_dir), "*.json"), "ray": ray_sd_file}
+    for job in cfg["scrape_configs"]:
+        for sd in job.get("file_sd_configs", []):
+            sd["files"] = [files[job["job_name"]]]
+    return yaml.safe_dump(cfg, sort_keys=False)
+
+
+def prometheus_binary(install: bool = False) -> str:
+    """Path of ``prometheus``; with ``install`` and root, apt-get installs Debian's package."""
+    path = shutil.which("prometheus")
+    if path is None and install and os.geteuid() == 0:
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-q"], check=True, env=env, stdout=subprocess.DEVNULL)
+        subprocess.run(["apt-get", "install", "-y", "-q", "prometheus"], check=True, env=env,
+                       stdout=subprocess.DEVNULL)
+        path = shutil.which("prometheus")
+    if path is None:
+        raise FileNotFoundError("prometheus not found: apt-get install prometheus (Debian/Ubuntu)")
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def start(config_text: str, data_dir: str, host: str = "127.0.0.1", port: int = 9090,
+          install: bool = False, log_file=None) -> subprocess.Popen:
+    """Write the config into ``data_dir`` and start Prometheus on ``host:port``."""
+    data = Path(data_dir)
+    (data / "tsdb").mkdir(parents=True, exist_ok=True)
+    config = data / "prometheus.yml"
+    config.write_text(config_text)
+    cmd = [prometheus_binary(install), f"--config.file={config}",
+           f"--storage.tsdb.path={data / 'tsdb'}", f"--web.listen-address={host}:{port}",
+           "--storage.tsdb.retention.time=30d"]
+    return subprocess.Popen(cmd, stdout=log_file or subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT if log_file else subprocess.DEVNULL)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Block until Prometheus answers /-/ready, or raise if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prometheus exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"prometheus not ready at {url} after {timeout:.0f}s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--host", default="127.0.0.1", help="interface to serve on")
+    p.add_argument("--port", type=int, default=9090)
+    p.add_argument("--sd-dir", default=DEFAULT_SD_DIR, help="facesr file_sd dir (shared on a cluster)")
+    p.add_argument("--ray-sd-file", default=RAY_SD_FILE)
+    p.add_argument("--scrape-interval", default="5s", help="5s suits watching a local run")
+    p.add_argument("--data-dir", default="runs/prometheus")
+    p.add_argument("--install", action="store_true", help="apt-get install prometheus if missing")
+    args = p.parse_args(argv)
+
+    os.makedirs(args.sd_dir, exist_ok=True)
+    text = render_config(args.sd_dir, args.ray_sd_file, args.scrape_interval)
+    proc = start(text, args.data_dir, args.host, args.port, args.install, log_file=sys.stderr)
+    url = f"http://{args.host}:{args.port}"
+    try:
+        wait_ready(url, proc)
+        print(f"Prometheus: {url}  (targets: {url}/targets)\n"
+              f"  discovery: {args.sd_dir}/*.json  config: {args.data_dir}/prometheus.yml\n"
+              f"  Grafana: provision cluster/grafana/ with FACESR_PROMETHEUS_URL={url}", flush=True)
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
