@@ -1,0 +1,392 @@
+"""Typed configuration of a training run: nested dataclasses, YAML files, ``key=value`` overrides.
+
+``load_config(path, overrides)`` builds a ``TrainConfig`` from a YAML file and
+dotted overrides (``stage2.lr=0.001``), refusing unknown keys and wrong types
+with the field's dotted name. ``check(cfg)`` then verifies what can be known
+before any Ray worker starts: the shards exist, stage-2 priors exist and were
+trained on this data's class map, the global batch divides over the workers.
+
+Global batch rule (gradient accumulation). ``batch_size`` is the paper's batch:
+samples per optimizer step summed over all workers. With W workers and a
+per-worker limit M (``max_micro_batch``) the engine takes the smallest
+accumulation count A such that W·A divides the batch and batch/(W·A) ≤ M;
+each worker then runs A micro-batches of batch/(W·A) per step. The global
+batch, hence the optimisation, is the same on 1 CPU or 64 GPUs; if no A
+exists (e.g. batch 8 on 3 workers) the run is refused before it starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the dotted name of the field at fault."""
+
+    def __init__(self, field_name: str, msg: str):
+        super().__init__(f"{field_name}: {msg}")
+        self.field = field_name
+
+
+@dataclass
+class RunConfig:
+    name: str = "cpu"  # run name; a run started again with the same name resumes from its latest checkpoint
+    run_dir: str = ""  # run folder (config, priors, metrics.jsonl, logs); "" = <cluster.storage_path>/<name>
+    stages: list[int] = field(default_factory=lambda: [1, 2])  # 1 = identity priors, 2 = SR cascade with frozen priors
+    seed: int = 0  # model init and augmentation seed (each rank offsets it by its rank)
+    log_every: int = 10  # optimizer steps between train-metric records (all-reduced over ranks)
+    checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints; 0 = only at the end of each epoch
+    keep_checkpoints: int = 2  # checkpoints kept per stage by Ray Train (latest ones)
+    telemetry_port: int | None = None  # first Prometheus exporter port (+ local rank); None = no exporter
+    telemetry_sd_dir: str = ""  # folder for Prometheus file_sd target files; "" = <run_dir>/prometheus_sd
+
+
+@dataclass
+class DataConfig:
+    shards: str = "data/shards"  # folder written by `facesr prep` (manifest + tars); a shared path on a cluster
+    train_split: str = "train"  # manifest split trained on
+    val_split: str = "val"  # manifest split validated on every epoch
+    loader_workers: int = 1  # decode processes per training worker
+    shuffle_buffer: int = 256  # samples in each worker's shuffle buffer
+    steps_per_epoch: int = 0  # cap on optimizer steps per epoch; 0 = the whole split (caps serve smoke runs/benchmarks)
+    val_batches: int = 0  # cap on validation batches per worker; 0 = the whole split
+
+
+@dataclass
+class ClusterConfig:
+    address: str = ""  # Ray address; "" = RAY_ADDRESS if set (ray job submit sets it), else a new local cluster
+    num_workers: int = 2  # data-parallel training workers (Ray Train ScalingConfig.num_workers)
+    use_gpu: bool = False  # one GPU per worker, NCCL; False = CPU workers, DeepSpeed's CPU accelerator over gloo
+    cpus_per_worker: float = 1.0  # CPUs reserved per worker; also its torch thread count
+    gpus_per_worker: float = 1.0  # GPUs reserved per worker when use_gpu
+    storage_path: str = "runs"  # Ray Train storage (checkpoints): local folder, shared mount or s3:// URI
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint before the run fails
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: int = 1  # DeepSpeed ZeRO stage 0-2 (optimizer-state sharding; 3 buys nothing for 1-40M-param convnets)
+    bf16: bool = False  # bf16 autocast with fp32 master weights (fast on AMX CPUs and tensor-core GPUs)
+    channels_last: bool = False  # NHWC weights and activations (what cuDNN/oneDNN convolutions prefer)
+    batchnorm: str = "local"  # local = per-worker batch statistics, running stats averaged each epoch; sync = SyncBatchNorm (GPU only)
+    grad_clip: float = 0.0  # gradient-norm clip; 0 = off (the paper does not clip)
+
+
+@dataclass
+class StageConfig:
+    epochs: int = 1  # passes over the training split
+    batch_size: int = 8  # global batch per optimizer step, all workers together (the paper's number)
+    max_micro_batch: int = 8  # most samples one worker forwards at once; accumulation makes up the rest
+    lr: float = 1e-4  # Adam learning rate at epoch 0
+    lr_gamma: float = 1 / 3  # factor applied at each learning-rate step
+    lr_every: int = 0  # multiply by lr_gamma every this many epochs; 0 = off
+    lr_milestones: list[int] = field(default_factory=list)  # multiply by lr_gamma at the END of these (1-based) epochs
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam betas (PyTorch defaults; paper gives none)
+    weight_decay: float = 0.0  # Adam L2 weight decay (paper gives none)
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate during 0-based ``epoch``; stepped per epoch, never per optimizer step."""
+        drops = sum(1 for m in self.lr_milestones if epoch >= m)  # "end of epoch m" = from 0-based epoch m on
+        if self.lr_every > 0:
+            drops += epoch // self.lr_every
+        return self.lr * self.lr_gamma**drops
+
+
+@dataclass
+class PriorStageConfig(StageConfig):
+    augment: bool = True  # random horizontal flips and random (pad-and-)crops of the training images
+    crop_pad: int = 4  # crop jitter in pixels of the lr level (×2, ×4, ×8 at x2, x4, hr)
+
+
+@dataclass
+class SRStageConfig(StageConfig):
+    alpha: float = 0.001  # weight of the identity cross-entropy in eq. (4)
+    priors: str = ""  # trained priors (safetensors) when stage 1 is not in this run; "" = <run_dir>/priors.safetensors
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny"  # model preset of facesr.models.PRESETS (tiny | paper)
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    stage1: PriorStageConfig = field(  # identity priors: Adam 1e-4, batch 128, ×1/3 every 20 epochs
+        default_factory=lambda: PriorStageConfig(epochs=60, batch_size=128, max_micro_batch=128, lr=1e-4, lr_every=20)
+    )
+    stage2: SRStageConfig = field(  # SR cascade: Adam 10/3·1e-3, batch 8, ×1/3 at the end of epochs 10/25/50/80
+        default_factory=lambda: SRStageConfig(
+            epochs=100, batch_size=8, max_micro_batch=8, lr=10 / 3 * 1e-3, lr_milestones=[10, 25, 50, 80]
+        )
+    )
+
+    # ---- derived paths (absolute once resolve() ran) ----
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run.run_dir)
+
+    @property
+    def priors_path(self) -> Path:
+        return Path(self.stage2.priors) if self.stage2.priors else self.run_path / "priors.safetensors"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def _check_type(value, tp, name: str):
+    """``value`` as type ``tp`` (ints widen to float); ConfigError naming ``name`` otherwise."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(value, a, name)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(name, f"expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(name, f"expected a list of {_type_name(item)}, got {value!r}")
+        return [_check_type(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(name, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(name, f"expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(name, f"expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(name, f"expected a string, got {value!r}")
+        return value
+    raise ConfigError(name, f"unsupported field type {tp}")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass ``cls`` from a (partial) dict; unknown keys and wrong types raise ConfigError."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(prefix.rstrip(".") or "config", f"expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise ConfigError(f"{prefix}{key}", f"unknown key (known: {', '.join(fields)})")
+    obj = cls()
+    for key, value in data.items():
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            sub = from_dict(tp, value, f"{prefix}{key}.")
+            # keep the parent's defaults for fields the file does not mention (e.g. stage2.lr_milestones)
+            merged = dataclasses.replace(getattr(obj, key), **{k: getattr(sub, k) for k in (value or {})})
+            setattr(obj, key, merged)
+        else:
+            setattr(obj, key, _check_type(value, tp, f"{prefix}{key}"))
+    return obj
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(dotted, f"{p} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["stage2.lr=1e-3", "cluster.num_workers=4"]`` -> nested dict; values read as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "override must look like key=value (e.g. stage2.lr=0.001)")
+        key, raw = item.split("=", 1)
+        value = _yaml_load(raw) if raw.strip() else ""
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """YAML file (optional) + dotted overrides -> TrainConfig; raises ConfigError naming the field."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("--config", f"{p}: no such file")
+        data = _yaml_load(p.read_text()) or {}
+    data = _merge(data, parse_overrides(overrides or []))
+    return from_dict(TrainConfig, data)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads 1e-4 as a float (YAML 1.1 wants 1.0e-4)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)$|^[-+]?\.[0-9_]+(?:[eE][-+][0-9]+)?$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------- checks before any worker starts
+
+
+def accumulation(batch_size: int, world_size: int, max_micro_batch: int, name: str = "batch_size") -> tuple[int, int]:
+    """(micro_batch, accumulation_steps) with micro·accum·world == batch_size; see the module docstring."""
+    if batch_size < world_size:
+        raise ConfigError(name, f"global batch {batch_size} is smaller than the {world_size} workers")
+    for accum in range(1, batch_size // world_size + 1):
+        if batch_size % (world_size * accum) == 0 and batch_size // (world_size * accum) <= max_micro_batch:
+            return batch_size // (world_size * accum), accum
+    raise ConfigError(
+        name,
+        f"global batch {batch_size} cannot be split over {world_size} workers in micro-batches of at most "
+        f"{max_micro_batch} (batch must equal workers × accumulation × micro-batch)",
+    )
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def resolve(cfg: TrainConfig, base: str | Path | None = None) -> TrainConfig:
+    """Absolute paths and filled-in defaults, so workers (other cwd, other node) see the same files."""
+    base = Path(base or Path.cwd())
+
+    def absolute(p: str) -> str:
+        return p if not p or _is_uri(p) else str((base / p).resolve())
+
+    cfg = dataclasses.replace(cfg)
+    cfg.data = dataclasses.replace(cfg.data, shards=absolute(cfg.data.shards))
+    cfg.cluster = dataclasses.replace(cfg.cluster, storage_path=absolute(cfg.cluster.storage_path))
+    run_dir = cfg.run.run_dir or (
+        str(Path(cfg.cluster.storage_path) / cfg.run.name) if not _is_uri(cfg.cluster.storage_path) else f"runs/{cfg.run.name}"
+    )
+    run_dir = absolute(run_dir)
+    sd_dir = absolute(cfg.run.telemetry_sd_dir) if cfg.run.telemetry_sd_dir else str(Path(run_dir) / "prometheus_sd")
+    cfg.run = dataclasses.replace(cfg.run, run_dir=run_dir, telemetry_sd_dir=sd_dir)
+    cfg.stage2 = dataclasses.replace(cfg.stage2, priors=absolute(cfg.stage2.priors))
+    return cfg
+
+
+def check(cfg: TrainConfig) -> dict:
+    """Everything that can be refused before a worker starts; returns the shard manifest."""
+    from facesr.models import PRESETS
+
+    if cfg.preset not in PRESETS:
+        raise ConfigError("preset", f"unknown preset {cfg.preset!r}; choose one of {sorted(PRESETS)}")
+    if not cfg.run.stages or sorted(set(cfg.run.stages)) != cfg.run.stages or not set(cfg.run.stages) <= {1, 2}:
+        raise ConfigError("run.stages", f"expected [1], [2] or [1, 2], got {cfg.run.stages}")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.run.name):
+        raise ConfigError("run.name", f"use letters, digits, '_', '-', '.' only, got {cfg.run.name!r}")
+    if cfg.cluster.num_workers < 1:
+        raise ConfigError("cluster.num_workers", "need at least one worker")
+    if cfg.engine.zero_stage not in (0, 1, 2):
+        raise ConfigError("engine.zero_stage", f"expected 0, 1 or 2, got {cfg.engine.zero_stage}")
+    if cfg.engine.batchnorm not in ("local", "sync"):
+        raise ConfigError("engine.batchnorm", f"expected local or sync, got {cfg.engine.batchnorm!r}")
+    if cfg.engine.batchnorm == "sync" and not cfg.cluster.use_gpu:
+        raise ConfigError("engine.batchnorm", "sync needs GPUs (torch SyncBatchNorm does not run on CPU/gloo)")
+    for s in cfg.run.stages:
+        st = getattr(cfg, f"stage{s}")
+        for f in ("epochs", "batch_size", "max_micro_batch"):
+            if getattr(st, f) < 1:
+                raise ConfigError(f"stage{s}.{f}", "must be at least 1")
+        if st.lr <= 0:
+            raise ConfigError(f"stage{s}.lr", "must be positive")
+        accumulation(st.batch_size, cfg.cluster.num_workers, st.max_micro_batch, f"stage{s}.batch_size")
+
+    manifest = _manifest(cfg)
+    if 2 in cfg.run.stages and 1 not in cfg.run.stages:
+        _check_priors(cfg, manifest)
+    return manifest
+
+
+def _manifest(cfg: TrainConfig) -> dict:
+    from shards.manifest import read_manifest, shard_urls
+
+    root = cfg.data.shards
+    if not _is_uri(root) and not Path(root).is_dir():
+        raise ConfigError("data.shards", f"{root}: no such folder (write shards with `facesr prep` first)")
+    try:
+        manifest = read_manifest(root)
+    except Exception as e:  # the manifest reader's own errors, reworded with the field
+        raise ConfigError("data.shards", f"{root}: no readable shard manifest ({e})") from None
+    for key in ("train_split", "val_split"):
+        split = getattr(cfg.data, key)
+        try:
+            urls = shard_urls(root, split)
+        except Exception as e:
+            raise ConfigError(f"data.{key}", f"split {split!r} not in {root} ({e})") from None
+        if not urls:
+            raise ConfigError(f"data.{key}", f"split {split!r} in {root} has no shards")
+    return manifest
+
+
+def _check_priors(cfg: TrainConfig, manifest: dict) -> None:
+    from facesr.models import PRESETS
+    from facesr.weights import classes_digest, read_meta
+
+    path = cfg.priors_path
+    name = "stage2.priors"
+    if not path.is_file():
+        raise ConfigError(name, f"{path}: no trained priors (run stage 1, or point stage2.priors at a priors file)")
+    try:
+        meta = read_meta(path)
+    except Exception as e:
+        raise ConfigError(name, str(e)) from None
+    if meta.get("kind") != "priors":
+        raise ConfigError(name, f"{path} holds {meta.get('kind')!r}, not priors")
+    classes = list(manifest["classes"])
+    if meta.get("classes_sha256") != classes_digest(classes):
+        raise ConfigError(
+            name,
+            f"{path}: priors were trained on another class map ({meta.get('num_classes')} classes) "
+            f"than {cfg.data.shards} ({len(classes)} classes)",
+        )
+    want = dataclasses.asdict(PRESETS[cfg.preset].prior)
+    if meta.get("prior") != want:
+        raise ConfigError(name, f"{path}: priors built as {meta.get('prior')}, preset {cfg.preset!r} wants {want}")

@@ -1,0 +1,141 @@
+"""DeepSpeed wrapping of a module for one worker: config, initialize, checkpoints, per-epoch LR, BatchNorm.
+
+Decisions made here, and why:
+
+* **Optimizer**: plain ``torch.optim.Adam`` handed to DeepSpeed (its fused Adam
+  needs CUDA); ZeRO stages 1-2 shard its state over the data-parallel ranks.
+* **bf16** is autocast (``facesr.step.Precision``) over fp32 weights, not
+  DeepSpeed's bf16 mode: BatchNorm statistics, the SSIM loss and Adam's state
+  stay fp32, and the same switch works in the plain-PyTorch baseline.
+* **Learning rate** is written into the optimizer once per epoch from
+  ``StageConfig.lr_at`` (the paper's schedule is in epochs); DeepSpeed gets no
+  scheduler, so its step counter never moves the LR.
+* **BatchNorm across workers** (``engine.batchnorm``): ``local`` (default)
+  normalises with each worker's own micro-batch statistics, like DDP without
+  SyncBatchNorm: no extra all-reduce per BN layer per forward (51 of them in the
+  paper cascade), and even a micro-batch of one still has ≥ 48² positions per
+  channel. DeepSpeed does not broadcast buffers, so running statistics would
+  drift apart per rank; ``average_buffers`` all-reduces them at the end of every
+  epoch, before validation and checkpoints, so every rank validates and saves
+  the same model. ``sync`` converts to ``nn.SyncBatchNorm`` and needs GPUs
+  (PyTorch's SyncBatchNorm refuses CPU tensors), which the config check enforces.
+* **Checkpoints** are DeepSpeed's own: every rank writes its ZeRO optimizer
+  partition, rank 0 the module; ``SafeCheckpointEngine`` loads them with
+  ``torch.load(weights_only=True)`` with only DeepSpeed's three plain record
+  types allowed, so a checkpoint can never run code.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .config import EngineConfig, StageConfig, accumulation
+
+TAG = "state"  # DeepSpeed checkpoint tag inside every checkpoint folder
+
+
+@dataclass(frozen=True)
+class Batching:
+    global_batch: int  # samples per optimizer step over all workers (the config's batch_size)
+    micro_batch: int  # samples per forward on one worker
+    accumulation: int  # micro-batches per optimizer step on one worker
+
+
+def batching(stage: StageConfig, world_size: int) -> Batching:
+    micro, accum = accumulation(stage.batch_size, world_size, stage.max_micro_batch)
+    return Batching(stage.batch_size, micro, accum)
+
+
+def ds_config(engine: EngineConfig, b: Batching) -> dict:
+    cfg = {
+        "train_batch_size": b.global_batch,
+        "train_micro_batch_size_per_gpu": b.micro_batch,
+        "gradient_accumulation_steps": b.accumulation,
+        "zero_optimization": {"stage": engine.zero_stage},
+        "steps_per_print": 2**31 - 1,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    if engine.grad_clip > 0:
+        cfg["gradient_clipping"] = engine.grad_clip
+    return cfg
+
+
+def set_accelerator_env(use_gpu: bool) -> None:
+    """Before deepspeed is imported: CPU workers use DeepSpeed's CPU accelerator (gloo)."""
+    if not use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def initialize(model: nn.Module, stage: StageConfig, engine: EngineConfig, world_size: int):
+    """(DeepSpeed engine, Batching) for ``model`` with Adam at the stage's epoch-0 LR."""
+    import deepspeed
+
+    b = batching(stage, world_size)
+    if engine.batchnorm == "sync":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=stage.lr, betas=tuple(stage.betas), weight_decay=stage.weight_decay)
+    eng, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(engine, b))
+    eng.checkpoint_engine = SafeCheckpointEngine(eng.checkpoint_engine)
+    return eng, b
+
+
+def set_lr(eng, lr: float) -> None:
+    for group in eng.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def get_lr(eng) -> float:
+    return float(eng.optimizer.param_groups[0]["lr"])
+
+
+@torch.no_grad()
+def average_buffers(module: nn.Module) -> None:
+    """All-reduce (mean) BatchNorm running statistics so every rank holds the same model."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    world = dist.get_world_size()
+    for name, buf in module.named_buffers():
+        if buf.is_floating_point():  # running_mean / running_var; num_batches_tracked is equal anyway
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            buf.div_(world)
+
+
+def _safe_globals() -> list:
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+class SafeCheckpointEngine:
+    """DeepSpeed's torch checkpoint engine, loading with ``weights_only=True``."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):  # save, commit, makedirs … stay DeepSpeed's
+        return getattr(self._inner, name)
+
+    def load(self, path: str, map_location=None):
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def save(eng, folder: str, client_state: dict) -> None:
+    """Collective: every rank writes its part of the checkpoint into ``folder`` (rank-local or shared)."""
+    eng.save_checkpoint(folder, tag=TAG, client_state=client_state)
+
+
+def load(eng, folder: str) -> dict:
+    """Collective: restore module, optimizer partitions and step counters; returns the client state."""
+    path, client = eng.load_checkpoint(folder, tag=TAG)
+    if path is None:
+        raise RuntimeError(f"no DeepSpeed checkpoint under {folder}")
+    return client

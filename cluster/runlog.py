@@ -1,0 +1,146 @@
+"""Everything a worker records: metrics.jsonl, log files, Prometheus telemetry, final artefacts.
+
+Rank-0-only work is gated here and nowhere else, on ``self.is_main``
+(nanoGPT's ``master_process``): writing ``metrics.jsonl``, the stage's final
+weights and its ``stage<N>.done.json``. Collectives (the all-reduce of train
+metrics) run on every rank before the gate. Every rank keeps its own log file
+and, with ``run.telemetry_port`` set, its own Prometheus exporter (port + local
+rank), because stalls and memory are per worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .config import TrainConfig
+
+
+def done_path(run_dir: str | Path, stage: int) -> Path:
+    """Written by rank 0 when a stage finished; the driver skips finished stages of a resumed run."""
+    return Path(run_dir) / f"stage{stage}.done.json"
+
+
+class RunLog:
+    def __init__(self, cfg: TrainConfig, stage: int, telemetry_stage: str, rank: int, local_rank: int, world: int, node: str):
+        self.cfg, self.stage, self.rank, self.world = cfg, stage, rank, world
+        self.is_main = rank == 0  # the one rank-0 gate
+        self.run_dir = Path(cfg.run.run_dir)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.logger = logging.getLogger(f"facesr.train.stage{stage}.rank{rank}")
+        self.logger.setLevel(logging.INFO)
+        self.logger.propagate = False
+        fh = logging.FileHandler(self.run_dir / "logs" / f"stage{stage}-rank{rank}.log")
+        fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        self.logger.handlers = [fh]
+        if self.is_main:  # rank 0 also speaks on stdout, which Ray forwards to the driver / job log
+            sh = logging.StreamHandler()
+            sh.setFormatter(logging.Formatter(f"[stage {stage}] %(message)s"))
+            self.logger.addHandler(sh)
+        self.telemetry = None
+        if cfg.run.telemetry_port is not None:
+            from .telemetry import Telemetry, node_ip
+
+            self.telemetry = Telemetry(
+                run=cfg.run.name, stage=telemetry_stage, rank=rank, node=node,
+                port=cfg.run.telemetry_port + local_rank, host=node_ip(), sd_dir=cfg.run.telemetry_sd_dir,
+            )
+        self.logger.info("rank %d/%d on %s, pid %d", rank, world, node, os.getpid())
+
+    # ------------------------------------------------------------------ events
+
+    def resumed(self, state, folder: str) -> None:
+        self.logger.info("resumed from %s at epoch %d, step %d (%d in epoch)", folder, state.epoch,
+                         state.global_step, state.step_in_epoch)
+        if self.telemetry is not None:
+            self.telemetry.restart()
+        if self.is_main:  # records after the checkpoint are about to be produced again
+            self._truncate(state.global_step)
+
+    def train(self, terms: dict[str, float], extra: dict, epoch: int, step: int) -> None:
+        """Train metrics averaged over ranks (collective), then recorded by rank 0."""
+        terms = self._mean_over_ranks(terms)
+        record = {**terms, **extra}
+        if self.telemetry is not None:
+            self.telemetry.log({**record, "epoch": epoch, "step": step}, split="train")
+        self.logger.info("epoch %d step %d %s", epoch, step, _fmt(record))
+        if self.is_main:
+            self._append("train", epoch, step, record)
+
+    def val(self, terms: dict[str, float], extra: dict, epoch: int, step: int) -> None:
+        """Validation metrics (already reduced over ranks)."""
+        record = {**terms, **extra}
+        if self.telemetry is not None:
+            self.telemetry.log({**record, "epoch": epoch, "step": step}, split="val")
+        self.logger.info("epoch %d step %d val %s", epoch, step, _fmt(record))
+        if self.is_main:
+            self._append("val", epoch, step, record)
+
+    def checkpoint_written(self, folder: str, state) -> None:
+        self.logger.info("checkpoint part written at step %d (epoch %d)", state.global_step, state.epoch)
+
+    def checkpoint_saved(self) -> None:
+        if self.telemetry is not None:
+            self.telemetry.checkpoint_saved()
+
+    def finish(self, stage, module: torch.nn.Module, state, lr: float) -> None:
+        """Rank 0 writes the stage's weights and its done marker; the others wait for it."""
+        if self.is_main:
+            path = stage.finish(module, self.run_dir)
+            summary = {"stage": self.stage, "global_step": state.global_step, "epoch": state.epoch, "lr": lr,
+                       "weights": str(path), "world_size": self.world, "time": time.time()}
+            tmp = done_path(self.run_dir, self.stage).with_suffix(".tmp")
+            tmp.write_text(json.dumps(summary, indent=1))
+            os.replace(tmp, done_path(self.run_dir, self.stage))
+            self.logger.info("stage %d done: %s", self.stage, _fmt(summary))
+        if dist.is_initialized():
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.telemetry is not None:
+            self.telemetry.close()
+        for h in self.logger.handlers:
+            h.close()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _mean_over_ranks(self, terms: dict[str, float]) -> dict[str, float]:
+        if not dist.is_initialized() or self.world == 1:
+            return terms
+        keys = sorted(terms)
+        vec = torch.tensor([terms[k] for k in keys], dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            vec = vec.cuda()
+        dist.all_reduce(vec)
+        return {k: float(v) / self.world for k, v in zip(keys, vec.tolist())}
+
+    def _append(self, split: str, epoch: int, step: int, record: dict) -> None:
+        line = {"stage": self.stage, "split": split, "epoch": epoch, "step": step, "time": time.time(), **record}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def _truncate(self, step: int) -> None:
+        if not self.metrics_path.exists():
+            return
+        keep = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line cut short by the crash
+                continue
+            if not (rec.get("stage") == self.stage and rec.get("step", 0) > step):
+                keep.append(line)
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(l + "\n" for l in keep))
+        os.replace(tmp, self.metrics_path)
+
+
+def _fmt(d: dict) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())

@@ -1,0 +1,132 @@
+"""What differs between the two training stages: model, forward, augmentation, validation, final artefact.
+
+The generic worker loop (``cluster.loop``) asks a ``Stage`` for these and does
+the rest (engine, data, checkpoints, logging) the same way for both.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from facesr.losses import CSRIPLoss, PriorLoss, ssim
+from facesr.models import SRNet, build_prior, get_preset
+from facesr.step import Precision, prior_forward, sr_forward
+from facesr.vocab import SCALE_OF, SIZES, TARGETS
+from facesr.weights import load_priors, save_priors, save_srnet
+
+from .config import TrainConfig
+
+
+class PriorStage:
+    """Stage 1: three SqueezeNet priors on residual images of x2, x4, hr; cross-entropy."""
+
+    number = 1
+    telemetry_name = "prior"
+
+    def __init__(self, cfg: TrainConfig, classes: list[str], device: torch.device, precision: Precision):
+        self.cfg, self.classes, self.device, self.precision = cfg, classes, device, precision
+        self.stage = cfg.stage1
+        self.loss_fn = PriorLoss()
+
+    def build_model(self) -> nn.Module:
+        prior = get_preset(self.cfg.preset).prior
+        return nn.ModuleDict({k: build_prior(prior, len(self.classes)) for k in TARGETS})
+
+    def forward(self, model: nn.Module, batch: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        if self.stage.augment:
+            batch = augment(batch, gen, self.stage.crop_pad)
+        return prior_forward(model, self.loss_fn, batch, self.precision)
+
+    @torch.no_grad()
+    def validate_batch(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        """Loss, cross-entropy and top-1 accuracy per scale."""
+        return prior_forward(model, self.loss_fn, batch, self.precision)
+
+    def finish(self, model: nn.Module, run_dir: Path) -> Path:
+        """The trained priors, frozen by stage 2: safetensors with class map and preset."""
+        path = self.cfg.priors_path
+        save_priors(path, dict(model.items()), get_preset(self.cfg.preset).prior, self.classes,
+                    extra={"preset": self.cfg.preset, "run": self.cfg.run.name})
+        return path
+
+
+class SRStage:
+    """Stage 2: the cascade with the frozen priors, loss of eq. (4) at three scales."""
+
+    number = 2
+    telemetry_name = "sr"
+
+    def __init__(self, cfg: TrainConfig, classes: list[str], device: torch.device, precision: Precision):
+        self.cfg, self.classes, self.device, self.precision = cfg, classes, device, precision
+        self.stage = cfg.stage2
+        # Frozen on every worker, outside DeepSpeed: no optimizer state, not in its checkpoints.
+        priors = load_priors(cfg.priors_path, device, classes=classes)
+        priors = {k: precision.module(p) for k, p in priors.items()}
+        self.loss_fn = CSRIPLoss(priors, alpha=self.stage.alpha).to(device)
+
+    def build_model(self) -> nn.Module:
+        return SRNet(get_preset(self.cfg.preset).sr)
+
+    def forward(self, model: nn.Module, batch: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        return sr_forward(model, self.loss_fn, batch, self.precision)
+
+    @torch.no_grad()
+    def validate_batch(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        """Loss of eq. (4), and SSIM and PSNR per scale on outputs clipped to [0, 1]."""
+        with self.precision.autocast(batch["lr"].device):
+            sr = model(batch["lr"])
+            terms = self.loss_fn(sr, batch)
+        out = {"loss": terms["loss"].float()}
+        out.update({k: v for k, v in terms.items() if k.startswith("ce/")})
+        for key in TARGETS:
+            scale = SCALE_OF[key]
+            pred = sr[key].float().clamp(0, 1)
+            out[f"ssim/{scale}"] = ssim(pred, batch[key].float())
+            out[f"psnr/{scale}"] = psnr(pred, batch[key].float())
+        return out
+
+    def finish(self, model: nn.Module, run_dir: Path) -> Path:
+        path = run_dir / "srnet.safetensors"
+        save_srnet(path, model, extra={"preset": self.cfg.preset, "run": self.cfg.run.name})
+        return path
+
+
+STAGES = {1: PriorStage, 2: SRStage}
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over images of 10·log10(1 / MSE) for [0, 1] images. (B, 3, H, W) x2 -> ()."""
+    mse = (pred - target).pow(2).flatten(1).mean(1).clamp(min=1e-10)  # (B,)
+    return (10 * torch.log10(1.0 / mse)).mean()
+
+
+def augment(batch: dict, gen: torch.Generator, pad: int) -> dict:
+    """Random horizontal flip and random translation (reflect pad + crop), the same per sample at every level.
+
+    ``pad`` is in lr pixels and scales with each level, so x2/x4/hr stay aligned.
+    """
+    n = batch["cls"].shape[0]
+    flip = torch.rand(n, generator=gen) < 0.5  # (B,)
+    shift = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen)  # (B, 2) offsets in lr pixels
+    out = dict(batch)
+    for key in ("x2", "x4", "hr"):
+        if key not in batch:
+            continue
+        x = batch[key]
+        f = SIZES[key] // SIZES["lr"]
+        p = pad * f
+        x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
+        if p > 0:
+            xp = nn.functional.pad(x, (p, p, p, p), mode="reflect")  # (B, 3, S+2p, S+2p)
+            s = x.shape[-1]
+            x = torch.stack([xp[i, :, dy * f : dy * f + s, dx * f : dx * f + s] for i, (dy, dx) in enumerate(shift.tolist())])
+        out[key] = x
+    return out
+
+
+def mean_terms(acc: dict[str, float], n: int) -> dict[str, float]:
+    return {k: v / max(n, 1) for k, v in acc.items() if math.isfinite(v / max(n, 1))}

@@ -1,0 +1,114 @@
+"""The driver: check the config, prepare the run folder, run each stage as one Ray Train TorchTrainer.
+
+Run folder (``run.run_dir``, default ``<cluster.storage_path>/<run.name>``)::
+
+    config.yaml              the resolved config of the latest start
+    logs/driver.log          this driver; logs/stage<N>-rank<R>.log per worker
+    metrics.jsonl            one JSON object per train/val record (docs/INTERFACES.md)
+    stage1/checkpoint_*/     Ray Train checkpoints of stage 1 (DeepSpeed folders, all ranks' parts)
+    priors.safetensors       trained priors + class map and preset (frozen in stage 2)
+    stage1.done.json         final step, epoch, LR of stage 1
+    stage2/checkpoint_*/     ... of stage 2
+    srnet.safetensors        the trained cascade
+    stage2.done.json
+
+Resume: starting a run with a name whose folder exists skips the stages that
+have a ``done`` marker; a stage that was interrupted is restored by Ray Train
+from the latest checkpoint under ``stage<N>/`` (its run snapshot there), at the
+same step, learning rate and data epoch. With a storage URI (``s3://…``) the
+checkpoints live at ``<storage_path>/<name>/stage<N>`` and the rest in the run folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .config import ConfigError, TrainConfig, _check_priors, _is_uri, check, resolve, to_yaml
+from .runlog import done_path
+
+log = logging.getLogger("facesr.train")
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train the configured stages; returns the run folder. Raises ConfigError before any worker starts."""
+    cfg = resolve(cfg)
+    manifest = check(cfg)
+    run_dir = cfg.run_path
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    _log_to(run_dir / "logs" / "driver.log")
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    log.info("run %s in %s (%d classes, stages %s)", cfg.run.name, run_dir, len(manifest["classes"]), cfg.run.stages)
+
+    _ray_init(cfg)
+    for number in cfg.run.stages:
+        done = done_path(run_dir, number)
+        if done.exists():
+            log.info("stage %d already done (%s); skipping", number, done)
+            continue
+        if number == 2:
+            _check_priors(cfg, manifest)  # stage 1 of this run must have produced them
+        _fit(cfg, number)
+        log.info("stage %d finished: %s", number, done.read_text().strip() if done.exists() else "no marker")
+    return run_dir
+
+
+def _fit(cfg: TrainConfig, number: int) -> None:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .loop import worker_main
+
+    c = cfg.cluster
+    resources = {"CPU": c.cpus_per_worker}
+    if c.use_gpu:
+        resources["GPU"] = c.gpus_per_worker
+    storage = cfg.run.run_dir if not _is_uri(c.storage_path) else f"{c.storage_path.rstrip('/')}/{cfg.run.name}"
+    trainer = TorchTrainer(
+        worker_main,
+        train_loop_config={"cfg": cfg.to_dict(), "stage": number},
+        torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=f"stage{number}",
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=c.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+        ),
+    )
+    trainer.fit()
+
+
+def _ray_init(cfg: TrainConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS") or None
+    if address:  # an existing cluster (ray job submit sets RAY_ADDRESS); its runtime env is the job's
+        ray.init(address=address, log_to_driver=True)
+        return
+    # A new local cluster: workers import this checkout even when it is not pip-installed.
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH", ""), root) if p)
+    env = {"PYTHONPATH": path}
+    if not cfg.cluster.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    ray.init(runtime_env={"env_vars": env}, include_dashboard=False)
+
+
+def _log_to(path: Path) -> None:
+    root = logging.getLogger("facesr")
+    root.setLevel(logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    have = {getattr(h, "baseFilename", None) for h in root.handlers}
+    if str(path) not in have:
+        fh = logging.FileHandler(path)
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+    if not any(isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stderr for h in root.handlers):
+        sh = logging.StreamHandler(sys.stderr)
+        sh.setFormatter(fmt)
+        root.addHandler(sh)
