@@ -1,0 +1,61 @@
+"""`facesr prep SRC OUT`: shard identity folders of faces into WebDataset tars, as Ray tasks.
+
+On one machine this starts a local Ray; under `ray job submit` it joins the
+cluster and spreads over every node (SRC and OUT must then be shared paths).
+Rerunning the same command finishes an interrupted run; finished shards are
+verified (sha256) and kept.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def configure(p) -> None:
+    p.add_argument("src", help="folder of identity folders of images (CASIA-WebFace / LFW layout)")
+    p.add_argument("out", help="output folder for shards, manifest.json and rejects.tsv")
+    p.add_argument("--split-by", default="identity", choices=["identity", "none"],
+                   help="identity: identity-disjoint train/val/test (paper protocol); none: all in train")
+    p.add_argument("--val", type=float, default=0.05, help="fraction of identities for validation")
+    p.add_argument("--test", type=float, default=0.05, help="fraction of identities for testing")
+    p.add_argument("--seed", type=int, default=0, help="seeds the identity split and the sample order")
+    p.add_argument("--min-images", type=int, default=2,
+                   help="train identities with fewer images get no prior class (cls = -1)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--png-level", type=int, default=1, choices=range(10), metavar="0-9", help="PNG zlib level")
+    p.add_argument("--address", default=None,
+                   help="Ray address; default: RAY_ADDRESS or a running cluster, else a new local Ray; "
+                        "'local' always starts a new local Ray")
+    p.add_argument("--cpus", type=int, default=None, help="CPUs of a new local Ray (default: all)")
+    p.add_argument("--no-ray", action="store_true", help="run every task in this process (debugging)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args) -> int:
+    from shards.plan import SplitConfig
+    from shards.prep import PrepConfig, PrepError, format_summary, prepare, serial_map
+
+    try:
+        split = SplitConfig(by=args.split_by, val=args.val, test=args.test, seed=args.seed,
+                            min_images=args.min_images)
+    except ValueError as exn:
+        print(f"facesr prep: error: {exn}", file=sys.stderr)
+        return 2
+    cfg = PrepConfig(src=args.src, out=args.out, split=split, shard_size=args.shard_size,
+                     png_level=args.png_level, progress=not args.no_progress)
+    try:
+        if args.no_ray:
+            summary = prepare(cfg, serial_map)
+        else:
+            from cluster import shard_prep
+
+            print(f"facesr prep: running on {shard_prep.connect(args.address, args.cpus)}", file=sys.stderr)
+            try:
+                summary = prepare(cfg, shard_prep.ray_map)
+            finally:
+                shard_prep.shutdown()
+    except PrepError as exn:
+        print(f"facesr prep: error: {exn}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    return 0

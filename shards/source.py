@@ -1,0 +1,160 @@
+"""Reading a face folder: scan ``SRC/<identity>/<image>`` and accept or reject each file with a reason.
+
+Every file a prep run cannot use becomes a ``Reject`` (path relative to SRC,
+kind, detail) instead of an exception, so one bad JPEG in 494,414 never stops
+a run. ``KINDS`` is the closed list of reasons; ``rejects.tsv`` and the closing
+summary count by it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from facesr.degrade import DEFAULT, DegradeConfig
+
+KINDS = {
+    "stray-file": "file at the top level of SRC (expected only identity folders)",
+    "hidden": "hidden entry (name starts with '.')",
+    "empty-identity": "identity folder with no files",
+    "not-a-file": "entry in an identity folder that is not a regular file (a folder, a device)",
+    "unreadable": "the file cannot be opened or read (permissions, dangling symlink, I/O error)",
+    "zero-byte": "empty file",
+    "not-an-image": "not an image in an accepted format (JPEG, PNG, WebP, BMP, TIFF, GIF)",
+    "corrupt": "truncated or corrupt image data",
+    "too-large": "more pixels than PIL's decompression-bomb limit",
+    "greyscale": "single-channel image (mode L, 1, I, F)",
+    "cmyk": "CMYK image",
+    "alpha": "image with an alpha channel or transparency",
+    "palette": "palette image (mode P)",
+    "colour-mode": "other non-RGB colour mode (YCbCr, LAB, HSV)",
+    "too-small": "shorter side under the hr crop",
+}
+# Formats PIL may use to open a candidate. An allowlist: PIL would otherwise
+# hand EPS files to Ghostscript, and we want nothing but plain raster decoders.
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+GREY_MODES = {"1", "L", "I", "I;16", "I;16B", "I;16L", "F"}
+
+
+@dataclass(frozen=True, order=True)
+class Reject:
+    path: str  # relative to SRC, '/'-separated
+    kind: str  # a key of KINDS
+    detail: str = ""
+
+
+class Rejected(Exception):
+    """An image that cannot become a sample; ``kind`` is a key of ``KINDS``."""
+
+    def __init__(self, kind: str, detail: str = ""):
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind, self.detail = kind, detail
+
+
+@dataclass
+class Scan:
+    candidates: list[tuple[str, str]]  # (identity, path relative to SRC), sorted by path
+    rejects: list[Reject]  # what the scan alone can refuse (stray files, empty folders, ...)
+
+
+def scan(src: str | os.PathLike) -> Scan:
+    """List ``SRC/<identity>/<file>`` in a deterministic (sorted) order; refuse what is not a candidate."""
+    src = Path(src)
+    candidates, rejects = [], []
+    for top in sorted(os.scandir(src), key=lambda e: e.name):
+        if top.name.startswith("."):
+            rejects.append(Reject(top.name, "hidden"))
+            continue
+        if not top.is_dir():  # follows symlinks: a linked identity folder is fine
+            rejects.append(Reject(top.name, "stray-file" if top.is_file() else "unreadable",
+                                  "" if top.is_file() else "not a file or folder (dangling symlink?)"))
+            continue
+        try:
+            entries = sorted(os.scandir(top.path), key=lambda e: e.name)
+        except OSError as exn:
+            rejects.append(Reject(top.name, "unreadable", exn.strerror or str(exn)))
+            continue
+        if not entries:
+            rejects.append(Reject(top.name, "empty-identity"))
+            continue
+        for e in entries:
+            rel = f"{top.name}/{e.name}"
+            if e.name.startswith("."):
+                rejects.append(Reject(rel, "hidden"))
+            elif e.is_dir():
+                rejects.append(Reject(rel, "not-a-file", "a folder"))
+            else:  # files, symlinks, specials: open_face finds out what they really are
+                candidates.append((top.name, rel))
+    return Scan(candidates, rejects)
+
+
+def open_face(path: str | os.PathLike, cfg: DegradeConfig = DEFAULT) -> np.ndarray:
+    """Decode one source image fully -> uint8 (H, W, 3) RGB, or raise ``Rejected`` saying why not."""
+    try:
+        st = os.stat(path)  # follows symlinks
+    except FileNotFoundError:
+        raise Rejected("unreadable", "dangling symlink" if os.path.islink(path) else "file vanished") from None
+    except OSError as exn:
+        raise Rejected("unreadable", exn.strerror or str(exn)) from None
+    if not stat.S_ISREG(st.st_mode):  # never open a FIFO: it would block the task forever
+        raise Rejected("not-a-file", "a folder" if stat.S_ISDIR(st.st_mode) else "special file")
+    if st.st_size == 0:
+        raise Rejected("zero-byte")
+    try:
+        f = open(path, "rb")
+    except OSError as exn:
+        raise Rejected("unreadable", exn.strerror or str(exn)) from None
+    with f:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(f, formats=FORMATS)
+                img.load()  # full decode: truncated JPEGs fail here, not at open
+        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exn:
+            kind = "not-an-image" if isinstance(exn, UnidentifiedImageError) else "too-large"
+            raise Rejected(kind, str(exn).split(" (", 1)[0][:120]) from None
+        except OSError as exn:
+            if exn.errno in (errno.EACCES, errno.EIO):
+                raise Rejected("unreadable", exn.strerror or str(exn)) from None
+            raise Rejected("corrupt", str(exn)[:120]) from None
+        except Exception as exn:  # PIL raises assorted errors on malformed headers
+            raise Rejected("corrupt", f"{type(exn).__name__}: {str(exn)[:100]}") from None
+        mode = img.mode
+        if mode == "P":
+            raise Rejected("palette", f"mode {mode}")
+        if "A" in mode or "transparency" in img.info:
+            raise Rejected("alpha", f"mode {mode}")
+        if mode == "CMYK":
+            raise Rejected("cmyk", f"mode {mode}")
+        if mode in GREY_MODES:
+            raise Rejected("greyscale", f"mode {mode}")
+        if mode != "RGB":
+            raise Rejected("colour-mode", f"mode {mode}")
+        w, h = img.size
+        if min(w, h) < cfg.crop:
+            raise Rejected("too-small", f"{w}x{h} < {cfg.crop}px crop")
+        return np.asarray(img)  # (H, W, 3) uint8
+
+
+def check_chunk(src: str, paths: list[str], cfg: DegradeConfig = DEFAULT) -> list[tuple[str, str, str] | None]:
+    """Ray/serial task: decode every path; ``None`` where accepted, else (path, kind, detail)."""
+    out = []
+    for rel in paths:
+        try:
+            open_face(os.path.join(src, rel), cfg)
+            out.append(None)
+        except Rejected as r:
+            out.append((rel, r.kind, r.detail))
+    return out
+
+
+def tsv_field(s: str) -> str:
+    """Escape a path or detail for one TSV cell (tabs and newlines in file names happen)."""
+    return s.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
