@@ -44,6 +44,7 @@ def read_metrics(path: Path) -> list[dict]:
             bad += 1
             continue
         if isinstance(row, dict) and "stage" in row and "split" in row:
+            row["stage"] = str(row["stage"])  # runlog writes 1 | 2; other writers may use names
             rows.append(row)
         else:
             bad += 1
@@ -53,7 +54,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def _stages(rows: list[dict]) -> list[str]:
-    return list(dict.fromkeys(str(r["stage"]) for r in rows))
+    return list(dict.fromkeys(r["stage"] for r in rows))
 
 
 def _numeric(value) -> bool:
@@ -64,7 +65,7 @@ def final_values(rows: list[dict]) -> dict[tuple[str, str], dict[str, float]]:
     """(stage, split) -> {key: last logged value}."""
     final: dict[tuple[str, str], dict[str, float]] = {}
     for r in rows:
-        slot = final.setdefault((str(r["stage"]), str(r["split"])), {})
+        slot = final.setdefault((r["stage"], r["split"]), {})
         slot.update({k: v for k, v in r.items() if k not in BOOKKEEPING and _numeric(v)})
     return final
 
@@ -110,8 +111,10 @@ def render_markdown(name: str, rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def plot(rows: list[dict], path: Path, title: str = "") -> None:
-    """Loss and per-scale SSIM/CE/accuracy over steps; one row per stage; train solid, val dashed."""
+def plot(rows: list[dict], path: Path, title: str = "") -> dict[str, int]:
+    """Loss and per-scale SSIM/CE/accuracy over steps; one row per stage; train solid, val dashed.
+
+    Returns the number of curves drawn per ``"<stage>/<panel>"``."""
     stages = _stages(rows)
     panels = {st: ["loss"] + [f for f in _families(k for r in rows if r["stage"] == st for k in r)
                               if f in PLOTTED] for st in stages}
@@ -120,9 +123,11 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(stages), ncols, squeeze=False)
     colors = {sc: f"C{i}" for i, sc in enumerate(SCALES)}
+    drawn: dict[str, int] = {}
     for i, stage in enumerate(stages):
         for j, fam in enumerate(panels[stage]):
             ax = axes[i][j]
+            drawn[f"{stage}/{fam}"] = 0
             keys = [("loss", None)] if fam == "loss" else [(f"{fam}/{sc}", sc) for sc in SCALES]
             for key, scale in keys:
                 for split, style in (("train", "-"), ("val", "--o")):
@@ -132,15 +137,18 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
                         xs, ys = zip(*pts)
                         ax.plot(xs, ys, style, color=colors.get(scale, "k"), markersize=3,
                                 linewidth=1, label=f"{scale or ''} {split}".strip())
+                        drawn[f"{stage}/{fam}"] += 1
             ax.set_title(f"{TITLES.get(fam, fam)} — {stage}")
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            if drawn[f"{stage}/{fam}"]:
+                ax.legend(fontsize=7)
         for j in range(len(panels[stage]), ncols):
             axes[i][j].set_visible(False)
     if title:
         fig.suptitle(title)
     fig.savefig(path, dpi=100)
+    return drawn
 
 
 def write_summary(run_dir: str | Path) -> tuple[Path, Path]:

@@ -27,10 +27,10 @@ from facesr.vocab import SCALES
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "cluster" / "grafana" / "dashboards" / "facesr.json"
-# The run being monitored. Swap for the real short CPU training once it accepts the same
-# --run/--runs-dir/--workers/--telemetry-* arguments, e.g.
-# WORKLOAD = [sys.executable, "-m", "launch.train", "--preset", "tiny", "--device", "cpu"]
-WORKLOAD = [sys.executable, "-m", "tests.monitoring_workload"]
+# The run being monitored; the test appends --run-dir and run.*/cluster.* overrides. The
+# stand-in takes launch.train's command line, so the real short CPU run is this one line:
+# WORKLOAD = [sys.executable, "-m", "launch.train", "--config", "launch/configs/cpu.yaml"]
+WORKLOAD = [sys.executable, "-m", "tests.monitoring_workload", "--config", "launch/configs/cpu.yaml"]
 WORKERS = 2
 RUN = "monitoring-e2e"
 PER_SCALE = re.compile(r"\bfacesr_(ssim|ce|acc|psnr)\b")  # families labelled by scale
@@ -110,16 +110,16 @@ def prometheus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run_window(prometheus, tmp_path_factory):
-    """Runs WORKLOAD to completion; yields (t_start, t_end, runs_dir)."""
+    """Runs WORKLOAD to completion; returns (t_start, t_end, run_dir)."""
     _, sd_dir = prometheus
-    runs_dir = tmp_path_factory.mktemp("runs")
-    cmd = WORKLOAD + ["--run", RUN, "--runs-dir", str(runs_dir), "--workers", str(WORKERS),
-                      "--telemetry-host", "127.0.0.1", "--telemetry-port", str(monitor.free_port()),
-                      "--telemetry-sd-dir", str(sd_dir)]
+    run_dir = tmp_path_factory.mktemp("runs") / RUN
+    cmd = WORKLOAD + ["--run-dir", str(run_dir), f"run.name={RUN}",
+                      f"run.telemetry_port={monitor.free_port()}", f"run.telemetry_sd_dir={sd_dir}",
+                      f"cluster.num_workers={WORKERS}"]
     t_start = time.time()
-    subprocess.run(cmd, cwd=ROOT, check=True, timeout=120)
+    subprocess.run(cmd, cwd=ROOT, check=True, timeout=300)
     t_end = time.time()
-    return t_start, t_end, runs_dir
+    return t_start, t_end, run_dir
 
 
 def test_rendered_config_is_valid(prometheus, tmp_path):
@@ -170,8 +170,8 @@ def test_exporters_withdraw_after_run(prometheus, run_window):
 
 def test_summary_of_monitored_run(run_window):
     """The run folder's metrics.jsonl from the same run yields summary.md and summary.png."""
-    _, _, runs_dir = run_window
-    md, png = write_summary(runs_dir / RUN)
+    _, _, run_dir = run_window
+    md, png = write_summary(run_dir)
     text = md.read_text()
     assert all(f"| {s} |" in text for s in SCALES)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
