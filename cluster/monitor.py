@@ -1,6 +1,6 @@
 """Start a local Prometheus with the project's configuration (``make monitor``).
 
-    python -m cluster.monitor [--port 9090] [--sd-dir /tmp/facesr/prometheus_sd]
+    python -m cluster.monitor [--port 9090] [--sd-dir runs/prometheus_sd]
                               [--scrape-interval 5s] [--data-dir runs/prometheus]
 
 Renders cluster/prometheus/prometheus.yml with the given discovery dir and interval into the
@@ -24,10 +24,9 @@ from pathlib import Path
 
 import yaml
 
-from cluster.telemetry import DEFAULT_SD_DIR
-
 CONFIG = Path(__file__).parent / "prometheus" / "prometheus.yml"
-RAY_SD_FILE = "/tmp/ray/prom_metrics_service_discovery.json"
+RAY_SD_FILE = "/tmp/ray/prom_metrics_service_discovery.json"  # Ray keeps it current on the head
+SD_DIR = "runs/prometheus_sd"  # <cluster.storage_path>/prometheus_sd with the default storage_path
 
 
 def render_config(sd_dir: str, ray_sd_file: str = RAY_SD_FILE,
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1", help="interface to serve on")
     p.add_argument("--port", type=int, default=9090)
-    p.add_argument("--sd-dir", default=DEFAULT_SD_DIR, help="facesr file_sd dir (shared on a cluster)")
+    p.add_argument("--sd-dir", default=SD_DIR, help="facesr file_sd dir (shared on a cluster)")
     p.add_argument("--ray-sd-file", default=RAY_SD_FILE)
     p.add_argument("--scrape-interval", default="5s", help="5s suits watching a local run")
     p.add_argument("--data-dir", default="runs/prometheus")

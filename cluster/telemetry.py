@@ -1,21 +1,20 @@
 """Per-worker Prometheus exporter for facesr training, found by Prometheus via file_sd.
 
-Contract with the training loop (cluster/train*.py), one instance per worker process::
+Contract with the training loop (wired in cluster/runlog.py), one instance per worker and stage::
 
     from cluster.telemetry import Telemetry, node_ip
 
-    tel = Telemetry(run=cfg.run, stage="sr", rank=ctx.get_world_rank(), node=socket.gethostname(),
-                    port=cfg.telemetry_port + ctx.get_local_rank(),  # None: no exporter
-                    host=node_ip(),                                 # loopback unless inside Ray
-                    sd_dir=cfg.telemetry_sd_dir, restarts=restarts)
-    ...
-    tel.log(loss_dict | {"lr": lr, "samples_per_s": sps, "step_time_s": dt,
-                         "data_wait_s": wait, "epoch": epoch, "step": step,
-                         "decode_errors": n_decode_errors}, split="train")  # every step (cheap)
-    tel.log(val_dict | {"epoch": epoch, "step": step}, split="val")      # after each evaluation
-    tel.checkpoint_saved()                                               # after a checkpoint is written
-    tel.set_stage("prior")                                               # if one process runs both stages
-    tel.close()                                                          # in a finally: block
+    tel = Telemetry(run=cfg.run.name, stage="prior" | "sr", rank=world_rank, node=socket.gethostname(),
+                    port=cfg.run.telemetry_port + local_rank,  # pass None for no exporter
+                    host=node_ip(),                             # node IP inside Ray, else loopback
+                    sd_dir=cfg.run.telemetry_sd_dir, restarts=restarts_so_far)
+    tel.log(loss_terms | {"lr": lr, "samples_per_s": sps, "step_time_s": dt, "data_wait_s": wait,
+                          "epoch": epoch, "step": step, "decode_errors": n_skipped}, split="train")
+    tel.log(val_terms | {"epoch": epoch, "step": step}, split="val")  # after each validation
+    tel.checkpoint_saved()  # once the checkpoint is durably written (at least on rank 0)
+    tel.restart()           # when resuming, if restarts_so_far was not known at construction
+    tel.set_stage("sr")     # only if one process runs both stages with one exporter
+    tel.close()             # in a finally: withdraws the discovery file, stops the server
 
 ``log`` keys follow the loss-dict vocabulary: ``"<name>/<scale>"`` (``ssim/x8``, ``ce/x2``,
 ``acc/x4``, ``psnr/x8``) becomes ``facesr_<name>{scale="x8"}``; plain keys map through
@@ -37,10 +36,18 @@ all. None of these stop training: they are logged. The exporter binds to ``host`
 (loopback by default; on a cluster the node's IP, see ``node_ip``). Because the real port can
 differ from the requested one, every exporter advertises itself in ``sd_dir`` as a Prometheus
 file_sd file ``<run>-<node>-r<rank>.json`` written atomically (tmp + rename) and removed by
-``close()``. ``sd_dir`` must be readable by the Prometheus server: on a multi-node cluster a
-shared filesystem (the one holding Ray Train's ``storage_path``); see
-cluster/prometheus/prometheus.yml. A worker killed hard leaves its file behind: Prometheus then
-shows that target as ``up == 0`` until the same run/node/rank rewrites it.
+``close()``. ``sd_dir`` is one dir for all runs, ``<cluster.storage_path>/prometheus_sd``,
+which Prometheus watches (cluster/prometheus/prometheus.yml, ``make monitor``); on a
+multi-node cluster it must be on the shared filesystem that holds ``storage_path``. A worker
+killed hard leaves its file behind: Prometheus then shows that target as ``up == 0`` until
+the same run/node/rank rewrites it or the file is deleted.
+
+Why prometheus_client and not ``ray.util.metrics``: Ray re-exports application metrics through
+each node's metrics agent with a ``ray_`` prefix and its own reporting delay, only while the
+Ray dashboard agent runs; a custom collector here computes checkpoint age at scrape time (it
+keeps growing while a step hangs), keeps the ``facesr_*`` names and labels exactly as
+documented, and works the same in CPU tests and outside Ray. Ray's own metrics stay available
+through Ray's discovery file (second job in prometheus.yml).
 """
 
 from __future__ import annotations
@@ -66,7 +73,6 @@ from facesr.vocab import SCALES
 log = logging.getLogger(__name__)
 
 PREFIX = "facesr"
-DEFAULT_SD_DIR = "/tmp/facesr/prometheus_sd"  # what cluster/prometheus/prometheus.yml watches
 # plain log() keys -> metric names in Prometheus base units
 PLAIN = {
     "loss": "loss",
@@ -328,4 +334,4 @@ def _close_ref(ref: "weakref.ref[Telemetry]") -> None:
         tel.close()
 
 
-__all__ = ["Telemetry", "node_ip", "metric_name", "write_sd_file", "DEFAULT_SD_DIR"]
+__all__ = ["Telemetry", "node_ip", "metric_name", "write_sd_file"]

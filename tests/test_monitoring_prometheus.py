@@ -36,7 +36,7 @@ RUN = "monitoring-e2e"
 PER_SCALE = re.compile(r"\bfacesr_(ssim|ce|acc|psnr)\b")  # families labelled by scale
 RATE_INTERVAL = "10s"  # $__rate_interval for a 1 s scrape interval
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def panels(dashboard: dict) -> list[dict]:
