@@ -135,7 +135,8 @@ def test_rendered_config_is_valid(prometheus, tmp_path):
 
 @pytest.mark.parametrize("title,expr", dashboard_queries(), ids=[t for t, _ in dashboard_queries()])
 def test_dashboard_query_returns_series(prometheus, run_window, title, expr):
-    """Each dashboard panel query returns series during the run, for every scale if per-scale."""
+    """Each dashboard query returns series during the run: for every scale if per-scale, for
+    every rank if per-rank (each worker's exporter was discovered)."""
     url, _ = prometheus
     t_start, t_end, _ = run_window
     data = api(url, "query_range", query=substitute(expr, VARIABLES),
@@ -145,6 +146,9 @@ def test_dashboard_query_returns_series(prometheus, run_window, title, expr):
     if PER_SCALE.search(expr):
         scales = {s["metric"].get("scale") for s in series}
         assert scales == set(SCALES), f"{title}: scales {scales}"
+    ranks = {s["metric"]["rank"] for s in series if "rank" in s["metric"]}
+    if ranks:
+        assert ranks == {str(r) for r in range(WORKERS)}, f"{title}: ranks {ranks}"
 
 
 def test_dashboard_variables_resolve(prometheus, run_window):
