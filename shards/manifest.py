@@ -1,0 +1,109 @@
+"""Reading a prep's ``manifest.json``: validation with errors that name the file at fault.
+
+``read_manifest(root)`` always checks the manifest's own consistency and that
+every listed shard exists with the recorded size; ``verify=True`` also
+recomputes every shard's sha256 and counts its samples (reads every byte: do it
+once per run on rank 0, not in every worker).
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+from .plan import SPLITS
+
+FORMAT = "facesr-shards"
+SUPPORTED_VERSIONS = (1,)
+REQUIRED = ("format", "version", "classes", "num_classes", "identities", "splits", "degrade")
+
+
+class ManifestError(ValueError):
+    """The manifest or a shard it lists is missing, malformed or does not match."""
+
+
+def _load(path: Path) -> dict:
+    if not path.exists():
+        hint = " (is this a folder written by `facesr prep`? an interrupted prep writes it last)"
+        raise ManifestError(f"{path}: no manifest{hint}")
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exn:
+        raise ManifestError(f"{path}: cannot read manifest: {exn}") from None
+    if not isinstance(m, dict):
+        raise ManifestError(f"{path}: expected a JSON object")
+    missing = [k for k in REQUIRED if k not in m]
+    if missing:
+        raise ManifestError(f"{path}: missing keys {missing}")
+    if m["format"] != FORMAT or m["version"] not in SUPPORTED_VERSIONS:
+        raise ManifestError(f"{path}: format {m['format']!r} v{m['version']}, this reader knows "
+                            f"{FORMAT!r} v{SUPPORTED_VERSIONS}")
+    return m
+
+
+def _count_samples(path: Path) -> int:
+    keys = set()
+    with tarfile.open(path, "r|") as tar:  # streaming: no seeks, member data not read
+        for ti in tar:
+            keys.add(ti.name.split("/")[-1].split(".", 1)[0])
+    return len(keys)
+
+
+def _sha256(path: Path) -> str:
+    from .writer import sha256_file
+
+    return sha256_file(path)
+
+
+def read_manifest(root: str | Path, verify: bool = False) -> dict:
+    """Load and validate ``root/manifest.json``; raises ManifestError naming the file at fault."""
+    root = Path(root)
+    path = root / "manifest.json"
+    m = _load(path)
+    if m["num_classes"] != len(m["classes"]):
+        raise ManifestError(f"{path}: num_classes {m['num_classes']} != {len(m['classes'])} classes listed")
+    for name, info in m["identities"].items():
+        c = info.get("cls", -1)
+        if c != -1 and (not 0 <= c < m["num_classes"] or m["classes"][c] != name):
+            raise ManifestError(f"{path}: identity {name!r} has cls {c}, which the class map gives to another")
+    for split, d in m["splits"].items():
+        if split not in SPLITS:
+            raise ManifestError(f"{path}: unknown split {split!r}")
+        listed = sum(s["samples"] for s in d["shards"])
+        if listed != d["samples"]:
+            raise ManifestError(f"{path}: split {split} says {d['samples']} samples, its shards hold {listed}")
+        for s in d["shards"]:
+            shard = root / s["name"]
+            if not shard.is_file():
+                raise ManifestError(f"{shard}: shard listed in {path} is missing")
+            if shard.stat().st_size != s["bytes"]:
+                raise ManifestError(f"{shard}: {shard.stat().st_size} bytes, {path} says {s['bytes']} "
+                                    "(truncated or replaced?)")
+            if verify:
+                if _sha256(shard) != s["sha256"]:
+                    raise ManifestError(f"{shard}: sha256 does not match {path}")
+                n = _count_samples(shard)
+                if n != s["samples"]:
+                    raise ManifestError(f"{shard}: holds {n} samples, {path} says {s['samples']}")
+    return m
+
+
+def shard_urls(root: str | Path, split: str, url: str | None = None, manifest: dict | None = None) -> list[str]:
+    """The split's shards as local paths, or formatted with ``url`` (e.g. ``"pipe:aws s3 cp s3://b/faces/{name} -"``).
+
+    ``manifest`` skips re-reading it when the caller already has it.
+    """
+    m = manifest if manifest is not None else read_manifest(root)
+    if split not in m["splits"]:
+        raise ManifestError(f"{Path(root) / 'manifest.json'}: no split {split!r} (has {sorted(m['splits'])})")
+    names = [s["name"] for s in m["splits"][split]["shards"]]
+    if url is not None:
+        return [url.format(name=n) for n in names]
+    return [str((Path(root) / n).resolve()) for n in names]
+
+
+def split_samples(manifest: dict, split: str, labelled_only: bool = False) -> int:
+    """Samples in a split (``labelled_only``: those with cls >= 0), for ``StreamConfig.num_samples``."""
+    d = manifest["splits"][split]
+    return d["labelled"] if labelled_only else d["samples"]

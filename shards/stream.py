@@ -1,0 +1,290 @@
+"""Streaming shards into training: ``build_loader(urls, cfg, rank=, world_size=, epoch=)``.
+
+One epoch is exactly ``len(loader)`` batches on every rank, whatever the shard
+sizes: each rank takes a disjoint slice of the shards (``urls[rank::world]``),
+each data-loader worker a disjoint slice of that (``[worker::workers]``), and
+every worker *resamples* shards from its slice forever; the loader stops after
+``len(loader)`` batches. No rank runs dry early, so no collective waits on a
+rank that has left the loop. Build a new loader per epoch: the epoch enters
+every seed, which derives from (seed, epoch, rank, worker).
+
+Shards can be local paths, ``http(s)://`` URLs or ``pipe:`` commands (object
+stores: ``pipe:aws s3 cp s3://bucket/train-000000.tar -``), all opened by
+WebDataset. Members are decoded by our own safe decoders only: PNG through
+PIL, ``cls`` as an ASCII integer. A sample holding any other member is
+refused — ``.pyd``/``.pickle``/``.pth`` would otherwise be unpickled by
+WebDataset's default decoders, and unpickling runs arbitrary code.
+
+Decode errors (unreadable shard, corrupt PNG, refused member, wrong size) skip
+the sample, are counted and logged at most once per ``log_interval_s`` per
+worker. The count is exposed as ``loader.decode_errors``: cumulative over the
+epoch for this rank (sum over its workers), updated with every batch, so
+training can export it as a counter (add the increase since the last read).
+
+Augmentations (off by default; the priors' stage turns them on): a random
+horizontal flip of all four levels together, and a random crop that shifts
+every level by the same whole number of lr pixels (×2 at x2, ×4 at x4, ×8 at
+hr), reflect-padded to keep sizes. Both commute with the degradation up to
+borders, so the quadruplet stays a consistent one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import tarfile_samples
+
+from facesr.vocab import LEVELS, SIZES
+
+log = logging.getLogger(__name__)
+MEMBERS = {f"{k}.png" for k in LEVELS} | {"cls", "json"}  # the only members a sample may hold
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    batch_size: int = 8  # per rank; the paper's stage 2 uses 8, stage 1 (priors) 128
+    num_samples: int = 0  # samples in the split (manifest; see shards.manifest.split_samples): sets the epoch
+    batches_per_epoch: int = 0  # per rank; 0 = num_samples // (world_size * batch_size)
+    workers: int = 2  # data-loader processes per rank (0 = decode in the training process)
+    shuffle: int = 1000  # shuffle buffer in samples per worker; shards already mix identities; 0 = off
+    flip: bool = False  # random horizontal flip of the whole quadruplet
+    crop_pad: int = 0  # random crop: shift by up to ±crop_pad lr pixels (×scale per level), reflect-padded
+    labelled_only: bool = False  # drop cls == -1 samples (the priors learn only the label set)
+    levels: tuple[str, ...] = LEVELS  # levels to decode; the priors need only x2, x4, hr
+    seed: int = 0  # with (epoch, rank, worker) seeds shard resampling, shuffling and augmentation
+    prefetch: int = 4  # batches prefetched per worker
+    log_interval_s: float = 60.0  # at most one decode-error log line per worker per interval
+    meta: bool = False  # add "key" and "url" lists and "worker" to batches (tests, debugging)
+    max_empty_reads: int = 50  # consecutive shard reads with no good sample before giving up
+
+    def epoch_batches(self, world_size: int) -> int:
+        n = self.batches_per_epoch or self.num_samples // (world_size * self.batch_size)
+        if n <= 0:
+            raise ValueError(f"epoch is empty: set StreamConfig.num_samples (from the manifest) or batches_per_epoch "
+                             f"(num_samples={self.num_samples}, world_size={world_size}, batch={self.batch_size})")
+        return n
+
+
+class DecodeError(ValueError):
+    """A sample that cannot become tensors; counted and skipped."""
+
+
+def stream_seed(seed: int, epoch: int, rank: int, worker: int) -> int:
+    """A 64-bit seed from (seed, epoch, rank, worker); hashing keeps neighbouring tuples unrelated."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{epoch}:{rank}:{worker}".encode()).digest()[:8], "little")
+
+
+def assign_shards(urls: list[str], rank: int, world_size: int, worker: int, workers: int) -> list[str]:
+    """This (rank, worker)'s shards: disjoint from every other pair's while there are enough shards."""
+    node = urls[rank::world_size] if len(urls) >= world_size else urls
+    return node[worker::workers] if len(node) >= workers else node
+
+
+class _ErrorCounter:
+    """WebDataset exception handler that counts, logs at a limited rate, and lets the stream go on."""
+
+    def __init__(self, where: str, interval: float):
+        self.where, self.interval = where, interval
+        self.count, self.since_log, self.last_log = 0, 0, -float("inf")
+
+    def __call__(self, exn: Exception) -> bool:
+        self.count += 1
+        self.since_log += 1
+        now = time.monotonic()
+        if now - self.last_log >= self.interval:
+            log.warning("%s: %d decode errors (%d since last message); latest: %s",
+                        self.where, self.count, self.since_log, str(exn)[:300])
+            self.last_log, self.since_log = now, 0
+        return True
+
+
+def decode_png(data: bytes, size: int) -> torch.Tensor:
+    """PNG bytes -> uint8 (3, size, size); refuses anything but an RGB PNG of that size."""
+    img = Image.open(io.BytesIO(data), formats=["PNG"])
+    img.load()
+    if img.mode != "RGB" or img.size != (size, size):
+        raise DecodeError(f"expected a {size}x{size} RGB PNG, got {img.size[0]}x{img.size[1]} {img.mode}")
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)  # (3, S, S) uint8
+
+
+def check_members(raw: dict) -> int:
+    """Refuse a sample holding any member outside ``MEMBERS`` (before anything is decoded); returns its cls."""
+    refused = sorted(k for k in raw if not k.startswith("__") and k not in MEMBERS)
+    if refused:
+        raise DecodeError(f"{raw.get('__key__')}: refusing members {refused} (only {sorted(MEMBERS)} are decoded; "
+                          "pickle-capable members are never loaded)")
+    try:
+        return int(raw["cls"].decode("ascii"))
+    except (KeyError, UnicodeDecodeError, ValueError):
+        raise DecodeError(f"{raw.get('__key__')}: missing or malformed cls") from None
+
+
+def decode_sample(raw: dict, levels=LEVELS) -> dict:
+    """A WebDataset raw sample (bytes per member) -> {level: uint8 (3, S, S), "cls": int}; never unpickles."""
+    out = {"cls": check_members(raw)}
+    for lvl in levels:
+        if f"{lvl}.png" not in raw:
+            raise DecodeError(f"{raw.get('__key__')}: no {lvl}.png")
+        try:
+            out[lvl] = decode_png(raw[f"{lvl}.png"], SIZES[lvl])
+        except DecodeError:
+            raise
+        except Exception as exn:
+            raise DecodeError(f"{raw.get('__key__')}: {lvl}.png: {exn}") from None
+    return out
+
+
+def augment(sample: dict, rng: random.Random, flip: bool, crop_pad: int) -> dict:
+    """Same flip and same lr-pixel shift for every level; float (3, S, S) in, float out."""
+    levels = [k for k in LEVELS if k in sample]
+    if flip and rng.random() < 0.5:
+        for k in levels:
+            sample[k] = sample[k].flip(-1)
+    if crop_pad:
+        dy, dx = rng.randint(-crop_pad, crop_pad), rng.randint(-crop_pad, crop_pad)
+        for k in levels:
+            s, size = SIZES[k] // SIZES["lr"], SIZES[k]
+            p = crop_pad * s
+            x = F.pad(sample[k][None], (p, p, p, p), mode="reflect")[0]  # (3, S + 2p, S + 2p)
+            top, left = p + dy * s, p + dx * s
+            sample[k] = x[:, top : top + size, left : left + size]  # (3, S, S)
+    return sample
+
+
+class _WorkerStream(IterableDataset):
+    """What one data-loader worker yields: endless batches from its own shards (module-level: pickles)."""
+
+    def __init__(self, urls: list[str], cfg: StreamConfig, rank: int, world_size: int, epoch: int):
+        self.urls, self.cfg, self.rank, self.world_size, self.epoch = urls, cfg, rank, world_size, epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        cfg = self.cfg
+        shards = assign_shards(self.urls, self.rank, self.world_size, worker, workers)
+        rng = random.Random(stream_seed(cfg.seed, self.epoch, self.rank, worker))
+        errors = _ErrorCounter(f"rank {self.rank} worker {worker}", cfg.log_interval_s)
+        raw = self._raw(shards, rng, errors)
+        if cfg.shuffle > 1:  # shuffle PNG bytes (~75 kB a sample), not float tensors (~580 kB)
+            raw = _shuffle(raw, cfg.shuffle, rng)
+        batch = []
+        for r in raw:
+            try:
+                s = decode_sample(r, cfg.levels)
+            except DecodeError as exn:
+                errors(exn)
+                continue
+            for k in cfg.levels:
+                s[k] = s[k].float().div_(255)  # (3, S, S) in [0, 1]
+            s = augment(s, rng, cfg.flip, cfg.crop_pad)
+            if cfg.meta:
+                s["key"], s["url"] = r["__key__"], r["__url__"]
+            batch.append(s)
+            if len(batch) == cfg.batch_size:
+                yield _collate(batch, cfg, worker, errors.count)
+                batch = []
+
+    def _raw(self, shards: list[str], rng: random.Random, errors: _ErrorCounter) -> Iterator[dict]:
+        """Endless raw samples resampled from ``shards``, members checked and cls parsed, nothing decoded."""
+        cfg, empty = self.cfg, 0
+        while True:
+            url = rng.choice(shards)
+            good = 0
+            for raw in tarfile_samples([{"url": url}], handler=errors):
+                try:
+                    cls = check_members(raw)
+                except DecodeError as exn:
+                    errors(exn)
+                    continue
+                good += 1
+                if cfg.labelled_only and cls < 0:
+                    continue
+                yield raw
+            empty = 0 if good else empty + 1
+            if empty >= cfg.max_empty_reads:
+                raise RuntimeError(f"rank {self.rank}: {empty} shard reads in a row gave no usable sample "
+                                   f"({errors.count} errors; shards e.g. {shards[:3]})")
+
+
+def _shuffle(samples: Iterator[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
+    """Reservoir-style buffer shuffle: fill, then emit a random element for each new one."""
+    buf = []
+    for s in samples:
+        if len(buf) < bufsize:
+            buf.append(s)
+            continue
+        i = rng.randrange(bufsize)
+        buf[i], s = s, buf[i]
+        yield s
+    rng.shuffle(buf)  # never reached on an endless stream; kept for finite ones
+    yield from buf
+
+
+def _collate(batch: list[dict], cfg: StreamConfig, worker: int, errors: int) -> dict:
+    out = {k: torch.stack([s[k] for s in batch]) for k in cfg.levels}  # (B, 3, S, S) float
+    out["cls"] = torch.tensor([s["cls"] for s in batch], dtype=torch.int64)  # (B,)
+    if cfg.meta:
+        out["key"], out["url"], out["worker"] = [s["key"] for s in batch], [s["url"] for s in batch], worker
+    out["__worker__"], out["__errors__"] = worker, errors
+    return out
+
+
+class ShardLoader:
+    """One epoch of exactly ``len(self)`` batches for one rank; ``decode_errors`` counts this epoch's errors."""
+
+    def __init__(self, urls: list[str], cfg: StreamConfig, rank: int, world_size: int, epoch: int):
+        self.cfg, self.n = cfg, cfg.epoch_batches(world_size)
+        self.dataset = _WorkerStream(urls, cfg, rank, world_size, epoch)
+        self._errors: dict[int, int] = {}
+        if len(urls) < world_size * max(1, cfg.workers):
+            log.warning("%d shards for %d ranks x %d workers: some workers share shards, so samples can repeat "
+                        "within an epoch; write smaller shards", len(urls), world_size, max(1, cfg.workers))
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def decode_errors(self) -> int:
+        return sum(self._errors.values())
+
+    def __iter__(self) -> Iterator[dict]:
+        self._errors = {}
+        if self.cfg.workers == 0:
+            it = iter(self.dataset)
+        else:
+            it = iter(DataLoader(self.dataset, batch_size=None, num_workers=self.cfg.workers,
+                                 prefetch_factor=self.cfg.prefetch, persistent_workers=False))
+        try:
+            for _ in range(self.n):
+                batch = next(it)
+                self._errors[batch.pop("__worker__")] = batch.pop("__errors__")
+                yield batch
+        finally:
+            del it  # shuts the worker processes down
+
+
+def build_loader(urls: list[str] | str, cfg: StreamConfig, *, rank: int, world_size: int, epoch: int) -> ShardLoader:
+    """Batches ``{"lr","x2","x4","hr": float (B,3,S,S), "cls": int64 (B,)}``; the same count on every rank."""
+    urls = expand_urls(urls) if isinstance(urls, str) else list(urls)
+    if not urls:
+        raise ValueError("build_loader: no shards given")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    bad = [k for k in cfg.levels if k not in LEVELS]
+    if bad:
+        raise ValueError(f"unknown levels {bad}; choose from {LEVELS}")
+    if not 0 <= cfg.crop_pad < SIZES["lr"]:
+        raise ValueError(f"crop_pad {cfg.crop_pad} must be under {SIZES['lr']} lr pixels")
+    return ShardLoader(urls, cfg, rank, world_size, epoch)
