@@ -5,7 +5,9 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 FACES   ?= ../shared/data/lfw
 
-.PHONY: test demo venv clean bench
+SD_DIR  ?= runs/prometheus_sd
+
+.PHONY: test demo venv clean bench monitor
 
 venv: $(STAMP)
 
@@ -24,6 +26,10 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/facesr bench step --preset tiny
 	$(BIN)/facesr bench step --preset paper
+
+# Prometheus on loopback, scraping every exporter listed in $(SD_DIR) (file_sd).
+monitor: $(STAMP)
+	$(BIN)/python -m cluster.monitor --sd-dir $(SD_DIR) --install
 
 clean:
 	rm -rf $(VENV) runs out
