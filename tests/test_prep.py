@@ -124,6 +124,7 @@ def test_serial_run_byte_identical_to_ray_run_and_rerun_repairs(tmp_path):
     _same_tree(out, again)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_is_byte_identical(tmp_path):
     """Kill a real prep (Ray and all) mid-way: no partial shard under a final name; a rerun finishes it identically."""
     src, reference, _ = prepared()
