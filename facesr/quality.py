@@ -1,0 +1,101 @@
+"""Image quality against the ground truth: PSNR and SSIM per scale, with torchmetrics.
+
+Every upscaler (the model, bicubic, nearest) starts from the same ``lr`` and is
+compared with the quadruplet level of its output size: ``x2`` at 48², ``x4`` at
+96², ``x8`` (``hr``) at 192². Scores are computed per image and then averaged
+over images, which is how SR papers report a dataset mean (Table 1); a PSNR
+computed from the pooled MSE would weight badly reconstructed faces less.
+
+Two SSIMs are reported:
+
+* ``ssim``: the standard one (Wang et al. 2004) as torchmetrics computes it —
+  Gaussian window 11, σ = 1.5, K1 = 0.01, K2 = 0.03, ``data_range = 1`` on
+  [0, 1] pixels (i.e. L = 255 on 8-bit values);
+* ``ssim_paper``: the paper's constants C1 ≈ 6.55, C2 ≈ 58.98 on 0-255 values,
+  i.e. L = 256 — the same as ``data_range = 256/255`` on [0, 1] pixels. It is
+  what the training loss (``facesr.losses.ssim``) optimises and is slightly
+  higher than ``ssim``.
+
+Outputs are clamped to [0, 1] and rounded to the 8-bit grid before scoring, as
+an image written to disk would be; the targets are already 8-bit (shards and
+``degrade.quadruplet`` quantise them).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+from .degrade import quantize
+from .losses import PIXEL_MAX
+from .vocab import KEY_OF, SCALES, SIZES
+
+BASELINES = ("nearest", "bicubic")  # interpolation baselines, computed from the same lr
+METRICS = ("psnr", "ssim", "ssim_paper")  # per-image scores, averaged over images
+PAPER_DATA_RANGE = 256.0 / PIXEL_MAX  # L = 256 on 0-255 values -> C1 = (0.01·256)², C2 = (0.03·256)²
+PSNR_CAP = 100.0  # dB; a pixel-identical output would give +inf and swamp the mean
+
+
+def finish(x: torch.Tensor) -> torch.Tensor:
+    """What an upscaler's output becomes when saved: clamped to [0, 1], rounded to 8 bits."""
+    return quantize(x.float())
+
+
+def upscale(lr: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """Interpolate lr (B, 3, 24, 24) to (B, 3, size, size) with ``mode`` in {bicubic, nearest}, finished."""
+    if mode == "bicubic":
+        # align_corners=False: the pixel-centre convention the degradation uses (degrade.py), no half-pixel shift
+        out = F.interpolate(lr.float(), size=(size, size), mode="bicubic", align_corners=False)
+    elif mode == "nearest":
+        out = F.interpolate(lr.float(), size=(size, size), mode="nearest-exact")
+    else:
+        raise ValueError(f"unknown baseline {mode!r}; choose one of {BASELINES}")
+    return finish(out)
+
+
+def baselines(lr: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+    """{method: {scale: image}} for every baseline and scale label x2, x4, x8."""
+    return {m: {s: upscale(lr, SIZES[KEY_OF[s]], m) for s in SCALES} for m in BASELINES}
+
+
+def image_scores(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-image PSNR [dB], standard SSIM and paper-constant SSIM. (B, 3, H, W) ×2 in [0, 1] -> {metric: (B,)}."""
+    pred, target = pred.float(), target.float()
+    psnr = peak_signal_noise_ratio(pred, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    ssim = structural_similarity_index_measure(pred, target, data_range=1.0, reduction="none")
+    ssim_paper = structural_similarity_index_measure(pred, target, data_range=PAPER_DATA_RANGE, reduction="none")
+    return {"psnr": psnr.clamp(max=PSNR_CAP), "ssim": ssim, "ssim_paper": ssim_paper}
+
+
+class QualityMeter:
+    """Accumulates per-image scores by (method, scale); ``summary()`` gives means and spreads."""
+
+    def __init__(self):
+        self.scores: dict[tuple[str, str], dict[str, list[torch.Tensor]]] = {}
+
+    def update(self, method: str, scale: str, pred: torch.Tensor, target: torch.Tensor) -> None:
+        if pred.shape != target.shape:
+            raise ValueError(f"{method}/{scale}: output {tuple(pred.shape)} vs target {tuple(target.shape)}")
+        cell = self.scores.setdefault((method, scale), {m: [] for m in METRICS})
+        for m, v in image_scores(pred.detach().cpu(), target.detach().cpu()).items():
+            cell[m].append(v)
+
+    def methods(self) -> list[str]:
+        return list(dict.fromkeys(m for m, _ in self.scores))
+
+    def summary(self) -> dict[str, dict[str, dict[str, float]]]:
+        """{method: {scale: {"psnr", "ssim", "ssim_paper", "<metric>_std", "<metric>_sem", "n"}}}."""
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for (method, scale), cell in self.scores.items():
+            row: dict[str, float] = {}
+            for m in METRICS:
+                v = torch.cat(cell[m]).double()
+                row[m] = v.mean().item()
+                row[f"{m}_std"] = v.std().item() if v.numel() > 1 else 0.0
+                row[f"{m}_sem"] = row[f"{m}_std"] / math.sqrt(v.numel())  # standard error of the mean
+                row["n"] = v.numel()
+            out.setdefault(method, {})[scale] = row
+        return out

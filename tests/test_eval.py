@@ -1,0 +1,155 @@
+"""Evaluation protocol on real LFW faces: sensible bicubic numbers, every scale in the table, JSON, grid, skips."""
+
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from facesr.evaluate import (
+    build_report,
+    folder_batches,
+    format_table,
+    list_faces,
+    model_label,
+    read_identities,
+    score,
+    select,
+    write_json,
+)
+from facesr.grid import CELL, comparison_grid
+from facesr.losses import ssim as paper_ssim
+from facesr.models import PRESETS, SRNet
+from facesr.quality import PSNR_CAP, image_scores, upscale
+from facesr.vocab import SCALES
+from facesr.weights import save_srnet
+
+from .conftest import LFW
+
+PEOPLE = ["Aaron_Peirsol", "Colin_Powell", "Gloria_Macapagal_Arroyo", "Jennifer_Aniston", "Serena_Williams", "Vladimir_Putin"]
+
+
+def tiny_net(seed: int = 0) -> SRNet:
+    """A tiny cascade whose branches are not the zero-initialised identity (random, non-trivial output)."""
+    torch.manual_seed(seed)
+    net = SRNet(PRESETS["tiny"].sr)
+    with torch.no_grad():
+        for b in net.branches:
+            b.body[-1].weight.normal_(0, 1e-3)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def faces():
+    return select(list_faces(LFW, PEOPLE), 16, seed=0)
+
+
+@pytest.fixture(scope="module")
+def scored(faces):
+    results, n = score({"tiny": tiny_net()}, folder_batches(faces, 8))
+    return results, n
+
+
+def test_bicubic_numbers_sensible(scored):
+    """Bicubic on LFW crops: x8 PSNR 22-26 dB, SSIM 0.55-0.8; bicubic beats nearest; error grows with scale."""
+    res, n = scored
+    assert n == 16
+    x8 = res["bicubic"]["x8"]
+    assert 22 < x8["psnr"] < 26 and 0.55 < x8["ssim"] < 0.8
+    for s in SCALES:
+        assert res["bicubic"][s]["psnr"] > res["nearest"][s]["psnr"]
+        assert res["bicubic"][s]["ssim"] > res["nearest"][s]["ssim"]
+        assert res["bicubic"][s]["ssim_paper"] >= res["bicubic"][s]["ssim"]  # larger C1, C2: a little higher
+    assert res["bicubic"]["x2"]["psnr"] > res["bicubic"]["x4"]["psnr"] > res["bicubic"]["x8"]["psnr"]
+
+
+def test_table_and_json_have_every_scale(scored, tmp_path):
+    """The printed table has a block per scale with PSNR, SSIM and SSIM*, model columns and the protocol; JSON too."""
+    res, n = scored
+    report = build_report(res, n, "LFW test", {"tiny": "runs/tiny"})
+    text = format_table(report)
+    for s in SCALES:
+        assert any(line.startswith(s) and "PSNR" in line for line in text.splitlines())
+    assert text.count("SSIM*") >= 3 and "tiny" in text and "RGB" in text and "24.256" in text
+    back = json.loads(write_json(report, tmp_path / "q.json").read_text())
+    for method in ("nearest", "bicubic", "tiny"):
+        assert set(back["results"][method]) == set(SCALES)
+        assert all(math.isfinite(back["results"][method][s][m]) for s in SCALES for m in ("psnr", "ssim", "ssim_paper"))
+    assert back["gain_over_bicubic"]["tiny"]["x8"]["psnr"] == pytest.approx(
+        back["results"]["tiny"]["x8"]["psnr"] - back["results"]["bicubic"]["x8"]["psnr"])
+    assert {"crop", "degradation", "colour_space", "data_range"} <= set(back["protocol"])
+
+
+def test_paper_ssim_matches_training_loss():
+    """quality's SSIM with the paper's constants is the SSIM the training loss uses."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, 96, 96, generator=g)
+    y = (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    assert image_scores(y, x)["ssim_paper"].item() == pytest.approx(paper_ssim(y, x).item(), abs=1e-4)
+
+
+def test_psnr_capped_for_identical():
+    """A pixel-identical output scores the cap, not +inf, so one face cannot swamp a mean."""
+    x = torch.rand(2, 3, 48, 48)
+    assert torch.all(image_scores(x, x)["psnr"] == PSNR_CAP)
+
+
+def test_baselines_shapes_and_range():
+    """Bicubic/nearest from 24² give the target size, clamped to [0, 1] on the 8-bit grid."""
+    lr = torch.rand(2, 3, 24, 24)
+    for mode in ("bicubic", "nearest"):
+        out = upscale(lr, 192, mode)
+        assert out.shape == (2, 3, 192, 192) and out.min() >= 0 and out.max() <= 1
+        assert torch.allclose(out * 255, (out * 255).round(), atol=1e-4)
+
+
+def test_unreadable_faces_skipped(tmp_path):
+    """A broken image and a text file in an identity folder are skipped and listed, the rest is evaluated."""
+    person = tmp_path / "Someone"
+    person.mkdir()
+    src = sorted((LFW / "Colin_Powell").iterdir())[0]
+    (person / "ok.jpg").symlink_to(src)
+    (person / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (person / "small.png").parent.mkdir(exist_ok=True)
+    Image.new("RGB", (100, 100)).save(person / "small.png")  # smaller than the 192 crop
+    (person / "notes.txt").write_text("not an image")
+    skipped = []
+    batches = list(folder_batches(list_faces(tmp_path), 4, skipped=skipped))
+    assert sum(b["lr"].shape[0] for b in batches) == 1
+    assert sorted(p.rsplit("/", 1)[-1] for p, _ in skipped) == ["broken.jpg", "small.png"]
+
+
+def test_select_is_seeded_and_spread(faces):
+    """--limit draws the same faces for the same seed, different ones for another seed, in sorted order."""
+    all_faces = list_faces(LFW, PEOPLE)
+    a, b, c = select(all_faces, 10, 0), select(all_faces, 10, 0), select(all_faces, 10, 1)
+    assert a == b and a != c and a == sorted(a, key=all_faces.index)
+
+
+def test_grid_png(faces, tmp_path):
+    """The grid has LR | bicubic | SR x2, x4, x8 | HR columns per face row."""
+    batch = next(folder_batches(faces[:3], 3))
+    path = comparison_grid(batch, {"tiny": tiny_net()}, tmp_path / "grid.png")
+    w, h = Image.open(path).size
+    assert w >= 6 * CELL and w < 7 * CELL and h > 3 * CELL
+
+
+def test_cli_quality_and_grid(tmp_path, capsys):
+    """`facesr eval quality RUN --ids FILE --limit N --grid 2` prints the table and writes JSON and PNG."""
+    from launch.cli import main
+
+    run = tmp_path / "runs" / "demo"
+    save_srnet(run / "srnet.safetensors", tiny_net())
+    ids = tmp_path / "ids.txt"
+    ids.write_text("# test identities\n" + "\n".join(PEOPLE[:3]) + "\n")
+    assert read_identities(ids) == PEOPLE[:3]
+    out = tmp_path / "eval"
+    assert main(["eval", "quality", str(run), "--data", str(LFW), "--ids", str(ids), "--limit", "4",
+                 "--batch-size", "4", "--out", str(out), "--grid", "2", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "x8" in text and "demo" in text
+    report = json.loads((out / "quality.json").read_text())
+    assert report["images"] == 4 and report["models"] == {"demo": str(run)}
+    assert (out / "grid.png").is_file()
+    assert model_label(run / "srnet.safetensors") == "demo"
