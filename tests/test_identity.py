@@ -1,0 +1,135 @@
+"""LFW pairs parsing and skipping, verification accuracy/AUC, the embedder's training set and a tiny verify run."""
+
+import json
+
+import pytest
+import torch
+
+from facesr.identity import (
+    EmbedderConfig,
+    Pair,
+    best_threshold,
+    format_identity_table,
+    load_embedder,
+    pair_identities,
+    read_pairs,
+    save_embedder,
+    train_embedder,
+    training_faces,
+    usable_pairs,
+    verification_metrics,
+    verify,
+)
+from facesr.models import PRESETS, SRNet
+
+from .conftest import DATA, LFW
+
+PAIRS = DATA / "lfw-pairs.txt"
+OUTSIDE_PAIRS = ["Adel_Al-Jubeir", "Justin_Leonard", "Marc_Grossman", "Juanes"]  # LFW people in no pair
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return read_pairs(PAIRS)
+
+
+def test_read_pairs_view2(pairs):
+    """6,000 pairs in 10 folds of 300 same + 300 different, in file order."""
+    assert len(pairs) == 6000
+    assert [sum(p.fold == k for p in pairs) for k in range(10)] == [600] * 10
+    assert sum(p.same for p in pairs) == 3000
+    assert pairs[0].same and pairs[0].a[0] == pairs[0].b[0] and not pairs[300].same
+
+
+def test_absent_pairs_skipped_and_counted(pairs):
+    """Pairs naming withheld people are skipped and counted; the counts add up to the total."""
+    kept, c = usable_pairs(pairs, LFW)
+    assert c["absent"] > 0 and c["used"] == len(kept) == 6000 - c["absent"]
+    assert all((LFW / p.b[0]).is_dir() and (LFW / p.a[0]).is_dir() for p in kept[:50])
+
+
+def test_pair_selection_and_per_fold_cap(pairs, tmp_path):
+    """--ids keeps pairs whose two people are chosen; --per-fold keeps the same/different balance per fold."""
+    kept, c = usable_pairs(pairs, LFW, per_fold=4)
+    assert len(kept) == 40 and c["over_per_fold"] == c["total"] - c["absent"] - 40
+    assert all(sum(p.fold == k and p.same for p in kept) == 2 for k in range(10))
+    people = {"Abel_Pacheco"}
+    kept, c = usable_pairs(pairs, LFW, people)
+    assert kept and all({p.a[0], p.b[0]} <= people for p in kept)
+    assert c["outside_selection"] + c["absent"] + c["used"] == c["total"]
+
+
+def test_malformed_pairs_file(tmp_path):
+    """A line with the wrong number of fields is an error that names the line."""
+    bad = tmp_path / "pairs.txt"
+    bad.write_text("1\t1\nA\t1\t2\nB\t1\n")
+    with pytest.raises(ValueError, match=":3:"):
+        read_pairs(bad)
+
+
+def test_best_threshold():
+    """The best threshold separates what can be separated; accuracy counts both sides."""
+    s = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.9])
+    y = torch.tensor([0, 0, 1, 0, 1])
+    thr, acc = best_threshold(s, y)
+    assert acc == pytest.approx(0.8) and 0.2 < thr < 0.3 or 0.4 < thr < 0.9
+
+
+@pytest.mark.parametrize("separation, acc_range", [(10.0, (0.99, 1.0)), (0.0, (0.3, 0.7))])
+def test_verification_metrics(separation, acc_range):
+    """Separable scores give accuracy and AUC 1; unrelated scores give about 0.5."""
+    g = torch.Generator().manual_seed(0)
+    same = torch.arange(600) % 2 == 0
+    scores = torch.randn(600, generator=g) + separation * same
+    folds = torch.arange(600) // 60  # 30 same + 30 different per fold, as in View 2
+    m = verification_metrics(scores, same, folds)
+    assert m["folds"] == 10 and m["pairs"] == 600
+    assert acc_range[0] <= m["accuracy"] <= acc_range[1]
+    assert acc_range[0] <= m["auc"] <= acc_range[1]
+    assert m["accuracy_best"] >= m["accuracy"] - 1e-9  # fitted on the test pairs themselves: optimistic
+
+
+def test_embedder_never_sees_pair_people(pairs):
+    """The judge's training identities exclude every person in the LFW pairs."""
+    faces, classes, counts = training_faces({"lfw": LFW}, pair_identities(pairs), min_images=2)
+    assert counts["identities"] == len(classes) > 0
+    assert not {c.split("/", 1)[1] for c in classes} & pair_identities(pairs)
+    assert {label for label, _ in faces} == set(range(len(classes)))
+
+
+def test_tiny_embedder_train_save_load_verify(pairs, tmp_path):
+    """A few CE steps train; save/load keeps the embeddings; the judge stays frozen; verify reports each condition."""
+    root = tmp_path / "people"
+    for name in OUTSIDE_PAIRS:  # a small identity folder of links: listing all of LFW costs seconds
+        (root / name).mkdir(parents=True)
+        for f in sorted((LFW / name).iterdir())[:4]:
+            (root / name / f.name).symlink_to(f)
+    faces, classes, _ = training_faces({"lfw": root}, pair_identities(pairs), min_images=3)
+    assert len(classes) == len(OUTSIDE_PAIRS) and len(faces) == 14
+    cfg = EmbedderConfig(size=32, batch_size=8, lowres_p=0.5)
+    model = train_embedder(faces, classes, cfg, steps=2, log=lambda m: None)
+    path = save_embedder(tmp_path / "emb.safetensors", model, classes)
+    loaded, meta = load_embedder(path)
+    assert meta["classes"] == classes and meta["config"]["size"] == 32
+    loaded.train()
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    x = torch.rand(2, 3, 192, 192)
+    e = loaded(x)
+    assert torch.allclose(e, model(x), atol=1e-5) and torch.allclose(e.norm(dim=1), torch.ones(2), atol=1e-5)
+
+    kept, counts = usable_pairs(pairs, LFW, per_fold=2)  # 20 pairs, 10 same, 2 per fold
+    torch.manual_seed(0)
+    sr = SRNet(PRESETS["tiny"].sr).eval()
+    res = verify(loaded, kept, LFW, {"tiny": sr.deploy()}, batch_size=16)
+    assert list(res) == ["hr", "bicubic", "tiny"]
+    for m in res.values():
+        assert m["pairs"] == 20 and 0 <= m["accuracy"] <= 1 and 0 <= m["auc"] <= 1
+    text = format_identity_table({"pair_counts": counts, "results": res})
+    assert "bicubic" in text and f"{counts['absent']} skipped" in text
+    json.dumps(res)
+
+
+def test_pair_dataclass_is_hashable():
+    """Pairs can key dictionaries (faces are embedded once however many pairs use them)."""
+    p = Pair(0, True, ("A", 1), ("A", 2))
+    assert {p: 1}[p] == 1
