@@ -1,0 +1,247 @@
+"""Super-resolve images with a trained model: 24×24 faces in, 192×192 PNGs out.
+
+``MODEL`` is a run folder (its ``srnet.safetensors``), an SR-net ``.safetensors``
+file, or an export from ``facesr.export`` (TorchScript ``.pt``, ``.onnx``).
+
+Inputs of 24×24 go straight in. Anything else does not match what the network
+was trained on, so it is brought to 24×24 one of two ways:
+
+* default: centre-cropped to a square and resized (bicubic, antialiased) to
+  24×24, with a warning naming the file — for small faces of roughly the
+  training framing that are just not 24 px;
+* ``fit=True``: treated as a face photo framed like LFW/CASIA (face in the
+  central ~120 px of 250): the central 192² crop is degraded to 24² by the
+  training degradation (``degrade.quadruplet``) — exactly what evaluation
+  feeds the network. No warning, since this is the intended use for large
+  photos. Sources under 192 px fall back to the resize, with a warning.
+
+Unreadable and non-image files are reported and skipped; the run goes on.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from .degrade import TooSmallError, quadruplet, quantize, to_uint8
+from .models import SRNet
+from .vocab import SIZES
+from .weights import load_srnet, read_meta
+
+LR, HR = SIZES["lr"], SIZES["hr"]
+SRNET_FILE = "srnet.safetensors"  # what the training job writes into runs/<name>/
+TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript")
+
+
+class ImageReadError(ValueError):
+    """A file that is not a readable image."""
+
+
+def read_rgb(path: str | Path) -> torch.Tensor:
+    """An image file -> uint8 (3, H, W) RGB. Raises ImageReadError for anything PIL cannot decode."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            arr = np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (3, H, W)
+
+
+def write_png(img: torch.Tensor, path: str | Path) -> None:
+    """[0, 1] float (3, H, W) -> PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(to_uint8(img).permute(1, 2, 0).cpu().numpy()).save(path)
+
+
+# ---------------------------------------------------------------- models
+
+
+def find_srnet(run: str | Path) -> Path:
+    """The SR-net weights of a run folder: ``srnet.safetensors``, else the one safetensors file of kind srnet."""
+    run = Path(run)
+    if (run / SRNET_FILE).is_file():
+        return run / SRNET_FILE
+    found = []
+    for p in sorted(run.rglob("*.safetensors")):
+        try:
+            if read_meta(p)["kind"] == "srnet":
+                found.append(p)
+        except (ValueError, FileNotFoundError):
+            continue
+    if not found:
+        raise FileNotFoundError(f"{run}: no {SRNET_FILE} (nor any SR-net safetensors) in this run folder")
+    return max(found, key=lambda p: p.stat().st_mtime)  # the latest save
+
+
+def load_cascade(path: str | Path, device: str | torch.device = "cpu") -> SRNet:
+    """The full cascade (x2, x4, hr outputs) from a run folder or SR-net safetensors, in eval mode."""
+    path = Path(path)
+    return load_srnet(find_srnet(path) if path.is_dir() else path, device).eval()
+
+
+class OnnxUpscaler:
+    """An exported ONNX deploy network as a callable lr -> hr.
+
+    Runs on onnxruntime when it is installed, otherwise on onnx's reference
+    evaluator (pure numpy: exact but slow, fine for parity checks).
+    """
+
+    def __init__(self, path: str | Path, backend: str = "auto"):
+        self.path = str(path)
+        if backend == "auto":
+            try:
+                import onnxruntime  # noqa: F401
+
+                backend = "onnxruntime"
+            except ImportError:
+                backend = "reference"
+        self.backend = backend
+        if backend == "onnxruntime":
+            import onnxruntime as ort
+
+            self.session = ort.InferenceSession(self.path, providers=["CPUExecutionProvider"])
+            self.input_name = self.session.get_inputs()[0].name
+        elif backend == "reference":
+            import onnx
+            from onnx.reference import ReferenceEvaluator
+
+            model = onnx.load(self.path)
+            self.session = ReferenceEvaluator(model)
+            self.input_name = model.graph.input[0].name
+        else:
+            raise ValueError(f"unknown ONNX backend {backend!r} (auto, onnxruntime, reference)")
+
+    def __call__(self, lr: torch.Tensor) -> torch.Tensor:
+        x = lr.detach().float().cpu().numpy()
+        out = self.session.run(None, {self.input_name: x})[0]
+        return torch.from_numpy(np.asarray(out, dtype=np.float32)).to(lr.device)
+
+
+def load_upscaler(path: str | Path, device: str | torch.device = "cpu") -> Callable[[torch.Tensor], torch.Tensor]:
+    """A callable lr (B, 3, 24, 24) -> hr (B, 3, 192, 192) from a run folder, safetensors, TorchScript or ONNX file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such model (run folder, .safetensors, .pt or .onnx)")
+    if path.is_dir() or path.suffix == ".safetensors":
+        return load_cascade(path, device).deploy().eval()
+    if path.suffix in TORCHSCRIPT_SUFFIXES:
+        with warnings.catch_warnings():  # TorchScript is deprecated in favour of torch.export, still supported
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(str(path), map_location=device).eval()
+    if path.suffix == ".onnx":
+        return OnnxUpscaler(path)
+    raise ValueError(f"{path}: unknown model format (run folder, .safetensors, {', '.join(TORCHSCRIPT_SUFFIXES)}, .onnx)")
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def to_lr(img: torch.Tensor, fit: bool = False) -> tuple[torch.Tensor, str | None]:
+    """uint8 (3, H, W) -> (lr float (3, 24, 24), note); note says what was done to a non-24² input, else None."""
+    h, w = img.shape[-2:]
+    if (h, w) == (LR, LR):
+        return img.float() / 255, None
+    if fit:
+        try:
+            return quadruplet(img)["lr"], None
+        except TooSmallError:
+            pass  # fall through to the plain resize, with a warning
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    sq = img[:, top : top + side, left : left + side].float().unsqueeze(0) / 255
+    lr = F.interpolate(sq, size=(LR, LR), mode="bicubic", align_corners=False, antialias=True)
+    crop = f" (centre square {side}x{side})" if h != w else ""
+    return quantize(lr[0]), f"{w}x{h} input resized to {LR}x{LR}{crop}; the model expects {LR}x{LR} faces"
+
+
+def list_inputs(src: str | Path, recursive: bool = True) -> list[Path]:
+    """Every file under ``src`` (or ``src`` itself), sorted; readability is checked when read."""
+    src = Path(src)
+    if src.is_file():
+        return [src]
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: no such file or folder")
+    files = src.rglob("*") if recursive else src.iterdir()
+    return sorted(p for p in files if p.is_file() and not p.name.startswith("."))
+
+
+@dataclass
+class SRReport:
+    written: list[Path] = field(default_factory=list)  # PNGs written
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # (input, reason) not processed
+    resized: list[tuple[Path, str]] = field(default_factory=list)  # (input, what was done) non-24² inputs
+
+
+def _out_path(src_root: Path, file: Path, out: Path, single: bool) -> Path:
+    if single:
+        return out if out.suffix.lower() == ".png" else out / f"{file.stem}.png"
+    return (out / file.relative_to(src_root)).with_suffix(".png")
+
+
+@torch.inference_mode()
+def super_resolve(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    src: str | Path,
+    out: str | Path,
+    *,
+    fit: bool = False,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    log: Callable[[str], None] = print,
+) -> SRReport:
+    """Super-resolve ``src`` (image or folder) into PNGs under ``out`` (a folder, or a .png for one image)."""
+    src, out = Path(src), Path(out)
+    files = list_inputs(src)
+    single = src.is_file()
+    report = SRReport()
+    pending: list[tuple[Path, torch.Tensor]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        lr = torch.stack([x for _, x in pending]).to(device)  # (B, 3, 24, 24)
+        hr = model(lr).float().clamp(0, 1)  # (B, 3, 192, 192)
+        for (f, _), img in zip(pending, hr):
+            dst = _out_path(src, f, out, single)
+            write_png(img, dst)
+            report.written.append(dst)
+        pending.clear()
+
+    for f in files:
+        try:
+            img = read_rgb(f)
+        except ImageReadError as e:
+            report.skipped.append((f, str(e)))
+            log(f"skipped {e}")
+            continue
+        lr, note = to_lr(img, fit)
+        if note:
+            report.resized.append((f, note))
+            log(f"warning: {f}: {note}; use --fit for face photos framed like LFW")
+        pending.append((f, lr))
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    return report
+
+
+def iter_batches(items: Iterable, size: int):
+    """Lists of at most ``size`` consecutive items."""
+    batch = []
+    for x in items:
+        batch.append(x)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,118 @@
+"""`facesr sr`: 24² faces in, 192² PNGs out; other sizes resized with a warning or --fit; bad files skipped."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from facesr.degrade import quadruplet, to_uint8
+from facesr.infer import find_srnet, load_cascade, load_upscaler, read_rgb, super_resolve, to_lr
+from facesr.models import PRESETS, SRNet
+from facesr.weights import save_priors, save_srnet
+
+from .conftest import LFW
+
+FACES = sorted((LFW / "Colin_Powell").iterdir())[:3]
+
+
+def tiny_net(seed: int = 0) -> SRNet:
+    torch.manual_seed(seed)
+    net = SRNet(PRESETS["tiny"].sr)
+    with torch.no_grad():
+        for b in net.branches:
+            b.body[-1].weight.normal_(0, 1e-3)  # not the zero-initialised skip-only output
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run folder as the training job writes it: srnet.safetensors (and priors beside it)."""
+    d = tmp_path_factory.mktemp("runs") / "demo"
+    save_srnet(d / "srnet.safetensors", tiny_net())
+    return d
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    """A folder with two 24² faces, a 250² LFW photo, a text file and a broken JPEG."""
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    for i, f in enumerate(FACES[:2]):
+        lr = quadruplet(read_rgb(f))["lr"]
+        Image.fromarray(to_uint8(lr).permute(1, 2, 0).numpy()).save(d / ("sub" if i else ".") / f"face{i}.png")
+    (d / "photo.jpg").symlink_to(FACES[2])
+    (d / "readme.txt").write_text("not an image")
+    (d / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    return d
+
+
+def test_folder(run, inputs, tmp_path):
+    """24² in directly, the 250² photo resized with a warning, non-images skipped with a message, PNG 192² out."""
+    msgs = []
+    out = tmp_path / "out"
+    rep = super_resolve(load_upscaler(run), inputs, out, batch_size=2, log=msgs.append)
+    assert sorted(p.relative_to(out).as_posix() for p in rep.written) == ["face0.png", "photo.png", "sub/face1.png"]
+    assert sorted(p.name for p, _ in rep.skipped) == ["broken.jpg", "readme.txt"]
+    assert [p.name for p, _ in rep.resized] == ["photo.jpg"] and "250x250" in rep.resized[0][1]
+    assert any("skipped" in m and "readme.txt" in m for m in msgs)
+    assert any(m.startswith("warning") and "photo.jpg" in m for m in msgs)
+    for p in rep.written:
+        im = Image.open(p)
+        assert im.format == "PNG" and im.size == (192, 192) and im.mode == "RGB"
+
+
+def test_fit_degrades_like_training():
+    """--fit turns an LFW photo into exactly the lr the evaluation uses, without a warning."""
+    img = read_rgb(FACES[0])
+    lr, note = to_lr(img, fit=True)
+    assert note is None and torch.equal(lr, quadruplet(img)["lr"])
+    lr, note = to_lr(img[:, :100, :80], fit=True)  # too small to crop 192: resized, with a note
+    assert lr.shape == (3, 24, 24) and "80x100" in note and "centre square" in note
+
+
+def test_batching_does_not_change_outputs(run, inputs, tmp_path):
+    """Batch size 1 and batch size 16 write the same pixels (BatchNorm uses stored statistics)."""
+    a = super_resolve(load_upscaler(run), inputs, tmp_path / "a", batch_size=1, log=lambda m: None)
+    b = super_resolve(load_upscaler(run), inputs, tmp_path / "b", batch_size=16, log=lambda m: None)
+    for pa, pb in zip(a.written, b.written):
+        assert np.array_equal(np.asarray(Image.open(pa)), np.asarray(Image.open(pb)))
+
+
+def test_single_file_to_png_and_model_forms(run, tmp_path):
+    """IN may be one image and OUT a .png; MODEL may be the run folder or its safetensors (same output)."""
+    src = tmp_path / "face.png"
+    Image.fromarray(to_uint8(quadruplet(read_rgb(FACES[0]))["lr"]).permute(1, 2, 0).numpy()).save(src)
+    r1 = super_resolve(load_upscaler(run), src, tmp_path / "one.png", log=lambda m: None)
+    r2 = super_resolve(load_upscaler(run / "srnet.safetensors"), src, tmp_path / "two", log=lambda m: None)
+    assert r1.written == [tmp_path / "one.png"] and r2.written == [tmp_path / "two" / "face.png"]
+    assert np.array_equal(np.asarray(Image.open(r1.written[0])), np.asarray(Image.open(r2.written[0])))
+
+
+def test_run_folder_lookup(tmp_path):
+    """A run folder without srnet.safetensors is searched for an SR-net file; priors files are not mistaken for one."""
+    d = tmp_path / "run"
+    save_priors(d / "priors.safetensors", {"hr": torch.nn.Linear(1, 1)}, PRESETS["tiny"].prior, ["a"])
+    with pytest.raises(FileNotFoundError, match="srnet"):
+        find_srnet(d)
+    save_srnet(d / "stage2" / "final.safetensors", tiny_net())
+    assert find_srnet(d).name == "final.safetensors"
+    assert load_cascade(d).cfg == PRESETS["tiny"].sr
+
+
+def test_bad_model_path(tmp_path):
+    """Unknown model files fail with a message naming the accepted forms."""
+    (tmp_path / "m.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="onnx"):
+        load_upscaler(tmp_path / "m.bin")
+    with pytest.raises(FileNotFoundError):
+        load_upscaler(tmp_path / "missing.safetensors")
+
+
+def test_cli_sr(run, inputs, tmp_path, capsys):
+    """`facesr sr MODEL IN OUT` writes the PNGs and reports what it resized and skipped."""
+    from launch.cli import main
+
+    assert main(["sr", str(run), str(inputs), str(tmp_path / "o"), "--device", "cpu"]) == 0
+    cap = capsys.readouterr()
+    assert "wrote 3 PNGs" in cap.out and "1 resized, 2 skipped" in cap.out
+    assert "broken.jpg" in cap.err
