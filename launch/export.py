@@ -1,0 +1,28 @@
+"""`facesr export MODEL OUT_DIR`: the deploy network (branches removed) as TorchScript and ONNX, parity-checked."""
+
+from __future__ import annotations
+
+import json
+
+
+def configure(p) -> None:
+    p.add_argument("model", metavar="MODEL", help="run folder or SR-net .safetensors")
+    p.add_argument("out", metavar="OUT_DIR", help="folder for srnet_deploy.pt / srnet_deploy.onnx")
+    p.add_argument("--format", nargs="+", default=["torchscript", "onnx"], choices=["torchscript", "onnx"])
+    p.add_argument("--no-check", action="store_true", help="skip the parity check against PyTorch")
+    p.add_argument("--onnx-backend", default="auto", choices=["auto", "onnxruntime", "reference"],
+                   help="runtime of the ONNX parity check (auto: onnxruntime if installed)")
+
+
+def run(args) -> int:
+    from facesr.export import TOLERANCE, export
+    from facesr.infer import load_cascade
+
+    deploy = load_cascade(args.model, "cpu").deploy()
+    result = export(deploy, args.out, tuple(args.format), check=not args.no_check, onnx_backend=args.onnx_backend)
+    for fmt, r in result.items():
+        parity = f", max |diff| vs PyTorch {r['max_abs_diff']:.2e} (tolerance {TOLERANCE:.0e}, {r['runtime']})" \
+            if "max_abs_diff" in r else ""
+        print(f"{fmt}: {r['path']}{parity}")
+    print(json.dumps(result))
+    return 0
