@@ -115,10 +115,12 @@ def prepare(cfg: PrepConfig, mapper: Mapper = serial_map) -> dict:
     paths = [p for _, p in found.candidates]
     chunks = [paths[i : i + cfg.check_chunk] for i in range(0, len(paths), cfg.check_chunk)]
     bad: dict[str, Reject] = {}
+    t_check = time.perf_counter()
     with _bar(cfg, len(paths), "check") as bar:
         for i, result in mapper(check_chunk, [(cfg.src, c, cfg.degrade) for c in chunks]):
             bad.update({r[0]: Reject(*r) for r in result if r is not None})
             bar.update(len(chunks[i]))
+    check_s = time.perf_counter() - t_check
     rejects += bad.values()
     accepted = [(ident, p) for ident, p in found.candidates if p not in bad]
     if not accepted:
@@ -158,7 +160,7 @@ def prepare(cfg: PrepConfig, mapper: Mapper = serial_map) -> dict:
     return {
         "accepted": len(accepted), "rejected": len(rejects), "rejects_by_kind": manifest["rejects"]["by_kind"],
         "shards": len(plans), "shards_written": len(todo), "shards_kept": len(plans) - len(todo),
-        "images_written": written, "write_s": write_s, "total_s": time.perf_counter() - t0,
+        "images_checked": len(paths), "check_s": check_s, "images_written": written, "write_s": write_s, "total_s": time.perf_counter() - t0,
         "splits": {s: {k: v for k, v in d.items() if k != "shards"} for s, d in manifest["splits"].items()},
         "num_classes": manifest["num_classes"], "out": str(out),
     }

@@ -111,7 +111,10 @@ class _ErrorCounter:
 
 
 def decode_png(data: bytes, size: int) -> torch.Tensor:
-    """PNG bytes -> uint8 (3, size, size); refuses anything but an RGB PNG of that size."""
+    """PNG bytes -> uint8 (3, size, size); refuses anything but an RGB PNG of that size.
+
+    PIL, not torchvision.io.decode_png: that is ~20% faster but deprecated since torchvision 0.29.
+    """
     img = Image.open(io.BytesIO(data), formats=["PNG"])
     img.load()
     if img.mode != "RGB" or img.size != (size, size):
