@@ -33,7 +33,7 @@ def configure(p) -> None:
 
 def run(args) -> int:
     from shards.plan import SplitConfig
-    from shards.prep import PrepConfig, PrepError, format_summary, prepare, serial_map
+    from shards.prep import PrepConfig, PrepError, check_paths, format_summary, prepare, serial_map
 
     try:
         split = SplitConfig(by=args.split_by, val=args.val, test=args.test, seed=args.seed,
@@ -44,6 +44,7 @@ def run(args) -> int:
     cfg = PrepConfig(src=args.src, out=args.out, split=split, shard_size=args.shard_size,
                      png_level=args.png_level, progress=not args.no_progress)
     try:
+        check_paths(cfg)
         if args.no_ray:
             summary = prepare(cfg, serial_map)
         else:

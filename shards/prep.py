@@ -67,7 +67,8 @@ def serial_map(fn: Callable, arglist: list[tuple]) -> Iterator[tuple[int, object
         yield i, fn(*args)
 
 
-def _check_paths(cfg: PrepConfig) -> None:
+def check_paths(cfg: PrepConfig) -> None:
+    """Fail fast (PrepError) on a missing SRC or an unwritable OUT, before any cluster is started."""
     src = Path(cfg.src)
     if not src.exists():
         raise PrepError(f"SRC {src} does not exist")
@@ -102,7 +103,7 @@ def _bar(cfg: PrepConfig, total: int, desc: str, initial: int = 0) -> tqdm:
 def prepare(cfg: PrepConfig, mapper: Mapper = serial_map) -> dict:
     """Run (or finish) a prep; returns the summary. Raises PrepError when nothing can be produced."""
     t0 = time.perf_counter()
-    _check_paths(cfg)
+    check_paths(cfg)
     out = Path(cfg.out)
     found = scan(cfg.src)
     rejects = list(found.rejects)
