@@ -40,7 +40,7 @@ class RunConfig:
     name: str = "cpu"  # run name; a run started again with the same name resumes from its latest checkpoint
     run_dir: str = ""  # run folder (config, priors, metrics.jsonl, logs); "" = <cluster.storage_path>/<name>
     stages: list[int] = field(default_factory=lambda: [1, 2])  # 1 = identity priors, 2 = SR cascade with frozen priors
-    seed: int = 0  # model init and augmentation seed (each rank offsets it by its rank)
+    seed: int = 0  # model init and data-stream seed (shuffle, flips, crops); the stream mixes in epoch and rank
     log_every: int = 10  # optimizer steps between train-metric records (all-reduced over ranks)
     checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints; 0 = only at the end of each epoch
     keep_checkpoints: int = 2  # checkpoints kept per stage by Ray Train (latest ones)
@@ -52,9 +52,10 @@ class RunConfig:
 class DataConfig:
     shards: str = "data/shards"  # folder written by `facesr prep` (manifest + tars); a shared path on a cluster
     train_split: str = "train"  # manifest split trained on
-    val_split: str = "val"  # manifest split validated on every epoch
+    val_split: str = "val"  # split the SR cascade is validated on every epoch (identities unseen in training)
+    prior_val_split: str = "train"  # split the priors are scored on (top-1 needs identities they have a class for)
     loader_workers: int = 1  # decode processes per training worker
-    shuffle_buffer: int = 256  # samples in each worker's shuffle buffer
+    shuffle_buffer: int = 256  # samples in each decode worker's shuffle buffer (shards already mix identities)
     steps_per_epoch: int = 0  # cap on optimizer steps per epoch; 0 = the whole split (caps serve smoke runs/benchmarks)
     val_batches: int = 0  # cap on validation batches per worker; 0 = the whole split
 
@@ -101,8 +102,8 @@ class StageConfig:
 
 @dataclass
 class PriorStageConfig(StageConfig):
-    augment: bool = True  # random horizontal flips and random (pad-and-)crops of the training images
-    crop_pad: int = 4  # crop jitter in pixels of the lr level (×2, ×4, ×8 at x2, x4, hr)
+    augment: bool = True  # the paper's random horizontal flips and random crops of the training images
+    crop_pad: int = 2  # crop shift of up to ±crop_pad lr pixels (×2, ×4, ×8 at x2, x4, hr), reflect-padded
 
 
 @dataclass
@@ -355,14 +356,23 @@ def _manifest(cfg: TrainConfig) -> dict:
         manifest = read_manifest(root)
     except Exception as e:  # the manifest reader's own errors, reworded with the field
         raise ConfigError("data.shards", f"{root}: no readable shard manifest ({e})") from None
-    for key in ("train_split", "val_split"):
+    keys = ["train_split"] + (["prior_val_split"] if 1 in cfg.run.stages else []) + (["val_split"] if 2 in cfg.run.stages else [])
+    for key in keys:
         split = getattr(cfg.data, key)
         try:
-            urls = shard_urls(root, split)
+            urls = shard_urls(root, split, manifest=manifest)
         except Exception as e:
             raise ConfigError(f"data.{key}", f"split {split!r} not in {root} ({e})") from None
         if not urls:
             raise ConfigError(f"data.{key}", f"split {split!r} in {root} has no shards")
+        info = manifest["splits"][split]
+        if key != "val_split" and 1 in cfg.run.stages and info.get("labelled", 0) == 0:
+            raise ConfigError(f"data.{key}", f"split {split!r} has no labelled samples (cls >= 0) for the priors")
+    for s in cfg.run.stages:
+        st = getattr(cfg, f"stage{s}")
+        n = manifest["splits"][cfg.data.train_split]["labelled" if s == 1 else "samples"]
+        if n < st.batch_size:
+            raise ConfigError(f"stage{s}.batch_size", f"{st.batch_size} exceeds the {n} usable training samples")
     return manifest
 
 

@@ -1,8 +1,20 @@
-"""The two things training needs from the shards: the class map and a per-rank, per-epoch loader."""
+"""What training takes from the shards: the class map and one loader per (stage, split, rank, epoch).
+
+Stage 1 (priors) streams only labelled samples (``cls >= 0``) of levels x2, x4,
+hr, with the paper's random flips and crops on the training split. Stage 2
+streams every sample of all four levels; unlabelled identities still teach
+the cascade (their identity term is zero).
+
+Priors are validated on ``data.prior_val_split`` (default ``train``, without
+augmentation): prep splits by identity, so the ``val`` split holds identities
+the priors have no class for and top-1 there would be undefined.
+"""
 
 from __future__ import annotations
 
 from .config import TrainConfig
+
+PRIOR_LEVELS = ("x2", "x4", "hr")
 
 
 def read_classes(cfg: TrainConfig) -> list[str]:
@@ -11,16 +23,34 @@ def read_classes(cfg: TrainConfig) -> list[str]:
     return list(read_manifest(cfg.data.shards)["classes"])
 
 
-def build_loader(cfg: TrainConfig, split: str, micro_batch: int, rank: int, world_size: int, epoch: int):
-    """Batches of ``micro_batch`` for this rank; a function of ``epoch`` so a resumed run replays it.
+def split_name(cfg: TrainConfig, stage: int, split: str) -> str:
+    if split == "train":
+        return cfg.data.train_split
+    return cfg.data.prior_val_split if stage == 1 else cfg.data.val_split
 
-    ``split`` is ``train`` or ``val`` (mapped to the config's split names); the validation
-    stream is not shuffled so every epoch is scored on the same samples.
-    """
-    from shards.manifest import shard_urls
+
+def build_loader(cfg: TrainConfig, stage: int, split: str, micro_batch: int, rank: int, world_size: int, epoch: int):
+    """Exactly ``len(loader)`` batches of ``micro_batch`` on every rank; a function of ``epoch``, so a resumed
+    run replays the same data epoch. ``split`` is ``train`` or ``val``; validation is not shuffled or augmented
+    and always reads epoch 0's stream, so every epoch is scored on the same samples."""
+    from shards.manifest import read_manifest, shard_urls, split_samples
     from shards.stream import StreamConfig, build_loader as stream
 
     train = split == "train"
-    name = cfg.data.train_split if train else cfg.data.val_split
-    scfg = StreamConfig(batch_size=micro_batch, shuffle=train, workers=cfg.data.loader_workers)
-    return stream(shard_urls(cfg.data.shards, name), scfg, rank=rank, world_size=world_size, epoch=epoch)
+    name = split_name(cfg, stage, split)
+    manifest = read_manifest(cfg.data.shards)
+    priors = stage == 1
+    aug = priors and train and cfg.stage1.augment
+    scfg = StreamConfig(
+        batch_size=micro_batch,
+        num_samples=split_samples(manifest, name, labelled_only=priors),
+        workers=cfg.data.loader_workers,
+        shuffle=cfg.data.shuffle_buffer if train else 0,
+        flip=aug,
+        crop_pad=cfg.stage1.crop_pad if aug else 0,
+        labelled_only=priors,
+        levels=PRIOR_LEVELS if priors else ("lr", "x2", "x4", "hr"),
+        seed=cfg.run.seed,
+    )
+    urls = shard_urls(cfg.data.shards, name, manifest=manifest)
+    return stream(urls, scfg, rank=rank, world_size=world_size, epoch=epoch if train else 0)

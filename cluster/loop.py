@@ -46,7 +46,11 @@ def worker_main(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
 
+    t_start = time.perf_counter()
     set_accelerator_env(cfg.cluster.use_gpu)
+    from .stages import STAGES, mean_terms
+
+    log = RunLog(cfg, number, STAGES[number].telemetry_name, rank, local_rank, world, socket.gethostname())
     if cfg.cluster.use_gpu:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -56,16 +60,15 @@ def worker_main(config: dict) -> None:
 
     from facesr.step import Precision, to_device
 
-    from .stages import STAGES, mean_terms
-
     precision = Precision(bf16=cfg.engine.bf16, channels_last=cfg.engine.channels_last)
     classes = read_classes(cfg)
     stage = STAGES[number](cfg, classes, device, precision)
     st = stage.stage
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     model = precision.module(stage.build_model().to(device))
+    t_built = time.perf_counter()
     eng, b = initialize(model, st, cfg.engine, world)
-    log = RunLog(cfg, number, stage.telemetry_name, rank, local_rank, world, socket.gethostname())
+    log.ready(t_built - t_start, time.perf_counter() - t_built, b)
 
     state = TrainState()
     ckpt = ray.train.get_checkpoint()
@@ -75,28 +78,30 @@ def worker_main(config: dict) -> None:
         state = TrainState(**client["train_state"])
         log.resumed(state, folder)
 
+    decode_errors = 0  # this process's cumulative count, over finished epochs
     try:
         for epoch in range(state.epoch, st.epochs):
             lr = st.lr_at(epoch)
             set_lr(eng, lr)
             eng.train()
             skip = state.step_in_epoch * b.accumulation
-            batches = iter(build_loader(cfg, "train", b.micro_batch, rank, world, epoch))
+            loader = build_loader(cfg, number, "train", b.micro_batch, rank, world, epoch)
+            steps = len(loader) // b.accumulation  # optimizer steps this epoch (same on every rank)
+            if cfg.data.steps_per_epoch:
+                steps = min(steps, cfg.data.steps_per_epoch)
+            batches = iter(loader)
             if skip:
                 for _ in islice(batches, skip):  # replay the data epoch up to where the checkpoint left it
                     pass
             acc: dict[str, float] = {}
             n_acc, t_last, samples, wait = 0, time.perf_counter(), 0, 0.0
-            while not (cfg.data.steps_per_epoch and state.step_in_epoch >= cfg.data.steps_per_epoch):
+            while state.step_in_epoch < steps:
                 t0 = time.perf_counter()
-                group = list(islice(batches, b.accumulation))
+                group = list(islice(batches, b.accumulation))  # the epoch's tail that cannot fill a step is dropped
                 wait += time.perf_counter() - t0
-                if len(group) < b.accumulation:  # the epoch's tail that cannot fill a whole step
-                    break
                 for micro in group:
                     batch = to_device(micro, device, precision)
-                    gen = torch.Generator().manual_seed(_seed(cfg.run.seed, rank, epoch, state.step_in_epoch))
-                    terms = stage.forward(eng.module, batch, gen)  # ZeRO ≤ 2 needs no forward hooks
+                    terms = stage.forward(eng.module, batch)  # ZeRO ≤ 2 needs no forward hooks
                     eng.backward(terms["loss"])
                     eng.step()
                     for k, v in terms.items():
@@ -108,11 +113,14 @@ def worker_main(config: dict) -> None:
                 if state.global_step % cfg.run.log_every == 0:
                     dt = time.perf_counter() - t_last
                     extra = {"lr": get_lr(eng), "samples_per_s": samples / dt, "step_time_s": dt / cfg.run.log_every,
-                             "data_wait_s": wait / cfg.run.log_every}
+                             "data_wait_s": wait / cfg.run.log_every,
+                             "decode_errors": decode_errors + loader.decode_errors}
                     log.train(mean_terms(acc, n_acc), extra, epoch, state.global_step)
                     acc, n_acc, t_last, samples, wait = {}, 0, time.perf_counter(), 0, 0.0
-                if cfg.run.checkpoint_every and state.global_step % cfg.run.checkpoint_every == 0:
+                mid_epoch = state.step_in_epoch < steps  # the epoch's last step is checkpointed after validation
+                if cfg.run.checkpoint_every and state.global_step % cfg.run.checkpoint_every == 0 and mid_epoch:
                     _checkpoint(eng, state, log, {"epoch": epoch, "step": state.global_step, "lr": get_lr(eng)})
+            decode_errors += loader.decode_errors
             average_buffers(eng.module)  # BatchNorm running stats: one model on every rank (see engine.py)
             val = _validate(stage, eng, cfg, b.micro_batch, rank, world, epoch, device, precision)
             log.val(val, {"lr": get_lr(eng)}, epoch, state.global_step)
@@ -121,13 +129,6 @@ def worker_main(config: dict) -> None:
         log.finish(stage, eng.module, state, get_lr(eng))
     finally:
         log.close()
-
-
-def _seed(*parts: int) -> int:
-    h = 0
-    for p in parts:
-        h = (h * 1_000_003 + int(p)) % (2**63 - 1)
-    return h
 
 
 def _checkpoint(eng, state: TrainState, log: RunLog, metrics: dict) -> None:
@@ -153,7 +154,7 @@ def _validate(stage, eng, cfg: TrainConfig, micro: int, rank: int, world: int, e
     eng.eval()
     sums: dict[str, torch.Tensor] = {}
     n = 0
-    loader = build_loader(cfg, "val", micro, rank, world, 0)
+    loader = build_loader(cfg, stage.number, "val", micro, rank, world, 0)
     for i, batch in enumerate(loader):
         if cfg.data.val_batches and i >= cfg.data.val_batches:
             break

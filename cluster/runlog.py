@@ -52,9 +52,14 @@ class RunLog:
                 run=cfg.run.name, stage=telemetry_stage, rank=rank, node=node,
                 port=cfg.run.telemetry_port + local_rank, host=node_ip(), sd_dir=cfg.run.telemetry_sd_dir,
             )
-        self.logger.info("rank %d/%d on %s, pid %d", rank, world, node, os.getpid())
+        self.logger.info("rank %d/%d on %s, pid %d, process up %.1fs", rank, world, node, os.getpid(), _uptime())
 
     # ------------------------------------------------------------------ events
+
+    def ready(self, build_s: float, engine_s: float, batching) -> None:
+        self.logger.info("model built in %.1fs, DeepSpeed engine in %.1fs; micro-batch %d x %d accumulation x %d "
+                         "workers = global batch %d", build_s, engine_s, batching.micro_batch, batching.accumulation,
+                         self.world, batching.global_batch)
 
     def resumed(self, state, folder: str) -> None:
         self.logger.info("resumed from %s at epoch %d, step %d (%d in epoch)", folder, state.epoch,
@@ -140,6 +145,12 @@ class RunLog:
         tmp = self.metrics_path.with_suffix(".tmp")
         tmp.write_text("".join(l + "\n" for l in keep))
         os.replace(tmp, self.metrics_path)
+
+
+def _uptime() -> float:
+    import psutil  # ships with ray
+
+    return time.time() - psutil.Process().create_time()
 
 
 def _fmt(d: dict) -> str:

@@ -1,4 +1,4 @@
-"""What differs between the two training stages: model, forward, augmentation, validation, final artefact.
+"""What differs between the two training stages: model, forward, validation, final artefact.
 
 The generic worker loop (``cluster.loop``) asks a ``Stage`` for these and does
 the rest (engine, data, checkpoints, logging) the same way for both.
@@ -15,7 +15,7 @@ import torch.nn as nn
 from facesr.losses import CSRIPLoss, PriorLoss, ssim
 from facesr.models import SRNet, build_prior, get_preset
 from facesr.step import Precision, prior_forward, sr_forward
-from facesr.vocab import SCALE_OF, SIZES, TARGETS
+from facesr.vocab import SCALE_OF, TARGETS
 from facesr.weights import load_priors, save_priors, save_srnet
 
 from .config import TrainConfig
@@ -36,10 +36,8 @@ class PriorStage:
         prior = get_preset(self.cfg.preset).prior
         return nn.ModuleDict({k: build_prior(prior, len(self.classes)) for k in TARGETS})
 
-    def forward(self, model: nn.Module, batch: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        if self.stage.augment:
-            batch = augment(batch, gen, self.stage.crop_pad)
-        return prior_forward(model, self.loss_fn, batch, self.precision)
+    def forward(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        return prior_forward(model, self.loss_fn, batch, self.precision)  # flips/crops happen in the stream
 
     @torch.no_grad()
     def validate_batch(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
@@ -71,17 +69,20 @@ class SRStage:
     def build_model(self) -> nn.Module:
         return SRNet(get_preset(self.cfg.preset).sr)
 
-    def forward(self, model: nn.Module, batch: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def forward(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         return sr_forward(model, self.loss_fn, batch, self.precision)
 
     @torch.no_grad()
     def validate_batch(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        """Loss of eq. (4), and SSIM and PSNR per scale on outputs clipped to [0, 1]."""
+        """Loss of eq. (4), and SSIM and PSNR per scale on outputs clipped to [0, 1].
+
+        Validation identities are outside the priors' class map (prep splits by identity), so their
+        identity term is zero and the loss is the SSIM part; ce/* is not reported here.
+        """
         with self.precision.autocast(batch["lr"].device):
             sr = model(batch["lr"])
             terms = self.loss_fn(sr, batch)
         out = {"loss": terms["loss"].float()}
-        out.update({k: v for k, v in terms.items() if k.startswith("ce/")})
         for key in TARGETS:
             scale = SCALE_OF[key]
             pred = sr[key].float().clamp(0, 1)
@@ -102,30 +103,6 @@ def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over images of 10·log10(1 / MSE) for [0, 1] images. (B, 3, H, W) x2 -> ()."""
     mse = (pred - target).pow(2).flatten(1).mean(1).clamp(min=1e-10)  # (B,)
     return (10 * torch.log10(1.0 / mse)).mean()
-
-
-def augment(batch: dict, gen: torch.Generator, pad: int) -> dict:
-    """Random horizontal flip and random translation (reflect pad + crop), the same per sample at every level.
-
-    ``pad`` is in lr pixels and scales with each level, so x2/x4/hr stay aligned.
-    """
-    n = batch["cls"].shape[0]
-    flip = torch.rand(n, generator=gen) < 0.5  # (B,)
-    shift = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen)  # (B, 2) offsets in lr pixels
-    out = dict(batch)
-    for key in ("x2", "x4", "hr"):
-        if key not in batch:
-            continue
-        x = batch[key]
-        f = SIZES[key] // SIZES["lr"]
-        p = pad * f
-        x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
-        if p > 0:
-            xp = nn.functional.pad(x, (p, p, p, p), mode="reflect")  # (B, 3, S+2p, S+2p)
-            s = x.shape[-1]
-            x = torch.stack([xp[i, :, dy * f : dy * f + s, dx * f : dx * f + s] for i, (dy, dx) in enumerate(shift.tolist())])
-        out[key] = x
-    return out
 
 
 def mean_terms(acc: dict[str, float], n: int) -> dict[str, float]:

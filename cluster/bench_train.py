@@ -1,0 +1,153 @@
+"""Training throughput: images/s per worker through Ray Train + DeepSpeed, and the same work in a plain loop.
+
+What is timed is stage 2 (the SR cascade with three frozen priors, eq. 4), the
+stage that dominates training: the real ``cluster.trainer.train`` on real shards
+for a few steps, per-worker images/s read from the run's ``metrics.jsonl``
+(``samples_per_s`` of every logged step, averaged over ranks; the first
+``warmup`` steps dropped, median of the rest). A step includes decoding its
+micro-batches in the worker process (``data.loader_workers=0``), forward,
+backward and the optimizer step, so the plain loop does exactly the same:
+same loader, same micro-batch, same model and loss, ``torch.optim.Adam``,
+one process with the worker's thread count. Priors are freshly initialised
+(speed does not depend on their weights) and written with the shards' class map.
+
+Overhead ratio = plain images/s ÷ Ray Train + DeepSpeed images/s of one worker
+(1 worker, so no gradient all-reduce is involved: the cost of the framework alone).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class TrainBench:
+    shards: str = "data/shards/demo"  # shards written by `facesr prep`
+    presets: list[str] = field(default_factory=lambda: ["tiny", "paper"])  # model presets to time
+    workers: int = 2  # Ray Train workers for the per-preset figures
+    steps: int = 8  # optimizer steps timed per variant (after warm-up)
+    warmup: int = 2  # first steps dropped (allocation, oneDNN primitive creation)
+    batch_size: int = 8  # global batch (the paper's stage-2 batch); micro-batch = batch / workers
+    threads: int = 1  # torch threads per worker and in the plain loop (cluster.cpus_per_worker)
+    paper_steps: int = 4  # fewer steps for the paper preset on CPU (seconds per step)
+
+
+def _overrides(b: TrainBench, preset: str, workers: int, fast: bool, priors: Path, storage: Path, steps: int) -> list[str]:
+    return [
+        f"preset={preset}", f"data.shards={b.shards}", f"cluster.storage_path={storage}",
+        f"run.name={preset}-{'bf16cl' if fast else 'fp32'}-w{workers}", "run.stages=[2]", "run.log_every=1",
+        f"cluster.num_workers={workers}", f"cluster.cpus_per_worker={b.threads}", "cluster.max_failures=0",
+        f"engine.bf16={str(fast).lower()}", f"engine.channels_last={str(fast).lower()}",
+        "data.loader_workers=0", f"data.steps_per_epoch={steps + b.warmup}", "data.val_batches=1",
+        "stage2.epochs=1", f"stage2.batch_size={b.batch_size}", f"stage2.max_micro_batch={b.batch_size}",
+        f"stage2.priors={priors}",
+    ]
+
+
+def _random_priors(shards: str, preset: str, folder: Path) -> Path:
+    from facesr.models import build_prior, get_preset
+    from facesr.weights import save_priors
+    from shards.manifest import read_manifest
+
+    classes = list(read_manifest(shards)["classes"])
+    prior = get_preset(preset).prior
+    path = folder / f"priors-{preset}.safetensors"
+    save_priors(path, {k: build_prior(prior, len(classes)) for k in ("x2", "x4", "hr")}, prior, classes)
+    return path
+
+
+def ray_images_per_s(b: TrainBench, preset: str, workers: int, fast: bool, priors: Path, storage: Path, steps: int) -> float:
+    from .config import load_config
+    from .trainer import train
+
+    run_dir = train(load_config(None, _overrides(b, preset, workers, fast, priors, storage, steps)))
+    rates = [json.loads(l)["samples_per_s"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(l)["split"] == "train"]
+    return statistics.median(rates[b.warmup:])
+
+
+def plain_images_per_s(b: TrainBench, preset: str, fast: bool, priors: Path, micro: int, steps: int) -> float:
+    """The same stage-2 work with no Ray and no DeepSpeed: one process, torch Adam."""
+    import torch
+
+    from facesr.losses import CSRIPLoss
+    from facesr.models import SRNet, get_preset
+    from facesr.step import Precision, sr_forward, to_device
+    from facesr.weights import load_priors
+    from shards.manifest import read_manifest
+
+    from .config import load_config, resolve
+    from .data import build_loader
+
+    torch.set_num_threads(b.threads)
+    cfg = resolve(load_config(None, [f"data.shards={b.shards}", "data.loader_workers=0"]))
+    precision = Precision(bf16=fast, channels_last=fast)
+    classes = list(read_manifest(cfg.data.shards)["classes"])
+    priors_ = {k: precision.module(p) for k, p in load_priors(priors, "cpu", classes=classes).items()}
+    loss_fn = CSRIPLoss(priors_, alpha=0.001)
+    torch.manual_seed(0)
+    net = precision.module(SRNet(get_preset(preset).sr))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    rates = []
+    epoch = 0
+    while len(rates) < steps + b.warmup:
+        t0 = time.perf_counter()
+        for raw in build_loader(cfg, 2, "train", micro, 0, 1, epoch):  # decoding is timed, as in the workers
+            batch = to_device(raw, "cpu", precision)
+            terms = sr_forward(net, loss_fn, batch, precision)
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            opt.step()
+            now = time.perf_counter()
+            rates.append(batch["cls"].shape[0] / (now - t0))
+            t0 = now
+            if len(rates) >= steps + b.warmup:
+                break
+        epoch += 1
+    return statistics.median(rates[b.warmup:])
+
+
+def run(b: TrainBench) -> dict:
+    from .config import accumulation
+
+    out: dict = {"config": dataclasses.asdict(b), "unit": "training images/s per worker (stage 2)", "results": []}
+    with tempfile.TemporaryDirectory(prefix="facesr-bench-") as tmp:
+        tmp = Path(tmp)
+        b = dataclasses.replace(b, shards=str(Path(b.shards).resolve()))
+        for preset in b.presets:
+            priors = _random_priors(b.shards, preset, tmp)
+            steps = b.paper_steps if preset == "paper" else b.steps
+            for fast in (False, True):
+                r = ray_images_per_s(b, preset, b.workers, fast, priors, tmp / "runs", steps)
+                out["results"].append({"preset": preset, "precision": "bf16+channels_last" if fast else "fp32",
+                                       "workers": b.workers, "ray_deepspeed": r})
+        # framework overhead: tiny fp32, one worker against the plain loop, same micro-batch
+        priors = _random_priors(b.shards, "tiny", tmp)
+        micro, _ = accumulation(b.batch_size, 1, b.batch_size)
+        one = ray_images_per_s(b, "tiny", 1, False, priors, tmp / "runs", b.steps)
+        plain = plain_images_per_s(b, "tiny", False, priors, micro, b.steps)
+        out["overhead"] = {"preset": "tiny", "precision": "fp32", "micro_batch": micro,
+                           "ray_deepspeed_1_worker": one, "plain_pytorch": plain, "ratio_plain_over_ray": plain / one}
+    return out
+
+
+def report(res: dict) -> str:
+    lines = [f"{res['unit']}:"]
+    by = {}
+    for r in res["results"]:
+        by.setdefault(r["preset"], {})[r["precision"]] = r["ray_deepspeed"]
+        lines.append(f"  {r['preset']:6s} {r['precision']:20s} {r['workers']} workers  {r['ray_deepspeed']:8.2f}")
+    for preset, d in by.items():
+        if len(d) == 2:
+            lines.append(f"  {preset}: bf16+channels_last / fp32 = {d['bf16+channels_last'] / d['fp32']:.2f}x")
+    o = res["overhead"]
+    lines.append(f"overhead ({o['preset']} {o['precision']}, micro-batch {o['micro_batch']}): plain PyTorch "
+                 f"{o['plain_pytorch']:.2f} img/s, Ray Train + DeepSpeed 1 worker {o['ray_deepspeed_1_worker']:.2f} "
+                 f"img/s, ratio {o['ratio_plain_over_ray']:.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,151 @@
+"""Run configuration: the paper's numbers, the global-batch rule, and errors that name the field before Ray starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from cluster.config import ConfigError, TrainConfig, accumulation, check, load_config, resolve
+from tests.conftest import ROOT
+
+PAPER, CPU = ROOT / "launch/configs/paper.yaml", ROOT / "launch/configs/cpu.yaml"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from tests.test_train import make_shards
+
+    return make_shards(tmp_path_factory.mktemp("cfg-shards"))
+
+
+def test_paper_yaml_holds_the_papers_hyperparameters():
+    """paper.yaml: stage 1 Adam 1e-4, batch 128, ×1/3 every 20 epochs, flips+crops; stage 2 Adam 10/3e-3, batch 8,
+    ×1/3 at the end of epochs 10/25/50/80, α = 0.001; on GPUs with ZeRO-1."""
+    cfg = load_config(PAPER)
+    s1, s2 = cfg.stage1, cfg.stage2
+    assert (s1.lr, s1.batch_size, s1.lr_every, s1.augment) == (1e-4, 128, 20, True)
+    assert s1.lr_gamma == pytest.approx(1 / 3) and s2.lr_gamma == pytest.approx(1 / 3)
+    assert (s2.batch_size, s2.lr_milestones, s2.alpha) == (8, [10, 25, 50, 80], 0.001)
+    assert s2.lr == pytest.approx(10 / 3 * 1e-3)
+    assert cfg.preset == "paper" and cfg.cluster.use_gpu and cfg.engine.zero_stage == 1
+
+
+@pytest.mark.parametrize("epoch,factor", [(0, 1), (9, 1), (10, 1 / 3), (24, 1 / 3), (25, 1 / 9), (50, 1 / 27), (80, 1 / 81), (99, 1 / 81)])
+def test_stage2_lr_drops_at_the_end_of_epochs_10_25_50_80(epoch, factor):
+    """0-based epoch 10 is the first after the end of (1-based) epoch 10."""
+    s2 = load_config(PAPER).stage2
+    assert s2.lr_at(epoch) == pytest.approx(s2.lr * factor)
+
+
+@pytest.mark.parametrize("epoch,factor", [(0, 1), (19, 1), (20, 1 / 3), (39, 1 / 3), (40, 1 / 9)])
+def test_stage1_lr_drops_every_20_epochs(epoch, factor):
+    s1 = load_config(PAPER).stage1
+    assert s1.lr_at(epoch) == pytest.approx(1e-4 * factor)
+
+
+@pytest.mark.parametrize(
+    "batch,world,max_micro,expect",
+    [(128, 1, 128, (128, 1)), (128, 2, 128, (64, 1)), (128, 2, 32, (32, 2)), (8, 8, 8, (1, 1)), (8, 2, 2, (2, 2)),
+     (8, 1, 3, (2, 4))],
+)
+def test_global_batch_is_workers_times_accumulation_times_micro(batch, world, max_micro, expect):
+    """The smallest accumulation count with a micro-batch that fits keeps the global batch exact."""
+    micro, accum = accumulation(batch, world, max_micro)
+    assert (micro, accum) == expect and micro * accum * world == batch
+
+
+@pytest.mark.parametrize("batch,world,max_micro", [(8, 3, 8), (8, 16, 8), (128, 5, 128)])
+def test_global_batch_that_cannot_be_kept_is_refused(batch, world, max_micro):
+    with pytest.raises(ConfigError, match="batch"):
+        accumulation(batch, world, max_micro)
+
+
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("stage2.lrr=0.1", "stage2.lrr"),  # unknown key
+        ("nope=1", "nope"),
+        ("stage2.epochs=1.5", "stage2.epochs"),  # wrong type
+        ("cluster.use_gpu=yes please", "cluster.use_gpu"),
+        ("stage2.lr_milestones=ten", "stage2.lr_milestones"),
+        ("run=3", "run"),
+    ],
+)
+def test_bad_keys_and_types_name_the_field(override, field):
+    with pytest.raises(ConfigError) as e:
+        load_config(CPU, [override])
+    assert e.value.field == field and str(e.value).startswith(f"{field}:")
+
+
+def test_overrides_are_typed():
+    cfg = load_config(CPU, ["stage2.lr=1e-3", "run.stages=[2]", "cluster.num_workers=4", "run.telemetry_port=9400"])
+    assert cfg.stage2.lr == 1e-3 and cfg.run.stages == [2] and cfg.cluster.num_workers == 4
+    assert cfg.run.telemetry_port == 9400 and isinstance(cfg.stage2.lr, float)
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (["engine.zero_stage=3"], "engine.zero_stage"),
+        (["engine.batchnorm=sync"], "engine.batchnorm"),  # SyncBatchNorm needs GPUs
+        (["cluster.num_workers=3"], "stage1.batch_size"),  # 16 over 3 workers
+        (["run.stages=[2, 1]"], "run.stages"),
+        (["preset=huge"], "preset"),
+    ],
+)
+def test_inconsistent_settings_are_refused(overrides, field, shards):
+    cfg = resolve(load_config(CPU, [f"data.shards={shards}", *overrides]))
+    with pytest.raises(ConfigError) as e:
+        check(cfg)
+    assert e.value.field == field
+
+
+def test_missing_shards_are_refused(tmp_path):
+    cfg = resolve(load_config(CPU, [f"data.shards={tmp_path / 'none'}"]))
+    with pytest.raises(ConfigError, match="^data.shards:"):
+        check(cfg)
+
+
+def test_stage2_alone_needs_priors_of_this_class_map(shards, tmp_path):
+    """Stage 2 without stage 1: priors must exist and be trained on the shards' class map and preset."""
+    from facesr.models import build_prior, get_preset
+    from facesr.weights import save_priors
+    from shards.manifest import read_manifest
+
+    base = [f"data.shards={shards}", "run.stages=[2]"]
+    with pytest.raises(ConfigError, match="^stage2.priors: .*no trained priors"):
+        check(resolve(load_config(CPU, base + [f"stage2.priors={tmp_path / 'missing.safetensors'}"])))
+
+    classes = read_manifest(shards)["classes"]
+    prior = get_preset("tiny").prior
+    for name, cls in (("other", classes[:-1] + ["Someone_Else"]), ("same", classes)):
+        save_priors(tmp_path / f"{name}.safetensors", {k: build_prior(prior, len(cls)) for k in ("x2", "x4", "hr")},
+                    prior, cls)
+    with pytest.raises(ConfigError, match="^stage2.priors: .*another class map"):
+        check(resolve(load_config(CPU, base + [f"stage2.priors={tmp_path / 'other.safetensors'}"])))
+    with pytest.raises(ConfigError, match="^stage2.priors: .*preset 'paper'"):
+        check(resolve(load_config(CPU, base + ["preset=paper", f"stage2.priors={tmp_path / 'same.safetensors'}"])))
+    check(resolve(load_config(CPU, base + [f"stage2.priors={tmp_path / 'same.safetensors'}"])))
+
+
+def test_resolve_makes_paths_absolute_and_puts_the_run_under_storage(tmp_path):
+    cfg = resolve(load_config(CPU, ["run.name=abc", "cluster.storage_path=some/where"]), base=tmp_path)
+    assert cfg.run.run_dir == str(tmp_path / "some/where/abc")
+    assert cfg.data.shards == str(tmp_path / "data/shards/demo")
+    assert cfg.priors_path == tmp_path / "some/where/abc/priors.safetensors"
+
+
+def test_cli_config_error_exits_before_ray_starts():
+    """`python -m launch.train` with a bad key exits 2 naming the field, without starting Ray."""
+    res = subprocess.run([sys.executable, "-m", "launch.train", "--config", str(CPU), "stage2.nope=1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "stage2.nope" in res.stderr
+    assert "ray" not in res.stderr.lower().replace("ray job", "")
+
+
+def test_default_config_is_the_papers_schedule():
+    """Without a file the dataclass defaults already carry the paper's optimiser settings."""
+    cfg = TrainConfig()
+    assert cfg.stage1.lr == 1e-4 and cfg.stage2.lr_milestones == [10, 25, 50, 80]

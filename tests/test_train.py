@@ -1,0 +1,268 @@
+"""Training in miniature, real Ray and real DeepSpeed on CPU: both stages, `ray job submit` with token auth,
+kill-and-resume. Tiny real shards, a few steps; every Ray process started here is ended by process group.
+
+Shards are written by the real prep (serially, no Ray) from symlinks to a few CelebA identities of
+../shared/data in a temporary folder: nothing is copied into the repository.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CELEBA, ROOT
+
+PY = sys.executable
+BIN = Path(sys.executable).parent
+IDENTITIES, IMAGES = 5, 16  # 4 train identities (64 labelled faces), 1 val identity (16 faces)
+
+# A few steps of both stages; stage 2 spans an LR milestone so the final LR is not the first one.
+FAST = [
+    "data.steps_per_epoch=4", "data.val_batches=1", "run.log_every=1", "cluster.max_failures=0",
+    "stage1.epochs=6", "stage1.lr=0.001", "stage1.augment=false",
+    "stage2.epochs=3", "stage2.lr_milestones=[2]",
+]
+
+
+def make_shards(tmp: Path) -> Path:
+    """Real prep over symlinks to ``IDENTITIES`` CelebA identities (the ones with most images)."""
+    from shards.plan import SplitConfig
+    from shards.prep import PrepConfig, prepare
+
+    src, out = tmp / "src", tmp / "shards"
+    ids = sorted(os.listdir(CELEBA), key=lambda i: (-len(os.listdir(CELEBA / i)), i))[:IDENTITIES]
+    for ident in ids:
+        (src / ident).mkdir(parents=True)
+        for f in sorted(os.listdir(CELEBA / ident))[:IMAGES]:
+            (src / ident / f).symlink_to(CELEBA / ident / f)
+    prepare(PrepConfig(src=str(src), out=str(out), split=SplitConfig(val=0.2, test=0.0, seed=0), shard_size=16,
+                       progress=False))
+    return out
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def env_with_venv(**extra: str) -> dict:
+    """This venv first on PATH; DeepSpeed's JIT-built CPU comm op cached where the user's torch keeps it
+    (the head runs with a private HOME, which would otherwise rebuild it, ~30 s, in every session)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("TORCH_EXTENSIONS_DIR", _torch_extensions_dir())
+    env.update(extra)
+    return env
+
+
+def _torch_extensions_dir() -> str:
+    """Where torch.utils.cpp_extension builds for this HOME and torch (its own rule, without creating anything)."""
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+
+    if torch.version.hip is not None:
+        acc = f"rocm{torch.version.hip.replace('.', '')}"
+    elif torch.version.cuda is not None:
+        acc = f"cu{torch.version.cuda.replace('.', '')}"
+    else:
+        acc = "cpu"
+    return os.path.join(get_default_build_root(), f"py{sys.version_info.major}{sys.version_info.minor}_{acc}")
+
+
+def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    """A process in its own session (so its whole tree can be ended), output to ``log``."""
+    return subprocess.Popen(cmd, cwd=ROOT, env=env or env_with_venv(), stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_tree(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def train_cmd(config: str, *overrides: str) -> list[str]:
+    return [PY, "-m", "launch.train", "--config", config, *overrides]
+
+
+class TokenHead:
+    """``ray start --head --block`` with RAY_AUTH_MODE=token, a generated token and a private HOME."""
+
+    def __init__(self, tmp: Path):
+        self.home = tmp / "home"
+        self.home.mkdir(parents=True)
+        gcs, dash, agent, client, metrics = free_ports(5)
+        self.url = f"http://127.0.0.1:{dash}"
+        self.env = env_with_venv(HOME=str(self.home), RAY_AUTH_MODE="token")
+        self.env.pop("RAY_ADDRESS", None)
+        subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=self.env, check=True,
+                       capture_output=True, timeout=60)
+        self.token = (self.home / ".ray" / "auth_token").read_text().strip()
+        self.log = tmp / "head.log"
+        self.proc = start(
+            [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-agent-listen-port={agent}",
+             f"--ray-client-server-port={client}", f"--metrics-export-port={metrics}", "--num-cpus=2",
+             f"--temp-dir={tmp / 'ray'}", "--disable-usage-stats"],
+            self.log, self.env)
+        self._wait_up()
+
+    def _wait_up(self, timeout: float = 120) -> None:
+        end = time.time() + timeout
+        while time.time() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray head exited: {self.log.read_text()[-2000:]}")
+            try:
+                self.status(token=self.token)
+                return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(1)
+        raise TimeoutError(f"ray head not up after {timeout}s: {self.log.read_text()[-2000:]}")
+
+    def status(self, token: str | None) -> int:
+        """HTTP status of the dashboard's version endpoint with or without the token."""
+        req = urllib.request.Request(f"{self.url}/api/version")
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    def stop(self) -> None:
+        kill_tree(self.proc, signal.SIGTERM)
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+
+
+def done(run_dir: Path, stage: int) -> dict:
+    return json.loads((run_dir / f"stage{stage}.done.json").read_text())
+
+
+# ---------------------------------------------------------------- fixtures
+
+pytestmark = pytest.mark.slow
+CPU = "launch/configs/cpu.yaml"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return make_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    h = TokenHead(tmp_path_factory.mktemp("head"))
+    yield h
+    h.stop()
+
+
+@pytest.fixture(scope="module")
+def job_run(head, shards, tmp_path_factory) -> Path:
+    """Both stages of cpu.yaml on 2 workers, submitted with `ray job submit` to the token-auth head."""
+    storage = tmp_path_factory.mktemp("runs")
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", head.url, "--working-dir", ".", "--",
+           "python", "-m", "launch.train", "--config", CPU, f"data.shards={shards}",
+           f"cluster.storage_path={storage}", "run.name=job", *FAST]
+    res = subprocess.run(cmd, cwd=ROOT, env=head.env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert "succeeded" in (res.stdout + res.stderr).lower()
+    return storage / "job"
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_head_refuses_requests_without_token(head):
+    """The head started with RAY_AUTH_MODE=token answers 401 without the token and 200 with it."""
+    assert head.status(token=None) == 401
+    assert head.status(token=head.token) == 200
+
+
+def test_job_submit_trains_both_stages_on_two_workers(job_run):
+    """`ray job submit` of the cpu config completes: run folder with resolved config, priors, weights, logs."""
+    for name in ("config.yaml", "metrics.jsonl", "priors.safetensors", "srnet.safetensors",
+                 "logs/driver.log", "logs/stage1-rank0.log", "logs/stage1-rank1.log", "logs/stage2-rank1.log"):
+        assert (job_run / name).is_file(), name
+    assert list((job_run / "stage1").glob("checkpoint_*")) and list((job_run / "stage2").glob("checkpoint_*"))
+    for stage, steps in ((1, 6 * 4), (2, 3 * 4)):
+        d = done(job_run, stage)
+        assert d["world_size"] == 2 and d["global_step"] == steps
+    assert done(job_run, 2)["lr"] == pytest.approx(10 / 3 * 1e-3 / 3)  # one milestone passed
+    from facesr.weights import read_meta
+
+    meta = read_meta(job_run / "priors.safetensors")
+    assert meta["kind"] == "priors" and meta["preset"] == "tiny" and meta["num_classes"] == 4
+
+
+def test_losses_fall_and_metrics_are_recorded(job_run):
+    """Train losses fall in both stages; validation reports top-1 per scale (stage 1), SSIM/PSNR per scale (2)."""
+    recs = records(job_run)
+    for r in recs:
+        assert {"stage", "split", "epoch", "step", "time"} <= set(r)
+    val1 = [r for r in recs if r["stage"] == 1 and r["split"] == "val"]
+    val2 = [r for r in recs if r["stage"] == 2 and r["split"] == "val"]
+    assert len(val1) == 6 and len(val2) == 3  # one per epoch
+    # Stage 1's train loss is noisy over 24 steps (dropout, 16-sample batches); its validation loss (same
+    # unaugmented samples every epoch, eval mode) is the stable signal. Stage 2 falls fast on both.
+    assert val1[-1]["loss"] < val1[0]["loss"], [r["loss"] for r in val1]
+    train2 = [r["loss"] for r in recs if r["stage"] == 2 and r["split"] == "train"]
+    third = len(train2) // 3
+    assert sum(train2[-third:]) / third < sum(train2[:third]) / third, train2
+    assert {"acc/x2", "acc/x4", "acc/x8", "ce/x2", "ce/x4", "ce/x8", "loss"} <= set(val1[-1])
+    assert {"ssim/x2", "ssim/x4", "ssim/x8", "psnr/x2", "psnr/x4", "psnr/x8", "loss"} <= set(val2[-1])
+    assert val2[-1]["loss"] < val2[0]["loss"]
+
+
+def test_killed_stage2_resumes_to_the_same_step_and_lr(job_run, shards, tmp_path):
+    """A stage-2 run killed (SIGKILL, whole process tree) after a mid-epoch checkpoint, started again with the
+    same name, resumes from it and ends at the step count and learning rate of the uninterrupted run."""
+    overrides = [f"data.shards={shards}", f"cluster.storage_path={tmp_path}", "run.name=resume", "run.stages=[2]",
+                 f"stage2.priors={job_run / 'priors.safetensors'}", "run.checkpoint_every=3", *FAST]
+    run_dir = tmp_path / "resume"
+    proc = start(train_cmd(CPU, *overrides), tmp_path / "first.log")
+    try:
+        deadline = time.time() + 300
+        snapshot = run_dir / "stage2" / "checkpoint_manager_snapshot.json"
+        while "checkpoint_s00000006_" not in (snapshot.read_text() if snapshot.exists() else ""):
+            # registered by Ray Train: step 6 is mid epoch 1 (4 steps an epoch)
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
+            assert time.time() < deadline, "no mid-epoch checkpoint in time"
+            time.sleep(0.5)
+    finally:
+        kill_tree(proc)
+    assert not (run_dir / "stage2.done.json").exists()
+    res = subprocess.run(train_cmd(CPU, *overrides), cwd=ROOT, env=env_with_venv(), capture_output=True,
+                         text=True, timeout=400, start_new_session=True)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    logs = (run_dir / "logs" / "stage2-rank0.log").read_text()
+    assert "resumed from" in logs and "at epoch 1, step 6 (2 in epoch)" in logs
+    ref, got = done(job_run, 2), done(run_dir, 2)
+    assert (got["global_step"], got["epoch"]) == (ref["global_step"], ref["epoch"])
+    assert got["lr"] == pytest.approx(ref["lr"])
+    steps = [r["step"] for r in records(run_dir) if r["split"] == "train"]
+    assert steps == sorted(set(steps)) == list(range(1, ref["global_step"] + 1))  # no step lost or repeated
