@@ -45,7 +45,7 @@ class RunConfig:
     checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints; 0 = only at the end of each epoch
     keep_checkpoints: int = 2  # checkpoints kept per stage by Ray Train (latest ones)
     telemetry_port: int | None = None  # first Prometheus exporter port (+ local rank); None = no exporter
-    telemetry_sd_dir: str = ""  # folder for Prometheus file_sd target files; "" = <run_dir>/prometheus_sd
+    telemetry_sd_dir: str = ""  # Prometheus file_sd folder shared by all runs; "" = <cluster.storage_path>/prometheus_sd
 
 
 @dataclass
@@ -307,7 +307,9 @@ def resolve(cfg: TrainConfig, base: str | Path | None = None) -> TrainConfig:
         str(Path(cfg.cluster.storage_path) / cfg.run.name) if not _is_uri(cfg.cluster.storage_path) else f"runs/{cfg.run.name}"
     )
     run_dir = absolute(run_dir)
-    sd_dir = absolute(cfg.run.telemetry_sd_dir) if cfg.run.telemetry_sd_dir else str(Path(run_dir) / "prometheus_sd")
+    storage = cfg.cluster.storage_path
+    sd_default = str(Path(storage if not _is_uri(storage) else Path(run_dir).parent) / "prometheus_sd")
+    sd_dir = absolute(cfg.run.telemetry_sd_dir) if cfg.run.telemetry_sd_dir else sd_default
     cfg.run = dataclasses.replace(cfg.run, run_dir=run_dir, telemetry_sd_dir=sd_dir)
     cfg.stage2 = dataclasses.replace(cfg.stage2, priors=absolute(cfg.stage2.priors))
     return cfg

@@ -90,16 +90,20 @@ def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Pope
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def kill_tree(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
+def kill_tree(proc: subprocess.Popen, sig=signal.SIGKILL, grace: float = 8) -> None:
+    """Signal the process group ``proc`` leads; SIGKILL it all after ``grace`` seconds."""
     try:
         os.killpg(proc.pid, sig)
+        proc.wait(timeout=grace)
     except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=30)
+        pass
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # also the children that outlived their parent
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def train_cmd(config: str, *overrides: str) -> list[str]:
@@ -183,11 +187,12 @@ def head(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def job_run(head, shards, tmp_path_factory) -> Path:
-    """Both stages of cpu.yaml on 2 workers, submitted with `ray job submit` to the token-auth head."""
+    """Both stages of cpu.yaml on 2 workers, submitted with `ray job submit` to the token-auth head
+    (with the Prometheus exporters on, as a monitored run has them)."""
     storage = tmp_path_factory.mktemp("runs")
     cmd = [str(BIN / "ray"), "job", "submit", "--address", head.url, "--working-dir", ".", "--",
            "python", "-m", "launch.train", "--config", CPU, f"data.shards={shards}",
-           f"cluster.storage_path={storage}", "run.name=job", *FAST]
+           f"cluster.storage_path={storage}", "run.name=job", f"run.telemetry_port={free_ports(1)[0]}", *FAST]
     res = subprocess.run(cmd, cwd=ROOT, env=head.env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "succeeded" in (res.stdout + res.stderr).lower()
