@@ -342,6 +342,9 @@ def check(cfg: TrainConfig) -> dict:
             raise ConfigError(f"stage{s}.lr", "must be positive")
         accumulation(st.batch_size, cfg.cluster.num_workers, st.max_micro_batch, f"stage{s}.batch_size")
 
+    if cfg.stage2.priors and 1 in cfg.run.stages:
+        raise ConfigError("stage2.priors", "set it only for a stage-2 run (run.stages=[2]); stage 1 writes "
+                          "<run_dir>/priors.safetensors")
     manifest = _manifest(cfg)
     if 2 in cfg.run.stages and 1 not in cfg.run.stages:
         _check_priors(cfg, manifest)

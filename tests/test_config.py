@@ -93,6 +93,7 @@ def test_overrides_are_typed():
         (["cluster.num_workers=3"], "stage1.batch_size"),  # 16 over 3 workers
         (["run.stages=[2, 1]"], "run.stages"),
         (["preset=huge"], "preset"),
+        (["stage2.priors=/some/priors.safetensors"], "stage2.priors"),  # stage 1 would overwrite them
     ],
 )
 def test_inconsistent_settings_are_refused(overrides, field, shards):

@@ -224,6 +224,29 @@ def test_job_submit_trains_both_stages_on_two_workers(job_run):
     assert meta["kind"] == "priors" and meta["preset"] == "tiny" and meta["num_classes"] == 4
 
 
+def test_checkpoints_load_weights_only_and_hold_no_priors(job_run):
+    """Every file of a stage-2 checkpoint loads with torch.load(weights_only=True) (DeepSpeed's three plain
+    record types allowed); it holds one ZeRO partition per rank and the cascade alone: the frozen priors
+    are neither in the module state nor in the optimizer."""
+    import torch
+
+    from cluster.engine import TAG, _safe_globals
+
+    latest = sorted((job_run / "stage2").glob("checkpoint_*"))[-1] / TAG
+    files = sorted(p.name for p in latest.glob("*.pt"))
+    assert files == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                     "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    with torch.serialization.safe_globals(_safe_globals()):
+        states = {f: torch.load(latest / f, map_location="cpu", weights_only=True) for f in files}
+    module = states["mp_rank_00_model_states.pt"]["module"]
+    assert module and all(k.startswith(("stages.", "branches.")) for k in module)
+    assert states["mp_rank_00_model_states.pt"]["train_state"]["global_step"] == 12
+    n_params = sum(v.numel() for k, v in module.items() if "running" not in k and "num_batches" not in k)
+    n_opt = sum(sum(t.numel() for t in s["optimizer_state_dict"]["single_partition_of_fp32_groups"])
+                for f, s in states.items() if f.startswith("zero_"))
+    assert n_params <= n_opt <= n_params + 64  # the two ZeRO partitions cover the cascade (plus alignment)
+
+
 def test_losses_fall_and_metrics_are_recorded(job_run):
     """Train losses fall in both stages; validation reports top-1 per scale (stage 1), SSIM/PSNR per scale (2)."""
     recs = records(job_run)
