@@ -92,7 +92,7 @@ def plain_images_per_s(b: TrainBench, preset: str, fast: bool, priors: Path, mic
     priors_ = {k: precision.module(p) for k, p in load_priors(priors, "cpu", classes=classes).items()}
     loss_fn = CSRIPLoss(priors_, alpha=0.001)
     torch.manual_seed(0)
-    net = precision.module(SRNet(get_preset(preset).sr))
+    net = SRNet(get_preset(preset).sr)  # NCHW weights, NHWC activations with channels_last: as in the workers
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
     rates = []
     epoch = 0

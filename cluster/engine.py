@@ -19,6 +19,10 @@ Decisions made here, and why:
   epoch, before validation and checkpoints, so every rank validates and saves
   the same model. ``sync`` converts to ``nn.SyncBatchNorm`` and needs GPUs
   (PyTorch's SyncBatchNorm refuses CPU tensors), which the config check enforces.
+* **channels_last** lays out activations (the inputs), not weights: ZeRO 1-2
+  make every parameter a view of one flat fp32 buffer, and DeepSpeed's
+  initial broadcast views parameters as bytes, so NHWC weights are refused;
+  convolutions take their layout from the input, so the kernels are the same.
 * **Checkpoints** are DeepSpeed's own: every rank writes its ZeRO optimizer
   partition, rank 0 the module; ``SafeCheckpointEngine`` loads them with
   ``torch.load(weights_only=True)`` with only DeepSpeed's three plain record

@@ -65,7 +65,10 @@ def worker_main(config: dict) -> None:
     stage = STAGES[number](cfg, classes, device, precision)
     st = stage.stage
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
-    model = precision.module(stage.build_model().to(device))
+    # Weights stay NCHW: ZeRO 1-2 keep them as views of one flat buffer, which a channels_last copy would
+    # detach from the optimizer. channels_last applies to the activations (inputs are NHWC), which is what
+    # cuDNN/oneDNN key their kernel choice on; weights are re-laid per call (they are small).
+    model = stage.build_model().to(device)
     t_built = time.perf_counter()
     eng, b = initialize(model, st, cfg.engine, world)
     log.ready(t_built - t_start, time.perf_counter() - t_built, b)

@@ -268,9 +268,11 @@ def test_losses_fall_and_metrics_are_recorded(job_run):
 
 def test_killed_stage2_resumes_to_the_same_step_and_lr(job_run, shards, tmp_path):
     """A stage-2 run killed (SIGKILL, whole process tree) after a mid-epoch checkpoint, started again with the
-    same name, resumes from it and ends at the step count and learning rate of the uninterrupted run."""
+    same name, resumes from it and ends at the step count and learning rate of the uninterrupted run
+    (this one in bf16 + channels_last, so that path goes through DeepSpeed, checkpoint and resume too)."""
     overrides = [f"data.shards={shards}", f"cluster.storage_path={tmp_path}", "run.name=resume", "run.stages=[2]",
-                 f"stage2.priors={job_run / 'priors.safetensors'}", "run.checkpoint_every=3", *FAST]
+                 f"stage2.priors={job_run / 'priors.safetensors'}", "run.checkpoint_every=3", *FAST,
+                 "engine.bf16=true", "engine.channels_last=true"]  # the fast path; step count and LR must not care
     run_dir = tmp_path / "resume"
     proc = start(train_cmd(CPU, *overrides), tmp_path / "first.log")
     try:
