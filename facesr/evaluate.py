@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from .degrade import DEFAULT, DegradeConfig, TooSmallError, quadruplet
+from .degrade import DEFAULT, DegradeConfig, TooSmallError, crop_hr, degrade, quantize
 from .infer import ImageReadError, read_rgb
 from .models import SRNet
 from .quality import BASELINES, PAPER_DATA_RANGE, QualityMeter, baselines, finish
@@ -82,26 +82,27 @@ def folder_batches(
 
     Unreadable or too-small images are appended to ``skipped`` as (path, reason) and left out.
     """
-    buf: list[dict] = []
+    buf: list[torch.Tensor] = []
     names: list[str] = []
     for face in faces:
         try:
-            quad = quadruplet(read_rgb(face.path), cfg)
+            hr = crop_hr(read_rgb(face.path), cfg)  # (3, 192, 192)
         except (ImageReadError, TooSmallError, ValueError) as e:
             if skipped is not None:
                 skipped.append((str(face.path), str(e)))
             continue
-        buf.append(quad)
+        buf.append(hr)
         names.append(f"{face.identity}/{face.path.name}")
         if len(buf) == batch_size:
-            yield _stack(buf, names)
+            yield _degrade(buf, names, cfg)
             buf, names = [], []
     if buf:
-        yield _stack(buf, names)
+        yield _degrade(buf, names, cfg)
 
 
-def _stack(quads: list[dict], names: list[str]) -> dict:
-    out = {k: torch.stack([q[k] for q in quads]) for k in LEVELS}
+def _degrade(hrs: list[torch.Tensor], names: list[str], cfg: DegradeConfig) -> dict:
+    """Batched ``quadruplet``: the crops degraded together (one conv per level instead of one per face)."""
+    out = {k: quantize(v) for k, v in degrade(torch.stack(hrs), cfg).items()}  # (B, 3, S, S) per level
     out["name"] = list(names)
     return out
 

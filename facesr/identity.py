@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, safe_open, save_file
 from torchmetrics.functional.classification import binary_auroc
 
-from .degrade import crop_hr, quadruplet
+from .degrade import crop_hr, degrade, quantize
 from .infer import ImageReadError, read_rgb
 from .quality import finish, upscale
 from .vocab import SIZES
@@ -370,13 +370,14 @@ def verify(
     b_set = set(b_faces)
     for i in range(0, len(hr_faces), batch_size):
         chunk = hr_faces[i : i + batch_size]
-        quads = [quadruplet(read_rgb(image_path(root, f))) for f in chunk]
-        hr = torch.stack([q["hr"] for q in quads]).to(device)  # (B, 3, 192, 192)
+        hr = torch.stack([crop_hr(read_rgb(image_path(root, f))) for f in chunk])  # (B, 3, 192, 192)
+        quad = {k: quantize(v) for k, v in degrade(hr).items()}  # batched: what quadruplet gives per image
+        hr = quad["hr"].to(device)
         for f, e in zip(chunk, embedder(hr).cpu()):
             emb["hr"][f] = e
         sel = [j for j, f in enumerate(chunk) if f in b_set]  # only the B side is degraded
         if sel:
-            lr = torch.stack([quads[j]["lr"] for j in sel]).to(device)  # (b, 3, 24, 24)
+            lr = quad["lr"][sel].to(device)  # (b, 3, 24, 24)
             outs = {"bicubic": upscale(lr, HR, "bicubic")}
             outs.update({name: finish(up(lr)) for name, up in upscalers.items()})
             for c, img in outs.items():

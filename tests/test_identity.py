@@ -129,6 +129,34 @@ def test_tiny_embedder_train_save_load_verify(pairs, tmp_path):
     json.dumps(res)
 
 
+def test_cli_embedder_and_identity(pairs, tmp_path, capsys):
+    """`facesr eval embedder` trains on people outside the pairs; `facesr eval identity` reports HR/bicubic/SR."""
+    from launch.cli import main
+    from facesr.weights import save_srnet
+
+    root = tmp_path / "people"
+    for name in OUTSIDE_PAIRS + ["Abel_Pacheco"]:  # the last one is in the pairs: must be left out
+        (root / name).mkdir(parents=True)
+        for f in sorted((LFW / name).iterdir())[:3]:
+            (root / name / f.name).symlink_to(f)
+    emb = tmp_path / "emb.safetensors"
+    assert main(["eval", "embedder", str(emb), "--lfw", str(root), "--celeba", "", "--size", "32",
+                 "--steps", "1"]) == 0
+    _, meta = load_embedder(emb)
+    assert sorted(meta["classes"]) == sorted(f"lfw/{n}" for n in OUTSIDE_PAIRS)
+    torch.manual_seed(0)
+    save_srnet(tmp_path / "a0" / "srnet.safetensors", SRNet(PRESETS["tiny"].sr))
+    save_srnet(tmp_path / "a1e-3" / "srnet.safetensors", SRNet(PRESETS["tiny"].sr))
+    capsys.readouterr()
+    assert main(["eval", "identity", str(tmp_path / "a0"), str(tmp_path / "a1e-3"), "--embedder", str(emb),
+                 "--per-fold", "2", "--out", str(tmp_path / "eval"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "a0" in out and "a1e-3" in out and "skipped: image absent" in out
+    report = json.loads((tmp_path / "eval" / "identity.json").read_text())
+    assert list(report["results"]) == ["hr", "bicubic", "a0", "a1e-3"]
+    assert report["pair_counts"]["used"] == 20 and report["pair_counts"]["absent"] > 0
+
+
 def test_pair_dataclass_is_hashable():
     """Pairs can key dictionaries (faces are embedded once however many pairs use them)."""
     p = Pair(0, True, ("A", 1), ("A", 2))

@@ -1,0 +1,245 @@
+"""`facesr eval quality|identity|grid|embedder`: numbers against bicubic, identity preservation, pictures.
+
+  facesr eval quality [MODEL ...] --data ../shared/data/lfw [--ids FILE] [--limit N] [--out DIR]
+  facesr eval grid MODEL [...] --data ../shared/data/lfw [--rows 6] [--out DIR]
+  facesr eval embedder runs/embedder.safetensors            # train the verification judge (CPU, minutes)
+  facesr eval identity [MODEL ...] --embedder runs/embedder.safetensors [--per-fold 100]
+
+MODEL is a run folder (its srnet.safetensors) or an SR-net .safetensors file; several models
+(e.g. the alpha=0 and alpha=0.001 runs) become several columns/rows. --data is an identity folder
+(ROOT/<identity>/<image>) or a shard root with a manifest (its --split is streamed).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data beside the checkout
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _common(p, data: bool = True) -> None:
+    p.add_argument("models", nargs="*", metavar="MODEL", help="run folder or SR-net .safetensors (several allowed)")
+    if data:
+        p.add_argument("--data", default=str(DATA / "lfw"), help="identity folder, or shard root with a manifest")
+    p.add_argument("--ids", help="file of identity names, one per line: evaluate only these people")
+    p.add_argument("--manifest", help="shard root whose manifest names the identities of --split")
+    p.add_argument("--split", default="test", help="manifest split to evaluate (with --manifest or a shard --data)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --limit / --rows draw")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="runs/eval", help="folder for the JSON/PNG written")
+
+
+def configure(parser) -> None:
+    sub = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
+    q = sub.add_parser("quality", help="PSNR/SSIM per scale vs bicubic and nearest (Table 1 style) + JSON")
+    _common(q)
+    q.add_argument("--limit", type=int, default=0, help="at most N faces (seeded draw); 0 = all")
+    q.add_argument("--grid", type=int, default=0, metavar="ROWS", help="also write grid.png with ROWS faces")
+
+    g = sub.add_parser("grid", help="comparison grid PNG: LR | bicubic | SR x2, x4, x8 | HR")
+    _common(g)
+    g.add_argument("--rows", type=int, default=6, help="faces drawn at random (seeded) from the selection")
+    g.add_argument("--faces", nargs="*", default=[], help="chosen faces as identity/file.jpg (overrides --rows)")
+
+    i = sub.add_parser("identity", help="LFW verification with one face HR / bicubic / SR")
+    _common(i, data=False)
+    i.add_argument("--embedder", required=True, help="face-embedder weights from `facesr eval embedder`")
+    i.add_argument("--lfw", default=str(DATA / "lfw"), help="LFW identity folder")
+    i.add_argument("--pairs", default=str(DATA / "lfw-pairs.txt"), help="LFW View 2 pairs.txt")
+    i.add_argument("--per-fold", type=int, default=0, help="at most N pairs per fold (half same); 0 = all")
+
+    e = sub.add_parser("embedder", help="train the verification network on identities outside the LFW pairs")
+    e.add_argument("out", help="weights file to write (.safetensors)")
+    e.add_argument("--lfw", default=str(DATA / "lfw"))
+    e.add_argument("--pairs", default=str(DATA / "lfw-pairs.txt"), help="every person in these pairs is excluded")
+    e.add_argument("--celeba", default=str(DATA / "celeba-ids"), help="extra identity folder ('' = none)")
+    e.add_argument("--exclude-ids", help="file of further identities to exclude (e.g. the SR test split)")
+    e.add_argument("--epochs", type=int, default=None)
+    e.add_argument("--size", type=int, default=None, help="network input side")
+    e.add_argument("--steps", type=int, default=0, help="cap on optimizer steps (smoke tests)")
+
+
+def run(args) -> int:
+    return {"quality": run_quality, "grid": run_grid, "identity": run_identity, "embedder": run_embedder}[args.what](args)
+
+
+# ---------------------------------------------------------------- selection and data
+
+
+def _manifest_identities(root: str, split: str) -> list[str]:
+    """Identity names of a manifest split (the people whose shards form that split)."""
+    from shards.manifest import read_manifest
+
+    m = read_manifest(root)
+    entry = (m.get("splits") or {}).get(split, m.get(split))
+    for holder in (entry, m):
+        if isinstance(holder, dict):
+            for key in ("identities", f"{split}_identities", "ids", "people"):
+                if isinstance(holder.get(key), list):
+                    return [str(x) for x in holder[key]]
+    raise SystemExit(f"{root}: manifest has no identity list for split {split!r} (keys: {sorted(m)})")
+
+
+def _identities(args) -> list[str] | None:
+    from facesr.evaluate import read_identities
+
+    if args.ids:
+        return read_identities(args.ids)
+    if args.manifest:
+        return _manifest_identities(args.manifest, args.split)
+    return None
+
+
+def _is_shard_root(path: str) -> bool:
+    p = Path(path)
+    return p.is_dir() and any((p / n).is_file() for n in ("manifest.json", "MANIFEST.json", "manifest.yaml"))
+
+
+def _shard_batches(root: str, split: str, batch_size: int):
+    from shards.manifest import shard_urls
+    from shards.stream import StreamConfig, build_loader
+
+    cfg = StreamConfig(batch_size=batch_size)
+    for field in ("shuffle", "augment", "flip"):  # evaluation reads faces as stored
+        if hasattr(cfg, field):
+            import dataclasses
+
+            cfg = dataclasses.replace(cfg, **{field: False if field != "shuffle" else 0})
+    return build_loader(shard_urls(root, split), cfg, rank=0, world_size=1, epoch=0)
+
+
+def _faces(args, n: int = 0):
+    from facesr.evaluate import list_faces, select
+
+    faces = list_faces(args.data, _identities(args))
+    if not faces:
+        raise SystemExit(f"{args.data}: no faces for the chosen identities")
+    return faces, select(faces, n, args.seed)
+
+
+def _load_models(paths: list[str], device: str):
+    from facesr.evaluate import model_label
+    from facesr.infer import load_cascade
+
+    models, where = {}, {}
+    for p in paths:
+        name = model_label(p, models)
+        models[name] = load_cascade(p, device)
+        where[name] = str(p)
+    return models, where
+
+
+# ---------------------------------------------------------------- subcommands
+
+
+def run_quality(args) -> int:
+    from facesr.evaluate import build_report, folder_batches, format_table, write_json
+    from facesr.grid import comparison_grid
+
+    models, where = _load_models(args.models, args.device)
+    skipped: list = []
+    if _is_shard_root(args.data):
+        source = f"shards {args.data} split {args.split}"
+        batches = _shard_batches(args.data, args.split, args.batch_size)
+        n_ids = None
+    else:
+        everything, faces = _faces(args, args.limit)
+        n_ids = len({f.identity for f in faces})
+        source = f"identity folder {args.data}: {len(faces)} of {len(everything)} faces, {n_ids} identities"
+        source += f" (seeded draw, seed {args.seed})" if args.limit else ""
+        batches = folder_batches(faces, args.batch_size, skipped=skipped)
+    from facesr.evaluate import score
+
+    results, n = score(models, batches, limit=args.limit, device=args.device, log=_log)
+    report = build_report(results, n, source, where, {"skipped": skipped, "identities": n_ids})
+    print(format_table(report))
+    out = Path(args.out)
+    path = write_json(report, out / "quality.json")
+    print(f"wrote {path}")
+    if args.grid:
+        from facesr.evaluate import select
+
+        batch = next(folder_batches(select(faces, args.grid, args.seed), args.grid)) if n_ids is not None else None
+        if batch is not None:
+            print(f"wrote {comparison_grid(batch, models, out / 'grid.png', args.device)}")
+    return 0
+
+
+def run_grid(args) -> int:
+    from facesr.evaluate import Face, folder_batches
+    from facesr.grid import comparison_grid
+
+    if not args.models:
+        raise SystemExit("facesr eval grid: give at least one MODEL")
+    models, _ = _load_models(args.models, args.device)
+    if args.faces:
+        faces = [Face(f.split("/")[0], Path(args.data) / f) for f in args.faces]
+    else:
+        _, faces = _faces(args, args.rows)
+    skipped: list = []
+    batch = next(folder_batches(faces, len(faces), skipped=skipped), None)
+    for path, why in skipped:
+        _log(f"skipped {path}: {why}")
+    if batch is None:
+        raise SystemExit("no readable faces for the grid")
+    print(f"wrote {comparison_grid(batch, models, Path(args.out) / 'grid.png', args.device)}")
+    return 0
+
+
+def run_identity(args) -> int:
+    from facesr.evaluate import write_json
+    from facesr.identity import format_identity_table, load_embedder, read_pairs, usable_pairs, verify
+
+    models, where = _load_models(args.models, args.device)
+    embedder, meta = load_embedder(args.embedder, args.device)
+    pairs = read_pairs(args.pairs)
+    leaked = set(meta.get("classes", [])) & {f"lfw/{n}" for p in pairs for n in (p.a[0], p.b[0])}
+    if leaked:
+        raise SystemExit(f"{args.embedder} was trained on {len(leaked)} people of the pairs: not a fair judge")
+    kept, counts = usable_pairs(pairs, args.lfw, _identities(args), args.per_fold)
+    _log(f"{counts['used']} pairs used; {counts['absent']} skipped (image absent), "
+         f"{counts['outside_selection']} outside the chosen identities, {counts['over_per_fold']} over --per-fold")
+    if not kept:
+        raise SystemExit("no usable pairs")
+    upscalers = {name: net.deploy() for name, net in models.items()}
+    results = verify(embedder, kept, args.lfw, upscalers, batch_size=args.batch_size, device=args.device, log=_log)
+    report = {
+        "protocol": "LFW View 2 pairs; face A = HR 192x192 crop, face B = HR | bicubic x8 | model x8 from B's "
+        "24x24 lr (facesr.degrade.quadruplet); cosine similarity of flip-averaged embeddings; "
+        "accuracy = 10-fold CV threshold (LFW protocol); accuracy_best = best single threshold; ROC AUC",
+        "embedder": {"path": args.embedder, "config": meta.get("config"), "identities": len(meta.get("classes", []))},
+        "pair_counts": counts,
+        "models": where,
+        "results": results,
+    }
+    print(format_identity_table(report))
+    print(f"wrote {write_json(report, Path(args.out) / 'identity.json')}")
+    return 0
+
+
+def run_embedder(args) -> int:
+    import dataclasses
+
+    from facesr.evaluate import read_identities
+    from facesr.identity import EmbedderConfig, pair_identities, read_pairs, save_embedder, train_embedder, training_faces
+
+    exclude = pair_identities(read_pairs(args.pairs))
+    if args.exclude_ids:
+        exclude |= set(read_identities(args.exclude_ids))
+    cfg = EmbedderConfig()
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in (("epochs", args.epochs), ("size", args.size)) if v})
+    sources = {"lfw": args.lfw, **({"celeba": args.celeba} if args.celeba else {})}
+    faces, classes, counts = training_faces(sources, exclude, cfg.min_images)
+    _log(f"embedder training set: {counts}")
+    model = train_embedder(faces, classes, cfg, steps=args.steps, log=_log)
+    extra = {"excluded": len(exclude), "counts": counts, "sources": sources}
+    print(f"wrote {save_embedder(args.out, model, classes, extra)}")
+    return 0
