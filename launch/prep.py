@@ -50,7 +50,12 @@ def run(args) -> int:
         else:
             from cluster import shard_prep
 
-            print(f"facesr prep: running on {shard_prep.connect(args.address, args.cpus)}", file=sys.stderr)
+            try:
+                where = shard_prep.connect(args.address, args.cpus)
+            except ConnectionError as exn:
+                print(f"facesr prep: error: cannot reach the Ray cluster: {exn}", file=sys.stderr)
+                return 2
+            print(f"facesr prep: running on {where}", file=sys.stderr)
             try:
                 summary = prepare(cfg, shard_prep.ray_map)
             finally:
