@@ -211,14 +211,15 @@ class _WorkerStream(IterableDataset):
                 except DecodeError as exn:
                     errors(exn)
                     continue
-                good += 1
                 if cfg.labelled_only and cls < 0:
                     continue
+                good += 1
                 yield raw
             empty = 0 if good else empty + 1
             if empty >= cfg.max_empty_reads:
                 raise RuntimeError(f"rank {self.rank}: {empty} shard reads in a row gave no usable sample "
-                                   f"({errors.count} errors; shards e.g. {shards[:3]})")
+                                   f"({errors.count} errors{', labelled_only' if cfg.labelled_only else ''}; "
+                                   f"shards e.g. {shards[:3]})")
 
 
 def _shuffle(samples: Iterator[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
