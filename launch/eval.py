@@ -75,17 +75,15 @@ def run(args) -> int:
 
 
 def _manifest_identities(root: str, split: str) -> list[str]:
-    """Identity names of a manifest split (the people whose shards form that split)."""
+    """Identity names of a manifest split (manifest ``identities``: name -> {split, images, cls})."""
     from shards.manifest import read_manifest
 
     m = read_manifest(root)
-    entry = (m.get("splits") or {}).get(split, m.get(split))
-    for holder in (entry, m):
-        if isinstance(holder, dict):
-            for key in ("identities", f"{split}_identities", "ids", "people"):
-                if isinstance(holder.get(key), list):
-                    return [str(x) for x in holder[key]]
-    raise SystemExit(f"{root}: manifest has no identity list for split {split!r} (keys: {sorted(m)})")
+    names = sorted(n for n, info in m["identities"].items() if info.get("split") == split)
+    if not names:
+        splits = sorted({info.get("split") for info in m["identities"].values()})
+        raise SystemExit(f"{root}: manifest has no identity in split {split!r} (splits: {splits})")
+    return names
 
 
 def _identities(args) -> list[str] | None:
@@ -99,21 +97,59 @@ def _identities(args) -> list[str] | None:
 
 
 def _is_shard_root(path: str) -> bool:
-    p = Path(path)
-    return p.is_dir() and any((p / n).is_file() for n in ("manifest.json", "MANIFEST.json", "manifest.yaml"))
+    return (Path(path) / "manifest.json").is_file()
 
 
 def _shard_batches(root: str, split: str, batch_size: int):
+    """Every sample of a split exactly once, in shard order (the training stream resamples; evaluation must not).
+
+    Reads only the PNG levels of each sample, with PIL, as shards.stream does.
+    """
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    from facesr.vocab import LEVELS
     from shards.manifest import shard_urls
-    from shards.stream import StreamConfig, build_loader
 
-    cfg = StreamConfig(batch_size=batch_size)
-    for field in ("shuffle", "augment", "flip"):  # evaluation reads faces as stored
-        if hasattr(cfg, field):
-            import dataclasses
+    def png(data: bytes) -> torch.Tensor:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
+            return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1).float() / 255
 
-            cfg = dataclasses.replace(cfg, **{field: False if field != "shuffle" else 0})
-    return build_loader(shard_urls(root, split), cfg, rank=0, world_size=1, epoch=0)
+    buf: dict[str, list] = {k: [] for k in LEVELS}
+    names: list[str] = []
+    for url in shard_urls(root, split):
+        sample: dict[str, bytes] = {}
+        key = None
+        with tarfile.open(url, "r|") as tar:
+            for ti in tar:
+                k, _, ext = ti.name.split("/")[-1].partition(".")
+                if ti.isfile() and ext in {f"{lv}.png" for lv in LEVELS}:
+                    if key is not None and k != key:
+                        yield from _emit(sample, key, buf, names, batch_size, png)
+                        sample = {}
+                    key = k
+                    sample[ext[:-4]] = tar.extractfile(ti).read()
+        if key is not None:
+            yield from _emit(sample, key, buf, names, batch_size, png)
+    if names:
+        yield {**{k: torch.stack(v) for k, v in buf.items()}, "name": names}
+
+
+def _emit(sample, key, buf, names, batch_size, png):
+    if set(sample) != set(buf):
+        _log(f"skipped shard sample {key}: levels {sorted(sample)}")
+        return
+    for k in buf:
+        buf[k].append(png(sample[k]))
+    names.append(key)
+    if len(names) == batch_size:
+        yield {**{k: torch.stack(v) for k, v in buf.items()}, "name": list(names)}
+        for v in buf.values():
+            v.clear()
+        names.clear()
 
 
 def _faces(args, n: int = 0):
