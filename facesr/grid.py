@@ -58,7 +58,9 @@ def render(columns: list[tuple[str, torch.Tensor]], row_labels: list[str] | None
             canvas.paste(tile, (x0, HEADER + r * (CELL + GAP)))
     if row_labels:
         for r, text in enumerate(row_labels):
-            draw.text((4, HEADER + r * (CELL + GAP) + CELL - 14), text, fill="white", font=font)
+            xy = (4, HEADER + r * (CELL + GAP) + CELL - 14)
+            draw.rectangle(draw.textbbox(xy, text, font=font), fill="black")  # readable on any background
+            draw.text(xy, text, fill="white", font=font)
     return canvas
 
 
