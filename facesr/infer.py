@@ -23,11 +23,10 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
@@ -233,15 +232,3 @@ def super_resolve(
             flush()
     flush()
     return report
-
-
-def iter_batches(items: Iterable, size: int):
-    """Lists of at most ``size`` consecutive items."""
-    batch = []
-    for x in items:
-        batch.append(x)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
