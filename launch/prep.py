@@ -35,6 +35,9 @@ def run(args) -> int:
     from shards.plan import SplitConfig
     from shards.prep import PrepConfig, PrepError, check_paths, format_summary, prepare, serial_map
 
+    if args.shard_size < 1:
+        print(f"facesr prep: error: --shard-size must be >= 1, got {args.shard_size}", file=sys.stderr)
+        return 2
     try:
         split = SplitConfig(by=args.split_by, val=args.val, test=args.test, seed=args.seed,
                             min_images=args.min_images)

@@ -64,25 +64,31 @@ class NaiveFaces(Dataset):
         return quadruplet(img)  # {"lr","x2","x4","hr"}: float (3, S, S)
 
 
-def time_batches(batches, n: int, warmup: int, batch_size: int) -> dict:
-    """Samples/s over ``n`` batches after ``warmup`` batches (one process: the per-worker rate)."""
-    it = iter(batches)
-    for _ in range(warmup):
-        next(it)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        next(it)
-    s = time.perf_counter() - t0
-    return {"batches": n, "seconds": s, "samples_per_s_per_worker": n * batch_size / s}
+def interleaved_rates(streams: dict[str, object], batch_size: int, batches: int, rounds: int,
+                      warmup: int = 3) -> dict[str, dict]:
+    """Samples/s per worker of each batch iterable, timed in alternation (``rounds`` × ``batches`` each).
 
-
-def naive_stream(files: list[Path], batch_size: int, n: int, warmup: int) -> dict:
-    loader = DataLoader(NaiveFaces(files), batch_size=batch_size, shuffle=True, num_workers=0, drop_last=True)
+    On a shared machine load comes and goes; alternating variants and keeping each one's best round
+    compares them under the same conditions. All in this process, one core: the per-worker rate.
+    """
+    its = {k: iter(v) for k, v in streams.items()}
+    rates = {k: [] for k in its}
     with one_thread():
-        return time_batches(_forever(loader), n, warmup, batch_size)
+        for it in its.values():
+            for _ in range(warmup):
+                next(it)
+        for _ in range(rounds):
+            for k, it in its.items():
+                t0 = time.perf_counter()
+                for _ in range(batches):
+                    next(it)
+                rates[k].append(batches * batch_size / (time.perf_counter() - t0))
+    return {k: {"samples_per_s_per_worker": max(v), "rounds": v} for k, v in rates.items()}
 
 
-def _forever(loader):
+def naive_batches(files: list[Path], batch_size: int):
+    """Endless batches of the naive map-style dataset (shuffled, one process)."""
+    loader = DataLoader(NaiveFaces(files), batch_size=batch_size, shuffle=True, num_workers=0, drop_last=True)
     while True:
         yield from loader
 
