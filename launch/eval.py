@@ -28,7 +28,8 @@ def _common(p, data: bool = True) -> None:
     p.add_argument("models", nargs="*", metavar="MODEL", help="run folder or SR-net .safetensors (several allowed)")
     if data:
         p.add_argument("--data", default=str(DATA / "lfw"), help="identity folder, or shard root with a manifest")
-    p.add_argument("--ids", help="file of identity names, one per line: evaluate only these people")
+    p.add_argument("--ids", help="file of identity names, one per line: evaluate only these people "
+                   "(identity: pairs whose degraded face B is one of them)")
     p.add_argument("--manifest", help="shard root whose manifest names the identities of --split")
     p.add_argument("--split", default="test", help="manifest split to evaluate (with --manifest or a shard --data)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --limit / --rows draw")
@@ -242,7 +243,8 @@ def run_identity(args) -> int:
         raise SystemExit(f"{args.embedder} was trained on {len(leaked)} people of the pairs: not a fair judge")
     kept, counts = usable_pairs(pairs, args.lfw, _identities(args), args.per_fold)
     _log(f"{counts['used']} pairs used; {counts['absent']} skipped (image absent), "
-         f"{counts['outside_selection']} outside the chosen identities, {counts['over_per_fold']} over --per-fold")
+         f"{counts['outside_selection']} with face B outside the chosen identities, "
+         f"{counts['over_per_fold']} over --per-fold")
     if not kept:
         raise SystemExit("no usable pairs")
     upscalers = {name: net.deploy() for name, net in models.items()}
