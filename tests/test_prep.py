@@ -6,7 +6,6 @@ import csv
 import filecmp
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
