@@ -151,14 +151,13 @@ def _check_type(value, tp, name: str):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _check_type(value, a, name)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(name, f"expected {_type_name(tp)}, got {value!r}")
     if origin is list:
         (item,) = typing.get_args(tp)
