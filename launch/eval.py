@@ -207,6 +207,8 @@ def run_quality(args) -> int:
         batch = next(folder_batches(select(faces, args.grid, args.seed), args.grid)) if n_ids is not None else None
         if batch is not None:
             print(f"wrote {comparison_grid(batch, models, out / 'grid.png', args.device)}")
+        else:
+            _log("--grid: pictures need an identity folder as --data (use --manifest for its split); none written")
     return 0
 
 
