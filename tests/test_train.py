@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -26,9 +29,10 @@ PY = sys.executable
 BIN = Path(sys.executable).parent
 IDENTITIES, IMAGES = 5, 16  # 4 train identities (64 labelled faces), 1 val identity (16 faces)
 
-# A few steps of both stages; stage 2 spans an LR milestone so the final LR is not the first one.
+# A few steps of both stages: the 64 labelled faces make 4 steps an epoch in stage 1 (batch 16), the cap
+# 8 in stage 2 (batch 8); stage 2 spans an LR milestone so the final LR is not the first one.
 FAST = [
-    "data.steps_per_epoch=4", "data.val_batches=1", "run.log_every=1", "cluster.max_failures=0",
+    "data.steps_per_epoch=8", "data.val_batches=1", "run.log_every=1", "cluster.max_failures=0",
     "stage1.epochs=6", "stage1.lr=0.001", "stage1.augment=false",
     "stage2.epochs=3", "stage2.lr_milestones=[2]",
 ]
@@ -174,22 +178,31 @@ CPU = "launch/configs/cpu.yaml"
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return make_shards(tmp_path_factory.mktemp("shards"))
+def scratch():
+    """A private temporary folder: pytest's own basetemp is pruned by any other pytest session of the same
+    user (it keeps the latest three), which on a shared machine can delete a run folder mid-test."""
+    root = Path(tempfile.mkdtemp(prefix="fsr-train-"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    h = TokenHead(tmp_path_factory.mktemp("head"))
+def shards(scratch) -> Path:
+    return make_shards(scratch / "data")
+
+
+@pytest.fixture(scope="module")
+def head(scratch):
+    h = TokenHead(scratch / "head")
     yield h
     h.stop()
 
 
 @pytest.fixture(scope="module")
-def job_run(head, shards, tmp_path_factory) -> Path:
+def job_run(head, shards, scratch) -> Path:
     """Both stages of cpu.yaml on 2 workers, submitted with `ray job submit` to the token-auth head
     (with the Prometheus exporters on, as a monitored run has them)."""
-    storage = tmp_path_factory.mktemp("runs")
+    storage = scratch / "runs"
     cmd = [str(BIN / "ray"), "job", "submit", "--address", head.url, "--working-dir", ".", "--",
            "python", "-m", "launch.train", "--config", CPU, f"data.shards={shards}",
            f"cluster.storage_path={storage}", "run.name=job", f"run.telemetry_port={free_ports(1)[0]}", *FAST]
@@ -214,7 +227,7 @@ def test_job_submit_trains_both_stages_on_two_workers(job_run):
                  "logs/driver.log", "logs/stage1-rank0.log", "logs/stage1-rank1.log", "logs/stage2-rank1.log"):
         assert (job_run / name).is_file(), name
     assert list((job_run / "stage1").glob("checkpoint_*")) and list((job_run / "stage2").glob("checkpoint_*"))
-    for stage, steps in ((1, 6 * 4), (2, 3 * 4)):
+    for stage, steps in ((1, 6 * 4), (2, 3 * 8)):
         d = done(job_run, stage)
         assert d["world_size"] == 2 and d["global_step"] == steps
     assert done(job_run, 2)["lr"] == pytest.approx(10 / 3 * 1e-3 / 3)  # one milestone passed
@@ -240,7 +253,7 @@ def test_checkpoints_load_weights_only_and_hold_no_priors(job_run):
         states = {f: torch.load(latest / f, map_location="cpu", weights_only=True) for f in files}
     module = states["mp_rank_00_model_states.pt"]["module"]
     assert module and all(k.startswith(("stages.", "branches.")) for k in module)
-    assert states["mp_rank_00_model_states.pt"]["train_state"]["global_step"] == 12
+    assert states["mp_rank_00_model_states.pt"]["train_state"]["global_step"] == 24
     n_params = sum(v.numel() for k, v in module.items() if "running" not in k and "num_batches" not in k)
     n_opt = sum(sum(t.numel() for t in s["optimizer_state_dict"]["single_partition_of_fp32_groups"])
                 for f, s in states.items() if f.startswith("zero_"))
@@ -266,23 +279,29 @@ def test_losses_fall_and_metrics_are_recorded(job_run):
     assert val2[-1]["loss"] < val2[0]["loss"]
 
 
-def test_killed_stage2_resumes_to_the_same_step_and_lr(job_run, shards, tmp_path):
-    """A stage-2 run killed (SIGKILL, whole process tree) after a mid-epoch checkpoint, started again with the
-    same name, resumes from it and ends at the step count and learning rate of the uninterrupted run
+def test_killed_stage2_resumes_to_the_same_step_and_lr(job_run, shards, scratch):
+    """A stage-2 run killed (SIGKILL, whole process tree) half-way, after Ray Train registered a checkpoint,
+    started again with the same name, resumes from its latest checkpoint (mid-epoch ones replay the data
+    epoch up to their step) and ends at the step count and learning rate of the uninterrupted run
     (this one in bf16 + channels_last, so that path goes through DeepSpeed, checkpoint and resume too)."""
+    tmp_path = scratch / "kill"
+    tmp_path.mkdir()
     overrides = [f"data.shards={shards}", f"cluster.storage_path={tmp_path}", "run.name=resume", "run.stages=[2]",
                  f"stage2.priors={job_run / 'priors.safetensors'}", "run.checkpoint_every=3", *FAST,
                  "engine.bf16=true", "engine.channels_last=true"]  # the fast path; step count and LR must not care
     run_dir = tmp_path / "resume"
-    proc = start(train_cmd(CPU, *overrides), tmp_path / "first.log")
+    # The Ray Train controller collects reports at its health-check interval (2 s); polled faster here, step 6
+    # is registered before the run gets far past it, so the kill usually lands mid-epoch
+    proc = start(train_cmd(CPU, *overrides), tmp_path / "first.log", env_with_venv(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25"))
     try:
         deadline = time.time() + 300
         snapshot = run_dir / "stage2" / "checkpoint_manager_snapshot.json"
-        while "checkpoint_s00000006_" not in (snapshot.read_text() if snapshot.exists() else ""):
-            # registered by Ray Train: step 6 is mid epoch 1 (4 steps an epoch)
+        while "checkpoint_s00000009_" not in (snapshot.read_text() if snapshot.exists() else ""):
+            # Ray Train registered the step-9 checkpoint (first of epoch 1, 8 steps an epoch); with the next
+            # ones at 12 and 15 the kill lands mid-epoch unless registration lags by over 6 steps
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
             assert time.time() < deadline, "no mid-epoch checkpoint in time"
-            time.sleep(0.5)
+            time.sleep(0.2)
     finally:
         kill_tree(proc)
     assert not (run_dir / "stage2.done.json").exists()
@@ -290,7 +309,10 @@ def test_killed_stage2_resumes_to_the_same_step_and_lr(job_run, shards, tmp_path
                          text=True, timeout=400, start_new_session=True)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     logs = (run_dir / "logs" / "stage2-rank0.log").read_text()
-    assert "resumed from" in logs and "at epoch 1, step 6 (2 in epoch)" in logs
+    resumed = re.search(r"resumed from .*checkpoint_s(\d+)_e\d+ at epoch (\d+), step (\d+) \((\d+) in epoch\)", logs)
+    assert resumed, logs[-3000:]
+    ckpt_step, epoch, step, in_epoch = map(int, resumed.groups())
+    assert ckpt_step == step and 9 <= step < 24 and step == 8 * epoch + in_epoch
     ref, got = done(job_run, 2), done(run_dir, 2)
     assert (got["global_step"], got["epoch"]) == (ref["global_step"], ref["epoch"])
     assert got["lr"] == pytest.approx(ref["lr"])
