@@ -228,7 +228,10 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(item, "override must look like key=value (e.g. stage2.lr=0.001)")
         key, raw = item.split("=", 1)
-        value = _yaml_load(raw) if raw.strip() else ""
+        try:
+            value = _yaml_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(key.strip(), f"value {raw!r} is not valid YAML ({e})".replace("\n", " ")) from None
         _set_dotted(tree, key.strip(), value)
     return tree
 
@@ -247,7 +250,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise ConfigError("--config", f"{p}: no such file")
-        data = _yaml_load(p.read_text()) or {}
+        try:
+            data = _yaml_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError("--config", f"{p}: not valid YAML ({e})".replace("\n", " ")) from None
     data = _merge(data, parse_overrides(overrides or []))
     return from_dict(TrainConfig, data)
 

@@ -79,6 +79,16 @@ def test_bad_keys_and_types_name_the_field(override, field):
     assert e.value.field == field and str(e.value).startswith(f"{field}:")
 
 
+def test_broken_yaml_is_a_config_error(tmp_path):
+    """A file or an override that does not parse as YAML is a ConfigError, not a traceback."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage2: [epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"^--config: .*not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"^stage2.lr_milestones: .*not valid YAML"):
+        load_config(CPU, ["stage2.lr_milestones=[1, 2"])
+
+
 def test_overrides_are_typed():
     cfg = load_config(CPU, ["stage2.lr=1e-3", "run.stages=[2]", "cluster.num_workers=4", "run.telemetry_port=9400"])
     assert cfg.stage2.lr == 1e-3 and cfg.run.stages == [2] and cfg.cluster.num_workers == 4
