@@ -1,0 +1,379 @@
+"""Two Ray nodes in two network namespaces (tests/cluster_netns.py): prep and training as `ray job submit` jobs
+across both nodes under token auth, the job API refusing strangers, and faults survived.
+
+One cluster for the module (~4.5 min on 2 busy cores); 160 real LFW faces linked (never copied) into the shared
+folder. Faults are injected into one stage-2 run, one after the other, each once a checkpoint is registered,
+and each is then checked on its own: a training worker SIGKILLed, the worker node's whole Ray (raylet,
+workers, agents) SIGKILLed and the node started again, a checkpoint write failing part-way (RLIMIT_FSIZE on
+one training worker), the shards garbled while the run streams them. Reference: the same stage 2 inside an
+uninterrupted run. The prep job stopped mid-way and submitted again is checked against the first prep.
+
+Reproduce the figures: ``pytest -m cluster -s tests/test_cluster.py`` (prints tasks per node and a fault table).
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.cluster_netns import NetnsCluster
+from tests.fixtures_faces import make_src
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="ip netns needs root")]
+
+N_FACES = 160  # enough work that the worker node's first Ray worker is up before the head drains it all
+PREP = ["--shard-size", "8", "--val", "0.2", "--test", "0", "--png-level", "9", "--no-progress"]
+CPU = "launch/configs/cpu.yaml"
+EVERY = 4  # checkpoint interval in optimizer steps (here = one epoch): the most a fault may cost
+# stage 2: 3 epochs x 4 steps, checkpoints at steps 4, 8, 12
+SHORT = ["data.steps_per_epoch=4", "data.val_batches=1", "run.log_every=1", f"run.checkpoint_every={EVERY}",
+         "run.keep_checkpoints=4", "stage1.epochs=1", "stage2.epochs=3"]
+STEPS2 = 12
+WRITE_FAILED = ("Errno 27", "File too large", "file write failed", "inline_container.cc")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def wait_for(ok, what: str, timeout: float = 300, every: float = 0.5):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = ok()
+        if v:
+            return v
+        time.sleep(every)
+    raise TimeoutError(f"{what}: not after {timeout}s")
+
+
+def job_id(cluster: NetnsCluster, submission_id: str) -> str:
+    return json.loads(cluster.http("head", f"/api/jobs/{submission_id}")[1])["job_id"]
+
+
+def wait_job(cluster: NetnsCluster, submission_id: str, timeout: float = 600) -> str:
+    return wait_for(lambda: (s := cluster.job_status(submission_id)) in ("SUCCEEDED", "FAILED", "STOPPED") and s,
+                    f"job {submission_id} to end", timeout, every=2)
+
+
+def registered(run_dir: Path, stage: int) -> list[int]:
+    """Steps of the checkpoints Ray Train registered (its snapshot: what a restart resumes from)."""
+    snap = run_dir / f"stage{stage}" / "checkpoint_manager_snapshot.json"
+    try:
+        text = snap.read_text()
+    except FileNotFoundError:
+        return []
+    return sorted({int(s) for s in re.findall(r"checkpoint_s(\d{8})_", text)})
+
+
+def rank_log(run_dir: Path, stage: int, rank: int) -> str:
+    p = run_dir / "logs" / f"stage{stage}-rank{rank}.log"
+    return p.read_text() if p.exists() else ""
+
+
+def worker_pids(run_dir: Path, stage: int) -> dict[int, int]:
+    """rank -> pid of the latest process of each rank (rank logs are appended by every attempt)."""
+    out = {}
+    for rank in (0, 1):
+        pids = re.findall(r"rank \d+/\d+ on \S+, pid (\d+)", rank_log(run_dir, stage, rank))
+        if pids:
+            out[rank] = int(pids[-1])
+    return out
+
+
+def netns_of(pid: int) -> str:
+    return subprocess.run(["ip", "netns", "identify", str(pid)], capture_output=True, text=True).stdout.strip()
+
+
+def _log_time(line: str) -> float:
+    """Unix time of a rank-log line (``%(asctime)s``: local time, milliseconds after a comma)."""
+    return time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) + int(line[20:23]) / 1000
+
+
+def attempts(run_dir: Path, stage: int) -> list[dict]:
+    """Rank 0's log cut into attempts: when it started, the step it resumed from (and when), its last step."""
+    out, cur = [], None
+    for line in rank_log(run_dir, stage, 0).splitlines():
+        if re.search(r"rank 0/\d+ on", line):
+            cur = {"t_start": _log_time(line), "resumed": 0, "t_resumed": None, "last": 0}
+            out.append(cur)
+        elif cur is not None and (m := re.search(r"resumed from .* at epoch \d+, step (\d+)", line)):
+            cur["resumed"], cur["t_resumed"] = int(m.group(1)), _log_time(line)
+        elif cur is not None and (m := re.search(r"epoch \d+ step (\d+) ", line)):
+            cur["last"] = max(cur["last"], int(m.group(1)))
+    return out
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+
+
+def done(run_dir: Path, stage: int) -> dict:
+    return json.loads((run_dir / f"stage{stage}.done.json").read_text())
+
+
+def train_entry(*overrides: str) -> list[str]:
+    return ["python", "-m", "launch.train", "--config", CPU, *overrides]
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # a scratch folder of its own: pytest's basetemp can be pruned by other pytest sessions on this machine
+    scratch = Path(tempfile.mkdtemp(prefix="fsr-netns-"))
+    c = NetnsCluster(scratch)
+    yield c
+    c.close()
+    shutil.rmtree(scratch, ignore_errors=True)
+    assert not any(ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+                   for ns in c.ns.values())
+
+
+@pytest.fixture(scope="module")
+def src(cluster) -> Path:
+    src = cluster.shared / "faces"
+    make_src(src, n=N_FACES, bad=False)
+    return src
+
+
+@pytest.fixture(scope="module")
+def prep_job(cluster, src) -> dict:
+    """`facesr prep` submitted as a job (from the worker's namespace) onto the two-node cluster."""
+    out = cluster.shared / "shards"
+    t0 = time.monotonic()
+    res = cluster.submit("python", "-m", "launch.cli", "prep", str(src), str(out), *PREP, submission_id="prep")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return {"out": out, "log": res.stdout, "seconds": time.monotonic() - t0, "job": job_id(cluster, "prep")}
+
+
+@pytest.fixture(scope="module")
+def train_job(cluster, prep_job) -> dict:
+    """Both stages, 2 training workers (1 CPU each; each node offers 1 CPU), uninterrupted: the reference."""
+    runs = cluster.shared / "runs"
+    t0 = time.monotonic()
+    res = cluster.submit(*train_entry(f"data.shards={prep_job['out']}", f"cluster.storage_path={runs}",
+                                      "run.name=ref", "cluster.max_failures=0", *SHORT), submission_id="train")
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-3000:]
+    return {"run": runs / "ref", "seconds": time.monotonic() - t0, "job": job_id(cluster, "train")}
+
+
+# ---------------------------------------------------------------- the cluster itself
+
+
+def test_two_nodes_in_two_namespaces(cluster):
+    """The GCS sees two live nodes, one per namespace address; each node's processes live in its namespace."""
+    assert sorted(cluster.alive_nodes().values()) == [cluster.ip["head"], cluster.ip["worker"]]
+    assert cluster.ns_pids("head") and cluster.ns_pids("worker")
+
+
+def test_job_api_refuses_requests_without_the_token(cluster):
+    """A plain HTTP job submission (from the other namespace) without, or with a wrong, token gets 401/403 and
+    starts nothing; the same request with the token is accepted."""
+    body = {"entrypoint": "echo should-not-run", "submission_id": "intruder"}
+    for token in (None, "0" * 64):
+        status, text = cluster.http("worker", "/api/jobs/", token=token, method="POST", body=body)
+        assert status in (401, 403), (status, text)
+    for path in ("/api/jobs/", "/api/v0/nodes", "/api/version"):
+        assert cluster.http("worker", path, token=None)[0] in (401, 403), path
+    status, _ = cluster.http("worker", "/api/jobs/intruder")
+    assert status == 404  # the refused submission left no job behind
+    cli = subprocess.run(cluster.exec_cmd("worker", "ray", "job", "list", f"--address={cluster.dashboard}"),
+                         env={**cluster.env, "RAY_AUTH_MODE": "token", "HOME": str(cluster.tmp)},  # HOME: no token
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode != 0 and "token" in (cli.stdout + cli.stderr).lower()
+
+
+def test_dashboard_binds_the_configured_address_only(cluster):
+    """--dashboard-host=10.213.0.1: the job API answers there and nowhere else (not on the head's loopback)."""
+    assert cluster.http("head", "/api/version")[0] == 200
+    with pytest.raises(OSError, match="refused"):
+        cluster.http("head", "", url="http://127.0.0.1:8265/api/version")
+
+
+# ---------------------------------------------------------------- jobs across both nodes
+
+
+def test_prep_job_runs_on_both_nodes(cluster, prep_job):
+    """The prep job's Ray tasks ran on both nodes, and the shards it wrote are complete (manifest verified)."""
+    from shards.manifest import read_manifest
+
+    nodes = cluster.alive_nodes()
+    where = Counter(nodes.get(t["node_id"]) for t in cluster.state("tasks", prep_job["job"])
+                    if t["name"] in ("write_shard", "check_chunk", "finished_record"))
+    print(f"\nprep tasks per node: {dict(where)}; {prep_job['seconds']:.0f}s")
+    assert set(where) == {cluster.ip["head"], cluster.ip["worker"]}, where
+    m = read_manifest(prep_job["out"], verify=True)
+    assert sum(d["samples"] for d in m["splits"].values()) == N_FACES
+    assert f"Ray cluster at {cluster.gcs}" in prep_job["log"]
+
+
+def test_training_job_places_one_worker_per_node(cluster, train_job):
+    """Both stages finish with world size 2, one RayTrainWorker on each node (DeepSpeed over gloo on the veth)."""
+    nodes = cluster.alive_nodes()
+    workers = [a for a in cluster.state("actors", train_job["job"]) if a["class_name"] == "RayTrainWorker"]
+    per_stage = Counter(nodes.get(a["node_id"]) for a in workers)
+    print(f"\ntraining workers per node (both stages): {dict(per_stage)}; {train_job['seconds']:.0f}s")
+    assert per_stage == {cluster.ip["head"]: 2, cluster.ip["worker"]: 2}  # 2 stages x 1 worker per node
+    for stage, steps in ((1, 4), (2, STEPS2)):
+        d = done(train_job["run"], stage)
+        assert d["world_size"] == 2 and d["global_step"] == steps
+    assert (train_job["run"] / "srnet.safetensors").is_file()
+
+
+def test_prep_job_stopped_midway_and_resubmitted_is_byte_identical(cluster, src, prep_job):
+    """`ray job stop` on a prep job mid-way, then the same job again: finished shards are kept, the result is
+    byte-identical to the uninterrupted prep (the local SIGKILL variant is tests/test_prep.py::
+    test_resume_after_kill_is_byte_identical)."""
+    out = cluster.shared / "shards-again"
+    args = ("python", "-m", "launch.cli", "prep", str(src), str(out), *PREP)
+    cluster.submit(*args, submission_id="prep-cut", wait=False)
+    wait_for(lambda: list(out.glob("train-*.tar")), "a first shard", 180, every=0.1)
+    stop = subprocess.run(cluster.exec_cmd("worker", "ray", "job", "stop", f"--address={cluster.dashboard}",
+                                           "prep-cut"), env=cluster.env, capture_output=True, text=True, timeout=120)
+    assert stop.returncode == 0, stop.stderr
+    assert wait_job(cluster, "prep-cut") == "STOPPED"
+    assert not (out / "manifest.json").exists(), "stopped too late: prep had finished"
+    kept = len(list(out.glob("*.tar")))
+    res = cluster.submit(*args, submission_id="prep-again")
+    assert res.returncode == 0, res.stdout[-3000:]
+    m = re.search(r"(\d+) written, (\d+) already complete", res.stdout)
+    assert m and int(m.group(2)) >= 1, res.stdout[-2000:]
+    print(f"\nprep stopped with {kept} shards on disk; rerun kept {m.group(2)}, wrote {m.group(1)}")
+    names = sorted(p.name for p in prep_job["out"].iterdir() if p.is_file())
+    _, mismatch, errors = filecmp.cmpfiles(prep_job["out"], out, names, shallow=False)
+    assert not mismatch and not errors
+
+
+# ---------------------------------------------------------------- faults in one stage-2 run
+
+
+@pytest.fixture(scope="module")
+def faulted(cluster, prep_job, train_job) -> dict:
+    """Stage 2 alone (priors of the reference), the faults injected in turn; returns what happened when."""
+    shards = cluster.shared / "shards-faulted"  # a copy: the garbling must not touch the reference's shards
+    shutil.copytree(prep_job["out"], shards)
+    run = cluster.shared / "runs" / "faulted"
+    ref_part = sorted((train_job["run"] / "stage2").glob("checkpoint_*"))[-1] / "state"
+    part_bytes = min(p.stat().st_size for p in ref_part.glob("zero_pp_rank_*_optim_states.pt"))
+    cluster.submit(*train_entry(f"data.shards={shards}", f"cluster.storage_path={cluster.shared / 'runs'}",
+                                "run.name=faulted", "run.stages=[2]",
+                                f"stage2.priors={train_job['run'] / 'priors.safetensors'}",
+                                "cluster.max_failures=4", *SHORT),
+                   submission_id="faulted", wait=False)
+    events = []
+
+    def at_checkpoint(step: int) -> None:
+        wait_for(lambda: step in registered(run, 2), f"checkpoint at step {step}", 400, every=0.1)
+
+    def next_attempt(old: dict, since: float) -> dict:
+        """pids of both ranks of the first attempt started after ``since`` once it has resumed."""
+        wait_for(lambda: (a := attempts(run, 2)) and a[-1]["t_start"] > since and a[-1]["t_resumed"], "resume", 400)
+        return wait_for(lambda: (p := worker_pids(run, 2)) and len(p) == 2 and all(p[r] != old[r] for r in p) and p,
+                        "new workers", 60)
+
+    def fault(name: str) -> None:
+        events.append({"fault": name, "t": time.time(), "checkpoint": registered(run, 2)[-1]})
+
+    # 1. a training worker process (the one in the worker node's namespace) SIGKILLed after checkpoint 4
+    at_checkpoint(EVERY)
+    pids = worker_pids(run, 2)
+    victim = next(p for p in pids.values() if netns_of(p) == cluster.ns["worker"])
+    fault("training worker SIGKILL")
+    os.kill(victim, signal.SIGKILL)
+    # the train shards garbled now, while the run streams them: same size (the manifest check passes), 4 KiB
+    # flipped a quarter into each (every shard: each rank resamples only a few of its shards per epoch)
+    for shard in sorted(shards.glob("train-*.tar")):
+        data = bytearray(shard.read_bytes())
+        for i in range(len(data) // 4, len(data) // 4 + 4096):
+            data[i] ^= 0x5A
+        shard.write_bytes(bytes(data))
+
+    # 2. the worker node's Ray processes SIGKILLed after checkpoint 8, then the node started again
+    pids = next_attempt(pids, events[-1]["t"])
+    at_checkpoint(2 * EVERY)
+    fault("worker node killed")
+    cluster.kill_node("worker")
+    cluster.start_worker()
+
+    # 3. a checkpoint write that fails part-way: one training worker may not write files beyond half a
+    #    ZeRO partition (RLIMIT_FSIZE; Python ignores SIGXFSZ, so the write fails), so the next checkpoint
+    #    (the stage's last) breaks mid-file
+    pids = next_attempt(pids, events[-1]["t"])
+    fault("checkpoint write fails")
+    subprocess.run(["prlimit", f"--pid={pids[1]}", f"--fsize={part_bytes // 2}"], check=True)
+
+    status = wait_job(cluster, "faulted", 600)
+    job_log = subprocess.run(cluster.exec_cmd("worker", "ray", "job", "logs", f"--address={cluster.dashboard}",
+                                              "faulted"), env=cluster.env, capture_output=True, text=True).stdout
+    # the job's log and Ray's session logs of both nodes (workers, Train controller): where the failed write
+    # reports itself (torch.save's zip writer says "unexpected pos" / "file write failed", Python says Errno 27)
+    texts = [job_log] + [p.read_text(errors="replace") for p in cluster.raytmp.glob("*/session_*/logs/**/*")
+                         if p.is_file() and not p.is_symlink() and p.stat().st_size < 2**24]
+    worker_errors = [line for t in texts for line in t.splitlines() if any(m in line for m in WRITE_FAILED)]
+    return {"run": run, "status": status, "events": events, "attempts": attempts(run, 2), "log": job_log,
+            "worker_errors": worker_errors}
+
+
+def _report(f: dict) -> list[dict]:
+    """Per fault: the last step logged before it, the step the next attempt resumed from, steps lost (redone),
+    seconds from the fault to the resumed attempt's restore."""
+    rows = []
+    for ev in f["events"]:
+        before = [a for a in f["attempts"] if a["t_start"] < ev["t"]][-1]
+        after = next(a for a in f["attempts"] if a["t_start"] > ev["t"] and a["t_resumed"])
+        rows.append({"fault": ev["fault"], "last_step": before["last"], "checkpoint": ev["checkpoint"],
+                     "resumed_at": after["resumed"], "steps_lost": before["last"] - after["resumed"],
+                     "recovery_s": after["t_resumed"] - ev["t"]})
+    return rows
+
+
+def test_faulted_run_ends_where_the_uninterrupted_one_did(faulted, train_job):
+    """After all faults the run succeeds with the reference's final step, epoch and LR, every step recorded once."""
+    assert faulted["status"] == "SUCCEEDED", faulted["log"][-4000:]
+    ref, got = done(train_job["run"], 2), done(faulted["run"], 2)
+    assert (got["global_step"], got["epoch"], got["world_size"]) == (ref["global_step"], ref["epoch"], 2)
+    assert got["lr"] == pytest.approx(ref["lr"])
+    steps = [r["step"] for r in records(faulted["run"]) if r["stage"] == 2 and r["split"] == "train"]
+    assert steps == list(range(1, STEPS2 + 1))
+    rows = _report(faulted)
+    print("\n" + "\n".join(f"{r['fault']:<26} last step {r['last_step']}, resumed at {r['resumed_at']}, "
+                           f"lost {r['steps_lost']} step(s), resumed {r['recovery_s']:.0f}s after" for r in rows))
+
+
+@pytest.mark.parametrize("i", [0, 1, 2], ids=["worker-sigkill", "node-killed", "checkpoint-write-fails"])
+def test_each_fault_costs_at_most_one_checkpoint_interval(faulted, i):
+    """Worker SIGKILL, node loss and a failed checkpoint write each resume from the last registered checkpoint:
+    at most ``EVERY`` steps redone. For the failed write, that is the previous checkpoint, not the broken one."""
+    row = _report(faulted)[i]
+    assert row["resumed_at"] >= row["checkpoint"], row  # at least the latest registered when the fault struck
+    assert row["resumed_at"] in registered(faulted["run"], 2), row
+    assert 0 <= row["steps_lost"] <= EVERY, row
+
+
+def test_broken_checkpoint_never_registered(faulted):
+    """The checkpoint whose write failed part-way is not what the next attempt resumed from (the previous one
+    is); the same checkpoint written again by that attempt is complete and registered."""
+    assert faulted["worker_errors"], "no failed write reported in the job's or Ray's logs"
+    print(f"\nfailed checkpoint write reported as: {faulted['worker_errors'][0].strip()[:300]}")
+    row = _report(faulted)[2]
+    broken = row["checkpoint"] + EVERY
+    assert row["resumed_at"] == row["checkpoint"] < broken
+    assert broken in registered(faulted["run"], 2) and STEPS2 in registered(faulted["run"], 2)
+
+
+def test_garbled_shard_skipped_and_counted(faulted):
+    """Shards garbled mid-run: their bad samples are skipped, counted in the train metrics, training goes on."""
+    recs = [r for r in records(faulted["run"]) if r["stage"] == 2 and r["split"] == "train"]
+    assert max(r["decode_errors"] for r in recs) > 0
+    assert recs[-1]["step"] == STEPS2
