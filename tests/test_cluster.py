@@ -194,6 +194,19 @@ def test_job_api_refuses_requests_without_the_token(cluster):
     assert cli.returncode != 0 and "token" in (cli.stdout + cli.stderr).lower()
 
 
+def test_gcs_refuses_a_driver_with_a_wrong_token(cluster):
+    """The GCS port listens on every address of the head (Ray has no bind option for it), so the token is what
+    keeps strangers out there too: a driver in the other namespace with a wrong token cannot join."""
+    from tests.cluster_netns import PY
+
+    code = f"import ray; ray.init(address='{cluster.gcs}', log_to_driver=False); print('JOINED')"
+    env = {**cluster.env, "HOME": str(cluster.tmp), "RAY_AUTH_TOKEN": "0" * 32}  # no token file in this HOME
+    res = subprocess.run(cluster.exec_cmd("worker", PY, "-c", code), env=env, capture_output=True, text=True,
+                         timeout=180)
+    assert res.returncode != 0 and "JOINED" not in res.stdout
+    assert "Failed to connect to Ray cluster" in res.stderr or "uthentication" in res.stderr, res.stderr[-2000:]
+
+
 def test_dashboard_binds_the_configured_address_only(cluster):
     """--dashboard-host=10.213.0.1: the job API answers there and nowhere else (not on the head's loopback)."""
     assert cluster.http("head", "/api/version")[0] == 200
