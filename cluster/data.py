@@ -38,7 +38,7 @@ def build_loader(cfg: TrainConfig, stage: int, split: str, micro_batch: int, ran
 
     train = split == "train"
     name = split_name(cfg, stage, split)
-    manifest = read_manifest(cfg.data.shards)
+    manifest = read_manifest(cfg.data.shards, check_files=False)  # config.check() verified them before the start
     priors = stage == 1
     aug = priors and train and cfg.stage1.augment
     scfg = StreamConfig(

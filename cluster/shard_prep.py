@@ -37,7 +37,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> str:
 
 def ray_map(fn: Callable, arglist: list[tuple], retries: int = 2) -> Iterator[tuple[int, object]]:
     """Mapper for ``shards.prep.prepare``: one Ray task (1 CPU) per call, results in completion order."""
-    task = ray.remote(num_cpus=1, max_retries=retries)(fn)
+    task = ray.remote(num_cpus=1, max_retries=retries, scheduling_strategy="SPREAD")(fn)
     refs = [task.remote(*args) for args in arglist]
     index = {ref: i for i, ref in enumerate(refs)}
     pending = list(refs)

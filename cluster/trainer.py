@@ -52,7 +52,19 @@ def train(cfg: TrainConfig) -> Path:
             _check_priors(cfg, manifest)  # stage 1 of this run must have produced them
         _fit(cfg, number)
         log.info("stage %d finished: %s", number, done.read_text().strip() if done.exists() else "no marker")
+    _summarise(run_dir)
     return run_dir
+
+
+def _summarise(run_dir: Path) -> None:
+    """summary.md + summary.png beside metrics.jsonl, for people without Grafana; never fails the run."""
+    from .summary import write_summary
+
+    try:
+        md, png = write_summary(run_dir)
+        log.info("summary: %s, %s", md, png)
+    except Exception as e:  # a plotting problem must not turn a finished training into a failure
+        log.warning("no summary written: %s", e)
 
 
 def _fit(cfg: TrainConfig, number: int) -> None:

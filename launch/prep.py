@@ -66,5 +66,9 @@ def run(args) -> int:
     except PrepError as exn:
         print(f"facesr prep: error: {exn}", file=sys.stderr)
         return 2
+    except OSError as exn:  # disk full, permissions changed mid-run: finished shards are complete and kept
+        print(f"facesr prep: error: {exn}; finished shards are kept, fix this and rerun the same command "
+              "to finish", file=sys.stderr)
+        return 2
     print(format_summary(summary))
     return 0

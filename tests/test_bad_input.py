@@ -272,10 +272,7 @@ def test_prep_on_a_full_disk_keeps_finished_shards_and_resumes(tmp_path, faces, 
 # ---------------------------------------------------------------- shards damaged under a running training
 
 
-@pytest.mark.parametrize("damage", ["garble", pytest.param("truncate", marks=pytest.mark.xfail(
-    reason="cluster/data.build_loader re-reads the manifest every epoch and read_manifest refuses a shard whose "
-           "size changed, so a shard truncated mid-run stops the next epoch (and every restart) instead of being "
-           "skipped and counted; see the report", raises=Exception, strict=False))])
+@pytest.mark.parametrize("damage", ["garble", "truncate"])
 def test_epoch_loader_skips_a_shard_damaged_mid_run(shards, copy_of, damage):
     """The per-epoch training loader built after a train shard was damaged (as a later epoch or a restarted
     worker builds it) still yields the whole epoch, with the damage counted in ``decode_errors``."""
