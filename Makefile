@@ -7,7 +7,7 @@ FACES   ?= ../shared/data/lfw
 
 SD_DIR  ?= runs/prometheus_sd
 
-.PHONY: test demo venv clean bench monitor
+.PHONY: test demo venv clean bench monitor train-cpu eval identity export
 
 venv: $(STAMP)
 
@@ -23,9 +23,30 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/facesr demo --faces $(FACES)
 
+RUN     ?= runs/demo/runs/demo
+SHARDS  ?= runs/demo/shards
+
 bench: $(STAMP)
 	$(BIN)/facesr bench step --preset tiny
 	$(BIN)/facesr bench step --preset paper
+	$(BIN)/facesr bench data --faces $(FACES)
+
+# A short two-stage run on CelebA identities (the cpu.yaml smoke config).
+train-cpu: $(STAMP)
+	$(BIN)/facesr prep ../shared/data/celeba-ids data/shards/demo --shard-size 200
+	$(BIN)/facesr train --config launch/configs/cpu.yaml
+
+eval: $(STAMP)
+	$(BIN)/facesr eval quality $(RUN) --data $(FACES) --manifest $(SHARDS) --split test --limit 500 --grid 6 --out $(RUN)/eval
+
+runs/embedder/embedder.safetensors: $(STAMP)
+	$(BIN)/facesr eval embedder $@
+
+identity: runs/embedder/embedder.safetensors
+	$(BIN)/facesr eval identity $(RUN) --embedder $< --manifest $(SHARDS) --split test --out $(RUN)/identity
+
+export: $(STAMP)
+	$(BIN)/facesr export $(RUN) $(RUN)/export
 
 # Prometheus on loopback, scraping every exporter listed in $(SD_DIR) (file_sd).
 monitor: $(STAMP)

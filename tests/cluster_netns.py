@@ -238,11 +238,9 @@ class NetnsCluster:
         if self._closed:
             return
         self._closed = True
-        for role in ("worker", "head"):
-            if self.ns[role] in _sh("ip", "netns", "list", check=False).stdout:
-                _sh(*self.exec_cmd(role, RAY, "stop", "--force"), env=getattr(self, "env", None), check=False,
-                    timeout=60)
-        for _ in range(5):  # whatever survived `ray stop`
+        # No `ray stop` here: it finds Ray processes by name across the whole host (namespaces do not
+        # separate processes), so it would also kill any other Ray on the machine. Kill by namespace PID only.
+        for _ in range(5):
             left = [pid for role in self.ns for pid in self.ns_pids(role)]
             if not left:
                 break
