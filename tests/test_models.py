@@ -39,11 +39,11 @@ def test_deploy_keeps_8x_output(preset):
     assert sum(p.numel() for p in deploy.parameters()) < sum(p.numel() for p in net.parameters())
 
 
-def test_initial_output_is_bilinear_upsampling():
-    """Zero-initialised branch outputs start the cascade at the bilinear image (stable early training)."""
+def test_initial_output_is_bicubic_upsampling():
+    """Zero-initialised branch outputs start the cascade at the bicubic image (stable early training)."""
     net = SRNet(PRESETS["tiny"].sr)
     x = torch.rand(1, 3, 24, 24)
-    up = torch.nn.functional.interpolate(x, size=(192, 192), mode="bilinear", align_corners=False)
+    up = torch.nn.functional.interpolate(x, size=(192, 192), mode="bicubic", align_corners=False)
     assert torch.allclose(net(x)["hr"], up, atol=1e-6)
 
 

@@ -35,7 +35,7 @@ class SRNetConfig:
     blocks: int = 8  # residual blocks per module; 8 gives the paper's 53-layer depth
     branch_kernels: tuple[int, int] = (9, 5)  # the branches' "large-filter" convs (SRCNN-like 9 then 5)
     act: str = "relu"  # activation in blocks and upsamplers: relu | prelu | silu
-    image_skip: bool = True  # branches predict a correction to the bilinear upsampling of lr (faster, stabler start)
+    image_skip: bool = True  # branches predict a correction to the bicubic upsampling of lr: training starts at the baseline
 
 
 def _act(name: str, channels: int) -> nn.Module:
@@ -90,7 +90,7 @@ class Branch(nn.Module):
             _act(act, mid),
             nn.Conv2d(mid, 3, k2, padding=k2 // 2),
         )
-        nn.init.zeros_(self.body[-1].weight)  # start from the skip image (bilinear upsampling)
+        nn.init.zeros_(self.body[-1].weight)  # start from the skip image (bicubic upsampling)
         nn.init.zeros_(self.body[-1].bias)
 
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
@@ -98,7 +98,7 @@ class Branch(nn.Module):
 
 
 def _skip(lr: torch.Tensor, size: int) -> torch.Tensor:
-    return F.interpolate(lr, size=(size, size), mode="bilinear", align_corners=False)
+    return F.interpolate(lr, size=(size, size), mode="bicubic", align_corners=False)
 
 
 class SRNet(nn.Module):
