@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import subprocess
+import tempfile
 import sys
 import time
 import urllib.error
@@ -27,16 +28,15 @@ from facesr.vocab import SCALES
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "cluster" / "grafana" / "dashboards" / "facesr.json"
-# The run being monitored; the test appends --run-dir and run.*/cluster.* overrides. The
-# stand-in takes launch.train's command line, so the real short CPU run is this one line:
-# WORKLOAD = [sys.executable, "-m", "launch.train", "--config", "launch/configs/cpu.yaml"]
-WORKLOAD = [sys.executable, "-m", "tests.monitoring_workload", "--config", "launch/configs/cpu.yaml"]
+# The run being monitored: a real short CPU training (Ray Train + DeepSpeed, both stages) on tiny
+# real shards; the test appends --run-dir, the shards and run.*/cluster.* overrides.
+WORKLOAD = [sys.executable, "-m", "launch.train", "--config", "launch/configs/cpu.yaml"]
 WORKERS = 2
 RUN = "monitoring-e2e"
 PER_SCALE = re.compile(r"\bfacesr_(ssim|ce|acc|psnr)\b")  # families labelled by scale
 RATE_INTERVAL = "10s"  # $__rate_interval for a 1 s scrape interval
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def panels(dashboard: dict) -> list[dict]:
@@ -110,16 +110,24 @@ def prometheus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run_window(prometheus, tmp_path_factory):
-    """Runs WORKLOAD to completion; returns (t_start, t_end, run_dir)."""
+    """Runs WORKLOAD to completion; yields (t_start, t_end, run_dir), removes its scratch after."""
     _, sd_dir = prometheus
-    run_dir = tmp_path_factory.mktemp("runs") / RUN
-    cmd = WORKLOAD + ["--run-dir", str(run_dir), f"run.name={RUN}",
+    from tests.test_train import FAST, make_shards
+
+    scratch = Path(tempfile.mkdtemp(prefix="fsr-mon-"))  # private: pytest's basetemp is pruned by other sessions
+    run_dir = scratch / "runs" / RUN
+    shards = make_shards(scratch / "data")
+    cmd = WORKLOAD + ["--run-dir", str(run_dir), f"run.name={RUN}", f"data.shards={shards}",
+                      f"cluster.storage_path={scratch / 'runs'}", *FAST,
                       f"run.telemetry_port={monitor.free_port()}", f"run.telemetry_sd_dir={sd_dir}",
                       f"cluster.num_workers={WORKERS}"]
-    t_start = time.time()
-    subprocess.run(cmd, cwd=ROOT, check=True, timeout=300)
-    t_end = time.time()
-    return t_start, t_end, run_dir
+    try:
+        t_start = time.time()
+        subprocess.run(cmd, cwd=ROOT, check=True, timeout=600)
+        t_end = time.time()
+        yield t_start, t_end, run_dir
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def test_rendered_config_is_valid(prometheus, tmp_path):
