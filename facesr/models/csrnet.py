@@ -35,6 +35,10 @@ class SRNetConfig:
     blocks: int = 8  # residual blocks per module; 8 gives the paper's 53-layer depth
     branch_kernels: tuple[int, int] = (9, 5)  # the branches' "large-filter" convs (SRCNN-like 9 then 5)
     act: str = "relu"  # activation in blocks and upsamplers: relu | prelu | silu
+    # Between the branch convs: no BN there, so a ReLU can die, and a dead one cuts the image
+    # branch off for good (seen: every hidden ReLU of the tiny demo's three branches dead after
+    # one epoch at the paper's lr, the output frozen at bicubic). PReLU keeps a gradient.
+    branch_act: str = "prelu"
     image_skip: bool = True  # branches predict a correction to the bicubic upsampling of lr: training starts at the baseline
 
 
@@ -109,7 +113,7 @@ class SRNet(nn.Module):
         self.cfg = cfg
         c_in = (3,) + tuple(cfg.widths[:-1])
         self.stages = nn.ModuleList(SRModule(i, o, cfg.blocks, cfg.act) for i, o in zip(c_in, cfg.widths))
-        self.branches = nn.ModuleList(Branch(c, cfg.branch_kernels, cfg.act) for c in cfg.widths)
+        self.branches = nn.ModuleList(Branch(c, cfg.branch_kernels, cfg.branch_act) for c in cfg.widths)
         for m in self.modules():
             if isinstance(m, nn.Conv2d) and m not in (b.body[-1] for b in self.branches):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")

@@ -1,0 +1,78 @@
+"""The cascade learns past its bicubic starting point on real faces at the paper's stage-2 settings.
+
+A regression test for a silent failure: with ReLUs between the branch convs (no BN there), every
+hidden unit of the tiny demo's three branches died within an epoch at Adam lr 10/3·10⁻³, and the
+network's output stayed bicubic + a constant for the rest of training while the loss curve looked
+merely flat. Single process, no priors (α = 0): this checks the architecture and optimiser, not
+the distributed machinery (tests/test_train.py does that).
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from facesr.degrade import quadruplet
+from facesr.losses import ssim, ssim_loss
+from facesr.models import PRESETS, SRNet
+from facesr.vocab import TARGETS
+
+from .conftest import LFW
+
+STEPS, BATCH, LR = 100, 8, 10 / 3 * 1e-3  # the paper's stage-2 Adam lr and batch
+
+
+def _faces(n: int, skip: int = 0) -> dict[str, torch.Tensor]:
+    """Quadruplets of n LFW faces, one per person, people in name order from ``skip``."""
+    people = sorted(p for p in LFW.iterdir() if p.is_dir())[skip:skip + n]
+    imgs = [torch.from_numpy(np.asarray(Image.open(sorted(p.iterdir())[0]).convert("RGB")).copy())
+            .permute(2, 0, 1).float() / 255 for p in people]
+    quads = [quadruplet(img) for img in imgs]
+    return {k: torch.stack([q[k] for q in quads]) for k in quads[0]}
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    train, held = _faces(64), _faces(32, skip=2000)
+    net = SRNet(PRESETS["tiny"].sr)
+    opt = torch.optim.Adam(net.parameters(), lr=LR)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(STEPS):
+        idx = torch.randint(0, 64, (BATCH,), generator=gen)
+        out = net(train["lr"][idx])
+        loss = sum(ssim_loss(out[k], train[k][idx]) for k in TARGETS)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return net.eval(), held
+
+
+def test_branches_stay_alive(trained):
+    """Every branch's hidden layer still passes signal (a dead one freezes its image at bicubic)."""
+    net, held = trained
+    hidden = {}
+    hooks = [b.body[1].register_forward_hook(lambda m, i, o, k=k: hidden.__setitem__(k, o))
+             for k, b in zip(TARGETS, net.branches)]
+    with torch.no_grad():
+        net(held["lr"])
+    for h in hooks:
+        h.remove()
+    for k, h in hidden.items():  # a dead ReLU layer is exactly 0 everywhere
+        spread = float(h.float().std(dim=(0, 2, 3)).max())
+        assert spread > 1e-3, f"branch {k}: hidden layer constant over faces and pixels (std {spread:.2e})"
+
+
+def test_beats_bicubic_on_unseen_faces(trained):
+    """After 100 steps, SSIM on 32 unseen people beats bicubic upsampling of the same lr at every scale."""
+    net, held = trained
+    with torch.no_grad():
+        out = net(held["lr"])
+    for k in TARGETS:
+        size = held[k].shape[-1]
+        bicubic = F.interpolate(held["lr"], size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+        gain = float(ssim(out[k].clamp(0, 1), held[k]) - ssim(bicubic, held[k]))
+        assert gain > 0.01, f"{k}: SSIM gain over bicubic {gain:+.4f}"
