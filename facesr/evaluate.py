@@ -196,10 +196,9 @@ def format_table(report: dict) -> str:
     """Table 1 style: methods as columns, PSNR / SSIM / SSIM with the paper's constants as rows, per scale."""
     res = report["results"]
     methods = [*BASELINES, *report["models"]]
-    gains = [f"+{n}" if len(n) < 9 else "gain" for n in report["models"]]
-    width = max(10, *(len(m) + 1 for m in methods))
-    head = f"{'scale':<6}{'metric':<13}" + "".join(f"{m:>{width}}" for m in methods)
-    head += "".join(f"{'Δ ' + g:>{max(width, 10)}}" for g in gains)
+    gains = [f"Δ {n}" for n in report["models"]]  # each model's gain column, named after it
+    width = max(10, *(len(m) + 1 for m in [*methods, *gains]))
+    head = f"{'scale':<6}{'metric':<13}" + "".join(f"{m:>{width}}" for m in [*methods, *gains])
     lines = [
         f"PSNR [dB] and SSIM on {report['images']} faces — {report['protocol']['source']}",
         "(Δ = model minus bicubic; SSIM* = paper's constants C1=6.55, C2=58.98 on 0-255)",
@@ -211,7 +210,7 @@ def format_table(report: dict) -> str:
         for i, (key, label, fmt) in enumerate(rows):
             cells = "".join(f"{res[m][s][key]:>{width}{fmt}}" for m in methods)
             cells += "".join(
-                f"{report['gain_over_bicubic'][n][s][key]:>+{max(width, 10)}{fmt}}" for n in report["models"]
+                f"{report['gain_over_bicubic'][n][s][key]:>+{width}{fmt}}" for n in report["models"]
             )
             lines.append(f"{s if i == 0 else '':<6}{label:<13}{cells}")
     p = report["paper_table1"]["x8"]
