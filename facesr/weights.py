@@ -97,7 +97,7 @@ def load_srnet(path, device: str | torch.device = "cpu") -> SRNet:
     meta = read_meta(path)
     if meta["kind"] != "srnet":
         raise ValueError(f"{path}: holds {meta['kind']!r}, not an SR network")
-    sr = meta["sr"]
+    sr = {"branch_act": "relu", **meta["sr"]}  # files written before branch_act existed had ReLU branches
     cfg = SRNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in sr.items()})
     net = SRNet(cfg)
     net.load_state_dict(load_file(str(path), device="cpu"))
