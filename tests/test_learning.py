@@ -7,7 +7,6 @@ merely flat. Single process, no priors (α = 0): this checks the architecture an
 the distributed machinery (tests/test_train.py does that).
 """
 
-from pathlib import Path
 
 import numpy as np
 import pytest

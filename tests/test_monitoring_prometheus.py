@@ -109,7 +109,7 @@ def prometheus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run_window(prometheus, tmp_path_factory):
+def run_window(prometheus):
     """Runs WORKLOAD to completion; yields (t_start, t_end, run_dir), removes its scratch after."""
     _, sd_dir = prometheus
     from tests.test_train import FAST, make_shards
