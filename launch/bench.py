@@ -20,6 +20,8 @@ def configure(p) -> None:
     s.add_argument("--seconds", type=float, default=10.0, help="measuring time per variant")
     s.add_argument("--compile", action="store_true", help="torch.compile the SR network")
     s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--device", default="cpu", help="cpu, or cuda where a GPU is present")
+    s.add_argument("--peak-seconds", type=float, default=3.0, help="measuring time per conv peak")
     s.add_argument("--out", default=None, help="JSON path (default bench/step-<preset>.json)")
     for kind, module in OTHERS.items():
         if importlib.util.find_spec(module) is not None:
@@ -35,9 +37,11 @@ def run(args) -> int:
     from facesr.bench_step import StepBench, run_bench
 
     cfg = StepBench(preset=args.preset, batch=args.batch, seconds=args.seconds,
-                    compile=args.compile, threads=args.threads)
+                    compile=args.compile, threads=args.threads, device=args.device,
+                    peak_seconds=args.peak_seconds)
     result = run_bench(cfg)
-    out = Path(args.out or f"bench/step-{args.preset}{'-compiled' if args.compile else ''}.json")
+    out = Path(args.out or f"bench/step-{args.preset}{'-compiled' if args.compile else ''}"
+                                f"{'' if args.device == 'cpu' else '-' + args.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")

@@ -1,0 +1,23 @@
+"""`facesr bench step` runs end to end and writes what the closing notes quote (structure, not timings)."""
+
+import json
+
+from facesr.bench_step import ISA_FLAGS
+from launch.cli import main
+
+
+def test_bench_step_tiny_writes_machine_peaks_and_ratio(tmp_path):
+    out = tmp_path / "step.json"
+    assert main(["bench", "step", "--preset", "tiny", "--batch", "2", "--seconds", "0",
+                 "--peak-seconds", "0", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["machine"]["cpu"] and set(r["machine"]["isa"]) <= set(ISA_FLAGS)
+    assert r["machine"]["amx"] == ("amx_bf16" in r["machine"]["isa"])
+    assert r["peaks"]["bf16"]["dtype"] == "torch.bfloat16" and r["peaks"]["fp32"]["dtype"] == "torch.float32"
+    v = r["variants"]
+    assert set(v) == {"fp32_nchw", "bf16_channels_last"} and r["step_gflop"] > 0
+    ratio = v["bf16_channels_last"]["images_per_s"] / v["fp32_nchw"]["images_per_s"]
+    assert abs(r["speedup_bf16_cl_over_fp32"] - ratio) < 1e-9
+    assert abs(r["speedup_bound_here"] - r["peaks"]["bf16"]["gflops_per_s"] / v["fp32_nchw"]["gflops_per_s"]) < 1e-9
+    assert r["targets"] is None  # the issue's targets are for the paper preset only
+
