@@ -18,6 +18,7 @@ exists (e.g. batch 8 on 3 workers) the run is refused before it starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -33,6 +34,7 @@ class ConfigError(ValueError):
     def __init__(self, field_name: str, msg: str):
         super().__init__(f"{field_name}: {msg}")
         self.field = field_name
+        self.message = msg
 
 
 @dataclass
@@ -64,6 +66,12 @@ class DataConfig:
 class ClusterConfig:
     address: str = ""  # Ray address; "" = RAY_ADDRESS if set (ray job submit sets it), else a new local cluster
     num_workers: int = 2  # data-parallel training workers (Ray Train ScalingConfig.num_workers)
+    # Elastic training: 0 = fixed at num_workers (a lost node is waited for). 1 <= min_workers < num_workers:
+    # after a failure Ray Train restarts from the latest checkpoint with as many workers as the cluster can
+    # place (at least min_workers) and grows back to num_workers when nodes return. Needs checkpoints that
+    # load at any world size, so engine.zero_stage must be 0, and the global batch must split at every size.
+    min_workers: int = 0
+    elastic_resize_s: float = 60.0  # elastic: how often a healthy worker group checks whether it can grow
     use_gpu: bool = False  # one GPU per worker, NCCL; False = CPU workers, DeepSpeed's CPU accelerator over gloo
     cpus_per_worker: float = 1.0  # CPUs reserved per worker; also its torch thread count
     gpus_per_worker: float = 1.0  # GPUs reserved per worker when use_gpu
@@ -136,6 +144,16 @@ class TrainConfig:
     @property
     def priors_path(self) -> Path:
         return Path(self.stage2.priors) if self.stage2.priors else self.run_path / "priors.safetensors"
+
+    @property
+    def elastic(self) -> bool:
+        return 0 < self.cluster.min_workers < self.cluster.num_workers
+
+    @property
+    def world_sizes(self) -> range:
+        """Every data-parallel world size this run may train at."""
+        low = self.cluster.min_workers if self.elastic else self.cluster.num_workers
+        return range(low, self.cluster.num_workers + 1)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -332,6 +350,13 @@ def check(cfg: TrainConfig) -> dict:
         raise ConfigError("run.name", f"use letters, digits, '_', '-', '.' only, got {cfg.run.name!r}")
     if cfg.cluster.num_workers < 1:
         raise ConfigError("cluster.num_workers", "need at least one worker")
+    if not 0 <= cfg.cluster.min_workers <= cfg.cluster.num_workers:
+        raise ConfigError("cluster.min_workers", f"expected 0 (fixed) to num_workers={cfg.cluster.num_workers}, "
+                          f"got {cfg.cluster.min_workers}")
+    if cfg.elastic and cfg.engine.zero_stage != 0:
+        raise ConfigError("engine.zero_stage", f"elastic training (cluster.min_workers={cfg.cluster.min_workers} < "
+                          f"num_workers={cfg.cluster.num_workers}) needs checkpoints that load at another world "
+                          f"size: ZeRO {cfg.engine.zero_stage} shards the optimizer state per worker; use 0")
     if cfg.engine.zero_stage not in (0, 1, 2):
         raise ConfigError("engine.zero_stage", f"expected 0, 1 or 2, got {cfg.engine.zero_stage}")
     if cfg.engine.batchnorm not in ("local", "sync"):
@@ -345,7 +370,16 @@ def check(cfg: TrainConfig) -> dict:
                 raise ConfigError(f"stage{s}.{f}", "must be at least 1")
         if st.lr <= 0:
             raise ConfigError(f"stage{s}.lr", "must be positive")
-        accumulation(st.batch_size, cfg.cluster.num_workers, st.max_micro_batch, f"stage{s}.batch_size")
+        for world in cfg.world_sizes:
+            try:
+                accumulation(st.batch_size, world, st.max_micro_batch, f"stage{s}.batch_size")
+            except ConfigError as e:
+                if not cfg.elastic:
+                    raise
+                lcm = math.lcm(*cfg.world_sizes)
+                raise ConfigError(e.field, f"{e.message}; an elastic run may train at any of "
+                                  f"{cfg.world_sizes.start}..{cfg.world_sizes.stop - 1} workers, so the global "
+                                  f"batch must be a multiple of {lcm} (or narrow cluster.min_workers)") from None
 
     if cfg.stage2.priors and 1 in cfg.run.stages:
         raise ConfigError("stage2.priors", "set it only for a stage-2 run (run.stages=[2]); stage 1 writes "

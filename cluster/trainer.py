@@ -37,6 +37,10 @@ def train(cfg: TrainConfig) -> Path:
     cfg = resolve(cfg)
     manifest = check(cfg)
     run_dir = cfg.run_path
+    if not _is_uri(cfg.cluster.storage_path):
+        for number in cfg.run.stages:
+            if not done_path(run_dir, number).exists():
+                check_resume_world(run_dir / f"stage{number}", cfg)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     _log_to(run_dir / "logs" / "driver.log")
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -78,11 +82,13 @@ def _fit(cfg: TrainConfig, number: int) -> None:
     if c.use_gpu:
         resources["GPU"] = c.gpus_per_worker
     storage = cfg.run.run_dir if not _is_uri(c.storage_path) else f"{c.storage_path.rstrip('/')}/{cfg.run.name}"
+    workers = (c.min_workers, c.num_workers) if cfg.elastic else c.num_workers
     trainer = TorchTrainer(
         worker_main,
         train_loop_config={"cfg": cfg.to_dict(), "stage": number},
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=c.use_gpu, resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=c.elastic_resize_s),
         run_config=RunConfig(
             name=f"stage{number}",
             storage_path=storage,
@@ -91,6 +97,27 @@ def _fit(cfg: TrainConfig, number: int) -> None:
         ),
     )
     trainer.fit()
+
+
+def check_resume_world(stage_dir: Path, cfg: TrainConfig) -> None:
+    """Refuse, before any worker starts, to resume a ZeRO 1-2 checkpoint at another world size.
+
+    Such a checkpoint holds one optimizer-state partition per worker (``zero_pp_rank_<r>_…``) and DeepSpeed
+    loads it only at the world size that wrote it; ZeRO 0 checkpoints (one full state) load at any size.
+    The newest checkpoint folder is the one Ray Train restores (or a newer one it had not yet registered,
+    written by the same workers).
+    """
+    folders = sorted(stage_dir.glob("checkpoint_*"))
+    if not folders:
+        return
+    parts = len(list((folders[-1] / "state").glob("zero_pp_rank_*_optim_states.pt")))
+    if parts and parts not in cfg.world_sizes:
+        raise ConfigError(
+            "cluster.num_workers",
+            f"{folders[-1]} was written by {parts} workers with ZeRO optimizer-state sharding and loads only at "
+            f"world size {parts}; resume with cluster.num_workers={parts} (nothing of the run is lost), or start "
+            f"a new run.name. Elastic runs (cluster.min_workers) use engine.zero_stage=0, which resumes at any size",
+        )
 
 
 def _ray_init(cfg: TrainConfig) -> None:

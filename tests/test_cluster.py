@@ -1,12 +1,14 @@
 """Two Ray nodes in two network namespaces (tests/cluster_netns.py): prep and training as `ray job submit` jobs
 across both nodes under token auth, the job API refusing strangers, and faults survived.
 
-One cluster for the module (~4.5 min on 2 busy cores); 160 real LFW faces linked (never copied) into the shared
+One cluster for the module (~6 min on 2 busy cores); 160 real LFW faces linked (never copied) into the shared
 folder. Faults are injected into one stage-2 run, one after the other, each once a checkpoint is registered,
 and each is then checked on its own: a training worker SIGKILLed, the worker node's whole Ray (raylet,
 workers, agents) SIGKILLed and the node started again, a checkpoint write failing part-way (RLIMIT_FSIZE on
 one training worker), the shards garbled while the run streams them. Reference: the same stage 2 inside an
 uninterrupted run. The prep job stopped mid-way and submitted again is checked against the first prep.
+Last, an elastic stage-2 run (cluster.min_workers=1, ZeRO 0) loses the worker node for good and must finish
+on the head alone.
 
 Reproduce the figures: ``pytest -m cluster -s tests/test_cluster.py`` (prints tasks per node and a fault table).
 """
@@ -390,3 +392,44 @@ def test_garbled_shard_skipped_and_counted(faulted):
     recs = [r for r in records(faulted["run"]) if r["stage"] == 2 and r["split"] == "train"]
     assert max(r["decode_errors"] for r in recs) > 0
     assert recs[-1]["step"] == STEPS2
+
+
+# ---------------------------------------------------------------- elastic: a node lost for good (runs last)
+
+
+@pytest.fixture(scope="module")
+def elastic(cluster, prep_job, train_job, faulted) -> dict:
+    """Stage 2 as an elastic run (2 workers, at least 1; ZeRO 0 so a checkpoint loads at any world size); once
+    a checkpoint is registered the worker node is killed and NOT started again. Needs ``faulted`` done first: it
+    restarts the worker node this one removes."""
+    run = cluster.shared / "runs" / "elastic"
+    cluster.submit(*train_entry(f"data.shards={prep_job['out']}", f"cluster.storage_path={cluster.shared / 'runs'}",
+                                "run.name=elastic", "run.stages=[2]",
+                                f"stage2.priors={train_job['run'] / 'priors.safetensors'}",
+                                "cluster.max_failures=2", "cluster.min_workers=1", "engine.zero_stage=0", *SHORT),
+                   role="head", submission_id="elastic", wait=False)
+    wait_for(lambda: EVERY in registered(run, 2), f"checkpoint at step {EVERY}", 400, every=0.1)
+    event = {"t": time.time(), "checkpoint": registered(run, 2)[-1], "last": attempts(run, 2)[-1]["last"]}
+    cluster.kill_node("worker")
+    status = wait_job(cluster, "elastic", 600)
+    log = subprocess.run(cluster.exec_cmd("head", "ray", "job", "logs", f"--address={cluster.dashboard}", "elastic"),
+                         env=cluster.env, capture_output=True, text=True).stdout
+    return {"run": run, "status": status, "event": event, "attempts": attempts(run, 2), "log": log}
+
+
+def test_elastic_run_finishes_on_the_nodes_left(elastic, train_job):
+    """Losing a node for good: the run resumes from the last registered checkpoint with one worker (the
+    2-worker ZeRO-0 checkpoint loads at world size 1) and ends at the reference's step, epoch and LR, every step
+    recorded once. A fixed-size run would wait for the node instead."""
+    assert elastic["status"] == "SUCCEEDED", elastic["log"][-4000:]
+    ev = elastic["event"]
+    after = next(a for a in elastic["attempts"] if a["t_start"] > ev["t"] and a["t_resumed"])
+    lost = ev["last"] - after["resumed"]
+    print(f"\nelastic: node lost at step {ev['last']}, resumed at {after['resumed']} on 1 worker, lost {lost} "
+          f"step(s), resumed {after['t_resumed'] - ev['t']:.0f}s after")
+    assert after["resumed"] >= ev["checkpoint"] and 0 <= lost <= EVERY
+    ref, got = done(train_job["run"], 2), done(elastic["run"], 2)
+    assert (got["global_step"], got["epoch"], got["world_size"]) == (ref["global_step"], ref["epoch"], 1)
+    assert got["lr"] == pytest.approx(ref["lr"])
+    steps = [r["step"] for r in records(elastic["run"]) if r["stage"] == 2 and r["split"] == "train"]
+    assert steps == list(range(1, STEPS2 + 1))

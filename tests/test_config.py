@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -104,6 +105,10 @@ def test_overrides_are_typed():
         (["run.stages=[2, 1]"], "run.stages"),
         (["preset=huge"], "preset"),
         (["stage2.priors=/some/priors.safetensors"], "stage2.priors"),  # stage 1 would overwrite them
+        (["cluster.min_workers=3"], "cluster.min_workers"),  # more than num_workers=2
+        (["cluster.min_workers=1"], "engine.zero_stage"),  # elastic with ZeRO-1: checkpoints tied to a world size
+        # elastic 2..4 workers: 16 and 8 split over 2 and 4 but not over 3
+        (["cluster.min_workers=2", "cluster.num_workers=4", "engine.zero_stage=0"], "stage1.batch_size"),
     ],
 )
 def test_inconsistent_settings_are_refused(overrides, field, shards):
@@ -111,6 +116,19 @@ def test_inconsistent_settings_are_refused(overrides, field, shards):
     with pytest.raises(ConfigError) as e:
         check(cfg)
     assert e.value.field == field
+
+
+def test_elastic_range_is_checked_at_every_world_size(shards):
+    cfg = resolve(load_config(CPU, [f"data.shards={shards}", "cluster.min_workers=1", "cluster.num_workers=4",
+                                    "engine.zero_stage=0", "stage1.batch_size=12", "stage2.batch_size=12"]))
+    assert cfg.elastic and list(cfg.world_sizes) == [1, 2, 3, 4]
+    check(cfg)  # 12 splits over 1, 2, 3 and 4 workers
+    three = resolve(load_config(CPU, [f"data.shards={shards}", "cluster.min_workers=2", "cluster.num_workers=3",
+                                      "engine.zero_stage=0"]))
+    with pytest.raises(ConfigError, match=r"over 3 workers.*2\.\.3 workers, so the global batch must be a multiple of 6"):
+        check(dataclasses.replace(three, stage1=dataclasses.replace(three.stage1, batch_size=4)))
+    fixed = resolve(load_config(CPU, [f"data.shards={shards}", "cluster.min_workers=2"]))  # min == num: fixed
+    assert not fixed.elastic and list(fixed.world_sizes) == [2]
 
 
 def test_missing_shards_are_refused(tmp_path):

@@ -260,6 +260,32 @@ def test_checkpoints_load_weights_only_and_hold_no_priors(job_run):
     assert n_params <= n_opt <= n_params + 64  # the two ZeRO partitions cover the cascade (plus alignment)
 
 
+def test_resuming_zero1_checkpoints_at_another_world_size_is_refused_before_ray(job_run, shards, scratch):
+    """The 2-worker ZeRO-1 run's checkpoints hold one optimizer partition per worker: restarting that run with
+    one worker is refused by the driver (field, folder, the fix) before Ray starts and before anything in the
+    run folder changes; with two it goes ahead."""
+    from cluster.config import ConfigError, load_config, resolve
+    from cluster.trainer import check_resume_world
+
+    def cfg(*more):
+        return resolve(load_config(CPU, [f"data.shards={shards}", f"run.run_dir={job_run}", *more]))
+
+    with pytest.raises(ConfigError, match="written by 2 workers") as e:
+        check_resume_world(job_run / "stage2", cfg("cluster.num_workers=1"))
+    assert e.value.field == "cluster.num_workers" and "cluster.num_workers=2" in str(e.value)
+    check_resume_world(job_run / "stage2", cfg())  # the world size that wrote it
+    # the user's path: stage 2 interrupted (its checkpoints, no done marker), restarted with one worker
+    again = scratch / "interrupted"
+    shutil.copytree(job_run / "stage2", again / "stage2")
+    res = subprocess.run([PY, "-m", "launch.train", "--config", CPU, f"data.shards={shards}",
+                          f"run.run_dir={again}", "cluster.num_workers=1", "run.stages=[2]",
+                          f"stage2.priors={job_run / 'priors.safetensors'}"],
+                         cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "cluster.num_workers: " in res.stderr and "written by 2 workers" in res.stderr
+    assert "Ray instance" not in res.stderr + res.stdout and not (again / "config.yaml").exists()
+    assert sorted(p.name for p in (again / "stage2").iterdir()) == sorted(p.name for p in (job_run / "stage2").iterdir())
+
+
 def test_losses_fall_and_metrics_are_recorded(job_run):
     """Train losses fall in both stages; validation reports top-1 per scale (stage 1), SSIM/PSNR per scale (2)."""
     recs = records(job_run)
