@@ -37,7 +37,7 @@ def train(cfg: TrainConfig) -> Path:
     cfg = resolve(cfg)
     manifest = check(cfg)
     run_dir = cfg.run_path
-    if not _is_uri(cfg.cluster.storage_path):
+    if not _is_uri(cfg.cluster.storage_path):  # checkpoints in a folder we can list (s3://… is not looked into)
         for number in cfg.run.stages:
             if not done_path(run_dir, number).exists():
                 check_resume_world(run_dir / f"stage{number}", cfg)

@@ -50,18 +50,14 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 
 def machine_info(device: str = "cpu") -> dict:
     """What the figures depend on: CPU model and the ISA extensions oneDNN dispatches on (GPU name on cuda)."""
-    info = {"cpu": platform.processor() or platform.machine(), "isa": [],
+    first = {}  # the first processor's block of /proc/cpuinfo (Linux); elsewhere only what platform says
+    if Path("/proc/cpuinfo").exists():
+        block = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+        first = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in block.splitlines())}
+    flags = set(first.get("flags", "").split())
+    info = {"cpu": first.get("model name") or platform.processor() or platform.machine(),
+            "isa": [f for f in ISA_FLAGS if f in flags],
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            key, _, val = line.partition(":")
-            if key.strip() == "model name" and info["cpu"] in ("", platform.machine(), platform.processor()):
-                info["cpu"] = val.strip()
-            if key.strip() == "flags":
-                flags = set(val.split())
-                info["isa"] = [f for f in ISA_FLAGS if f in flags]
-                break
     info["amx"] = "amx_bf16" in info["isa"]
     if torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
