@@ -7,8 +7,8 @@ and each is then checked on its own: a training worker SIGKILLed, the worker nod
 workers, agents) SIGKILLed and the node started again, a checkpoint write failing part-way (RLIMIT_FSIZE on
 one training worker), the shards garbled while the run streams them. Reference: the same stage 2 inside an
 uninterrupted run. The prep job stopped mid-way and submitted again is checked against the first prep.
-Last, an elastic stage-2 run (cluster.min_workers=1, ZeRO 0) loses the worker node for good and must finish
-on the head alone.
+Last, an elastic stage-2 run (cluster.min_workers=1, ZeRO 0) loses the worker node, must go on on the head
+alone, and grows back to two workers when the node returns.
 
 Reproduce the figures: ``pytest -m cluster -s tests/test_cluster.py`` (prints tasks per node and a fault table).
 """
@@ -105,8 +105,8 @@ def attempts(run_dir: Path, stage: int) -> list[dict]:
     """Rank 0's log cut into attempts: when it started, the step it resumed from (and when), its last step."""
     out, cur = [], None
     for line in rank_log(run_dir, stage, 0).splitlines():
-        if re.search(r"rank 0/\d+ on", line):
-            cur = {"t_start": _log_time(line), "resumed": 0, "t_resumed": None, "last": 0}
+        if m := re.search(r"rank 0/(\d+) on", line):
+            cur = {"t_start": _log_time(line), "world": int(m.group(1)), "resumed": 0, "t_resumed": None, "last": 0}
             out.append(cur)
         elif cur is not None and (m := re.search(r"resumed from .* at epoch \d+, step (\d+)", line)):
             cur["resumed"], cur["t_resumed"] = int(m.group(1)), _log_time(line)
@@ -394,42 +394,53 @@ def test_garbled_shard_skipped_and_counted(faulted):
     assert recs[-1]["step"] == STEPS2
 
 
-# ---------------------------------------------------------------- elastic: a node lost for good (runs last)
+# ---------------------------------------------------------------- elastic: a node lost, then back (runs last)
+
+ELASTIC_EPOCHS = 8  # 32 steps: long enough for the node to come back while the run still goes on
 
 
 @pytest.fixture(scope="module")
 def elastic(cluster, prep_job, train_job, faulted) -> dict:
-    """Stage 2 as an elastic run (2 workers, at least 1; ZeRO 0 so a checkpoint loads at any world size); once
-    a checkpoint is registered the worker node is killed and NOT started again. Needs ``faulted`` done first: it
-    restarts the worker node this one removes."""
+    """Stage 2 as an elastic run (2 workers, at least 1; ZeRO 0 so a checkpoint loads at any world size). Once
+    a checkpoint is registered the worker node is killed; once the run goes on with one worker the node is
+    started again. Needs ``faulted`` done first (it leaves the worker node up)."""
     run = cluster.shared / "runs" / "elastic"
     cluster.submit(*train_entry(f"data.shards={prep_job['out']}", f"cluster.storage_path={cluster.shared / 'runs'}",
                                 "run.name=elastic", "run.stages=[2]",
                                 f"stage2.priors={train_job['run'] / 'priors.safetensors'}",
-                                "cluster.max_failures=2", "cluster.min_workers=1", "engine.zero_stage=0", *SHORT),
+                                "cluster.max_failures=2", "cluster.min_workers=1", "cluster.elastic_resize_s=5",
+                                "engine.zero_stage=0", *SHORT, f"stage2.epochs={ELASTIC_EPOCHS}"),
                    role="head", submission_id="elastic", wait=False)
     wait_for(lambda: EVERY in registered(run, 2), f"checkpoint at step {EVERY}", 400, every=0.1)
-    event = {"t": time.time(), "checkpoint": registered(run, 2)[-1], "last": attempts(run, 2)[-1]["last"]}
+    lost = {"t": time.time(), "checkpoint": registered(run, 2)[-1], "last": attempts(run, 2)[-1]["last"]}
     cluster.kill_node("worker")
+    wait_for(lambda: (a := attempts(run, 2)) and a[-1]["world"] == 1 and a[-1]["t_resumed"], "run on 1 worker", 400)
+    back = {"t": time.time()}
+    cluster.start_worker()
     status = wait_job(cluster, "elastic", 600)
     log = subprocess.run(cluster.exec_cmd("head", "ray", "job", "logs", f"--address={cluster.dashboard}", "elastic"),
                          env=cluster.env, capture_output=True, text=True).stdout
-    return {"run": run, "status": status, "event": event, "attempts": attempts(run, 2), "log": log}
+    return {"run": run, "status": status, "lost": lost, "back": back, "attempts": attempts(run, 2), "log": log}
 
 
-def test_elastic_run_finishes_on_the_nodes_left(elastic, train_job):
-    """Losing a node for good: the run resumes from the last registered checkpoint with one worker (the
-    2-worker ZeRO-0 checkpoint loads at world size 1) and ends at the reference's step, epoch and LR, every step
-    recorded once. A fixed-size run would wait for the node instead."""
+def test_elastic_run_shrinks_on_node_loss_and_grows_back(elastic, train_job):
+    """Losing a node: the run resumes from the last registered checkpoint with one worker (the 2-worker ZeRO-0
+    checkpoint loads at world size 1) instead of waiting for the node; when the node is back, the run grows
+    to two workers again (from its latest checkpoint) and ends with every step recorded once and the
+    schedule's final LR."""
     assert elastic["status"] == "SUCCEEDED", elastic["log"][-4000:]
-    ev = elastic["event"]
-    after = next(a for a in elastic["attempts"] if a["t_start"] > ev["t"] and a["t_resumed"])
-    lost = ev["last"] - after["resumed"]
-    print(f"\nelastic: node lost at step {ev['last']}, resumed at {after['resumed']} on 1 worker, lost {lost} "
-          f"step(s), resumed {after['t_resumed'] - ev['t']:.0f}s after")
-    assert after["resumed"] >= ev["checkpoint"] and 0 <= lost <= EVERY
-    ref, got = done(train_job["run"], 2), done(elastic["run"], 2)
-    assert (got["global_step"], got["epoch"], got["world_size"]) == (ref["global_step"], ref["epoch"], 1)
-    assert got["lr"] == pytest.approx(ref["lr"])
+    ev, att = elastic["lost"], elastic["attempts"]
+    one = next(a for a in att if a["t_start"] > ev["t"] and a["t_resumed"])
+    assert one["world"] == 1
+    lost = ev["last"] - one["resumed"]
+    assert one["resumed"] >= ev["checkpoint"] and 0 <= lost <= EVERY
+    two = [a for a in att if a["t_start"] > elastic["back"]["t"] and a["world"] == 2 and a["t_resumed"]]
+    assert two, [(a["world"], a["resumed"]) for a in att]
+    print(f"\nelastic: node lost at step {ev['last']}, resumed at {one['resumed']} on 1 worker "
+          f"{one['t_resumed'] - ev['t']:.0f}s later ({lost} step(s) redone); node back at step {one['last']}, "
+          f"2 workers from step {two[0]['resumed']} {two[0]['t_resumed'] - elastic['back']['t']:.0f}s later")
+    got = done(elastic["run"], 2)
+    assert (got["global_step"], got["epoch"], got["world_size"]) == (ELASTIC_EPOCHS * EVERY, ELASTIC_EPOCHS, 2)
+    assert got["lr"] == pytest.approx(done(train_job["run"], 2)["lr"])  # one milestone (end of epoch 2) passed
     steps = [r["step"] for r in records(elastic["run"]) if r["stage"] == 2 and r["split"] == "train"]
-    assert steps == list(range(1, STEPS2 + 1))
+    assert steps == list(range(1, ELASTIC_EPOCHS * EVERY + 1))
