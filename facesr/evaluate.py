@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from .degrade import DEFAULT, DegradeConfig, TooSmallError, crop_hr, degrade, quantize
-from .infer import ImageReadError, read_rgb
+from .imageio import ImageReadError, read_rgb
 from .models import SRNet
 from .quality import BASELINES, PAPER_DATA_RANGE, QualityMeter, baselines, finish
 from .vocab import KEY_OF, LEVELS, SCALES

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torchmetrics.functional.classification import binary_auroc
 
 from .degrade import crop_hr, degrade, quantize
-from .infer import ImageReadError, read_rgb
+from .imageio import ImageReadError, read_rgb
 from .quality import finish, upscale
 from .vocab import SIZES
 

@@ -15,7 +15,9 @@ was trained on, so it is brought to 24×24 one of two ways:
   feeds the network. No warning, since this is the intended use for large
   photos. Sources under 192 px fall back to the resize, with a warning.
 
-Unreadable and non-image files are reported and skipped; the run goes on.
+Inputs are read by ``facesr.imageio`` (formats by content from an allowlist, a
+pixel limit, EXIF orientation, modes to RGB); what it refuses is reported with
+the reason and skipped; the run goes on.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .degrade import TooSmallError, quadruplet, quantize, to_uint8
+from .imageio import ImageReadError, read_rgb
 from .models import SRNet
 from .vocab import SIZES
 from .weights import load_srnet, read_meta
@@ -38,21 +41,6 @@ from .weights import load_srnet, read_meta
 LR, HR = SIZES["lr"], SIZES["hr"]
 SRNET_FILE = "srnet.safetensors"  # what the training job writes into runs/<name>/
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript")
-
-
-class ImageReadError(ValueError):
-    """A file that is not a readable image."""
-
-
-def read_rgb(path: str | Path) -> torch.Tensor:
-    """An image file -> uint8 (3, H, W) RGB. Raises ImageReadError for anything PIL cannot decode."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            arr = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (3, H, W)
 
 
 def write_png(img: torch.Tensor, path: str | Path) -> None:

@@ -8,17 +8,14 @@ summary count by it.
 
 from __future__ import annotations
 
-import errno
 import os
-import stat
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from facesr.degrade import DEFAULT, DegradeConfig
+from facesr.imageio import FORMATS, ImageReadError, open_image
 
 KINDS = {
     "stray-file": "file at the top level of SRC (expected only identity folders)",
@@ -27,9 +24,9 @@ KINDS = {
     "not-a-file": "entry in an identity folder that is not a regular file (a folder, a device)",
     "unreadable": "the file cannot be opened or read (permissions, dangling symlink, I/O error)",
     "zero-byte": "empty file",
-    "not-an-image": "not an image in an accepted format (JPEG, PNG, WebP, BMP, TIFF, GIF)",
+    "not-an-image": f"not an image in an accepted format ({', '.join(FORMATS)}), judged by content",
     "corrupt": "truncated or corrupt image data",
-    "too-large": "more pixels than PIL's decompression-bomb limit",
+    "too-large": "more pixels than the reader's limit (facesr.imageio.MAX_PIXELS; a decompression bomb)",
     "greyscale": "single-channel image (mode L, 1, I, F)",
     "cmyk": "CMYK image",
     "alpha": "image with an alpha channel or transparency",
@@ -37,9 +34,6 @@ KINDS = {
     "colour-mode": "other non-RGB colour mode (YCbCr, LAB, HSV)",
     "too-small": "shorter side under the hr crop",
 }
-# Formats PIL may use to open a candidate. An allowlist: PIL would otherwise
-# hand EPS files to Ghostscript, and we want nothing but plain raster decoders.
-FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 GREY_MODES = {"1", "L", "I", "I;16", "I;16B", "I;16L", "F"}
 
 
@@ -96,51 +90,31 @@ def scan(src: str | os.PathLike) -> Scan:
 
 
 def open_face(path: str | os.PathLike, cfg: DegradeConfig = DEFAULT) -> np.ndarray:
-    """Decode one source image fully -> uint8 (H, W, 3) RGB, or raise ``Rejected`` saying why not."""
+    """Decode one source image fully -> uint8 (H, W, 3) RGB, or raise ``Rejected`` saying why not.
+
+    The file is read by ``facesr.imageio.open_image`` (formats by content, pixel limit, full decode, EXIF
+    orientation); what it refuses keeps its kind here. Prep is stricter than ``facesr sr`` about colour: a
+    training face must be stored as plain RGB, so other modes are rejected rather than converted.
+    """
     try:
-        st = os.stat(path)  # follows symlinks
-    except FileNotFoundError:
-        raise Rejected("unreadable", "dangling symlink" if os.path.islink(path) else "file vanished") from None
-    except OSError as exn:
-        raise Rejected("unreadable", exn.strerror or str(exn)) from None
-    if not stat.S_ISREG(st.st_mode):  # never open a FIFO: it would block the task forever
-        raise Rejected("not-a-file", "a folder" if stat.S_ISDIR(st.st_mode) else "special file")
-    if st.st_size == 0:
-        raise Rejected("zero-byte")
-    try:
-        f = open(path, "rb")
-    except OSError as exn:
-        raise Rejected("unreadable", exn.strerror or str(exn)) from None
-    with f:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(f, formats=FORMATS)
-                img.load()  # full decode: truncated JPEGs fail here, not at open
-        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exn:
-            kind = "not-an-image" if isinstance(exn, UnidentifiedImageError) else "too-large"
-            raise Rejected(kind, str(exn).split(" (", 1)[0][:120]) from None
-        except OSError as exn:
-            if exn.errno in (errno.EACCES, errno.EIO):
-                raise Rejected("unreadable", exn.strerror or str(exn)) from None
-            raise Rejected("corrupt", str(exn)[:120]) from None
-        except Exception as exn:  # PIL raises assorted errors on malformed headers
-            raise Rejected("corrupt", f"{type(exn).__name__}: {str(exn)[:100]}") from None
-        mode = img.mode
-        if mode == "P":
-            raise Rejected("palette", f"mode {mode}")
-        if "A" in mode or "transparency" in img.info:
-            raise Rejected("alpha", f"mode {mode}")
-        if mode == "CMYK":
-            raise Rejected("cmyk", f"mode {mode}")
-        if mode in GREY_MODES:
-            raise Rejected("greyscale", f"mode {mode}")
-        if mode != "RGB":
-            raise Rejected("colour-mode", f"mode {mode}")
-        w, h = img.size
-        if min(w, h) < cfg.crop:
-            raise Rejected("too-small", f"{w}x{h} < {cfg.crop}px crop")
-        return np.asarray(img)  # (H, W, 3) uint8
+        img = open_image(path)
+    except ImageReadError as exn:
+        raise Rejected(exn.kind, exn.reason[:160]) from None
+    mode = img.mode
+    if mode == "P":
+        raise Rejected("palette", f"mode {mode}")
+    if "A" in mode or "transparency" in img.info:
+        raise Rejected("alpha", f"mode {mode}")
+    if mode == "CMYK":
+        raise Rejected("cmyk", f"mode {mode}")
+    if mode in GREY_MODES:
+        raise Rejected("greyscale", f"mode {mode}")
+    if mode != "RGB":
+        raise Rejected("colour-mode", f"mode {mode}")
+    w, h = img.size
+    if min(w, h) < cfg.crop:
+        raise Rejected("too-small", f"{w}x{h} < {cfg.crop}px crop")
+    return np.asarray(img)  # (H, W, 3) uint8
 
 
 def check_chunk(src: str, paths: list[str], cfg: DegradeConfig = DEFAULT) -> list[tuple[str, str, str] | None]:
