@@ -18,9 +18,10 @@ its own colour-mode policy) or ``read_rgb`` (everything else). The rules:
 * **EXIF orientation applied** (``ImageOps.exif_transpose``): a phone photo
   stored sideways comes out upright.
 * **To RGB** (``to_rgb``, used by ``read_rgb``): RGB as stored; greyscale
-  (1, L) repeated over three channels; 16-bit greyscale (I;16*, and I taken as
-  16-bit) scaled to 8 bit by rounding v·255/65535 (65535 → 255, not clipped
-  at 255); 16-bit RGB PNGs arrive from PIL as 8-bit RGB (high byte); palette,
+  (1, L) repeated over three channels; 16-bit samples scaled to 8 bit by
+  keeping their high byte (v // 256: 65535 → 255, 32768 → 128, not clipped at
+  255) — what PIL itself does for 16-bit RGB PNGs, so 16-bit greyscale (I;16*,
+  and I taken as 16-bit, values outside 0..65535 clipped) and RGB agree; palette,
   CMYK (PIL's plain formula, no ICC colour management), YCbCr, HSV and LAB by
   PIL's ``convert``; anything with alpha or a transparent colour (RGBA, LA,
   PA, P or L/RGB with ``transparency``) composited over black, so hidden
@@ -76,7 +77,8 @@ def open_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS) -> Imag
     try:
         st = os.stat(path)  # follows symlinks
     except FileNotFoundError:
-        raise ImageReadError(path, "unreadable", "dangling symlink" if os.path.islink(path) else "no such file") from None
+        why = "dangling symlink" if os.path.islink(path) else "no such file"
+        raise ImageReadError(path, "unreadable", why) from None
     except OSError as exn:
         raise ImageReadError(path, "unreadable", exn.strerror or str(exn)) from None
     if not stat.S_ISREG(st.st_mode):  # never open a FIFO: reading it would block forever
@@ -95,8 +97,8 @@ def open_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS) -> Imag
         except UnidentifiedImageError:
             raise ImageReadError(path, "not-an-image", f"not an image in an accepted format ({', '.join(FORMATS)}; "
                                                        "judged by content, not by name)") from None
-        except Image.DecompressionBombError as exn:
-            raise ImageReadError(path, "too-large", str(exn)[:160]) from None
+        except Image.DecompressionBombError as exn:  # PIL's global limit, if someone lowered it under ours
+            raise ImageReadError(path, "too-large", f"over the pixel limit, a decompression bomb? ({exn})") from None
         except Exception as exn:  # PIL raises assorted errors on malformed headers
             raise _decode_error(path, exn) from None
         w, h = img.size
@@ -117,7 +119,7 @@ def to_rgb(img: Image.Image, path: str | os.PathLike = "<image>") -> np.ndarray:
         return np.asarray(img)
     if mode in SIXTEEN_BIT:
         v = np.asarray(img).astype(np.int64).clip(0, 65535)  # (H, W)
-        grey = ((v * 255 + 32767) // 65535).astype(np.uint8)  # round(v * 255 / 65535)
+        grey = (v >> 8).astype(np.uint8)  # the high byte, as PIL decodes 16-bit RGB
         return np.repeat(grey[:, :, None], 3, axis=2)
     if mode == "F":
         raise ImageReadError(path, "colour-mode", "32-bit float pixels (mode F): no agreed brightness range")

@@ -3,7 +3,8 @@
 MODEL: run folder, SR-net .safetensors, or an export (.pt TorchScript, .onnx).
 Inputs other than 24x24 are resized with a warning; --fit instead treats them as face photos
 framed like LFW (central 192 crop, degraded to 24x24 as in training and evaluation).
-Unreadable or non-image files are reported and skipped.
+Inputs are read by facesr.imageio (formats by content from an allowlist, a pixel limit, EXIF
+orientation); each file it refuses is reported with the reason and skipped.
 """
 
 from __future__ import annotations
@@ -32,5 +33,5 @@ def run(args) -> int:
         log=lambda m: print(m, file=sys.stderr),
     )
     print(f"wrote {len(report.written)} PNGs to {args.out}; {len(report.resized)} resized, "
-          f"{len(report.skipped)} skipped (unreadable or not images)")
+          f"{len(report.skipped)} skipped (refused by the image reader, reasons above)")
     return 0 if report.written or not (report.skipped or report.resized) else 1
