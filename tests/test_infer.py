@@ -7,29 +7,15 @@ from PIL import Image
 
 from facesr.degrade import quadruplet, to_uint8
 from facesr.infer import find_srnet, load_cascade, load_upscaler, read_rgb, super_resolve, to_lr
-from facesr.models import PRESETS, SRNet
+from facesr.models import PRESETS
 from facesr.weights import save_priors, save_srnet
 
-from .conftest import LFW
-
-FACES = sorted((LFW / "Colin_Powell").iterdir())[:3]
+from .conftest import LFW, tiny_net
 
 
-def tiny_net(seed: int = 0) -> SRNet:
-    torch.manual_seed(seed)
-    net = SRNet(PRESETS["tiny"].sr)
-    with torch.no_grad():
-        for b in net.branches:
-            b.body[-1].weight.normal_(0, 1e-3)  # not the zero-initialised skip-only output
-    return net.eval()
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A run folder as the training job writes it: srnet.safetensors (and priors beside it)."""
-    d = tmp_path_factory.mktemp("runs") / "demo"
-    save_srnet(d / "srnet.safetensors", tiny_net())
-    return d
+def faces() -> list:
+    """Three real LFW photos (read when a test runs: without ../shared the test is skipped, not the module)."""
+    return sorted((LFW / "Colin_Powell").iterdir())[:3]
 
 
 @pytest.fixture
@@ -37,20 +23,21 @@ def inputs(tmp_path):
     """A folder with two 24² faces, a 250² LFW photo, a text file and a broken JPEG."""
     d = tmp_path / "in"
     (d / "sub").mkdir(parents=True)
-    for i, f in enumerate(FACES[:2]):
+    photos = faces()
+    for i, f in enumerate(photos[:2]):
         lr = quadruplet(read_rgb(f))["lr"]
         Image.fromarray(to_uint8(lr).permute(1, 2, 0).numpy()).save(d / ("sub" if i else ".") / f"face{i}.png")
-    (d / "photo.jpg").symlink_to(FACES[2])
+    (d / "photo.jpg").symlink_to(photos[2])
     (d / "readme.txt").write_text("not an image")
     (d / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     return d
 
 
-def test_folder(run, inputs, tmp_path):
+def test_folder(tiny_run, inputs, tmp_path):
     """24² in directly, the 250² photo resized with a warning, non-images skipped with a message, PNG 192² out."""
     msgs = []
     out = tmp_path / "out"
-    rep = super_resolve(load_upscaler(run), inputs, out, batch_size=2, log=msgs.append)
+    rep = super_resolve(load_upscaler(tiny_run), inputs, out, batch_size=2, log=msgs.append)
     assert sorted(p.relative_to(out).as_posix() for p in rep.written) == ["face0.png", "photo.png", "sub/face1.png"]
     assert sorted(p.name for p, _ in rep.skipped) == ["broken.jpg", "readme.txt"]
     assert [p.name for p, _ in rep.resized] == ["photo.jpg"] and "250x250" in rep.resized[0][1]
@@ -63,27 +50,27 @@ def test_folder(run, inputs, tmp_path):
 
 def test_fit_degrades_like_training():
     """--fit turns an LFW photo into exactly the lr the evaluation uses, without a warning."""
-    img = read_rgb(FACES[0])
+    img = read_rgb(faces()[0])
     lr, note = to_lr(img, fit=True)
     assert note is None and torch.equal(lr, quadruplet(img)["lr"])
     lr, note = to_lr(img[:, :100, :80], fit=True)  # too small to crop 192: resized, with a note
     assert lr.shape == (3, 24, 24) and "80x100" in note and "centre square" in note
 
 
-def test_batching_does_not_change_outputs(run, inputs, tmp_path):
+def test_batching_does_not_change_outputs(tiny_run, inputs, tmp_path):
     """Batch size 1 and batch size 16 write the same pixels (BatchNorm uses stored statistics)."""
-    a = super_resolve(load_upscaler(run), inputs, tmp_path / "a", batch_size=1, log=lambda m: None)
-    b = super_resolve(load_upscaler(run), inputs, tmp_path / "b", batch_size=16, log=lambda m: None)
+    a = super_resolve(load_upscaler(tiny_run), inputs, tmp_path / "a", batch_size=1, log=lambda m: None)
+    b = super_resolve(load_upscaler(tiny_run), inputs, tmp_path / "b", batch_size=16, log=lambda m: None)
     for pa, pb in zip(a.written, b.written):
         assert np.array_equal(np.asarray(Image.open(pa)), np.asarray(Image.open(pb)))
 
 
-def test_single_file_to_png_and_model_forms(run, tmp_path):
+def test_single_file_to_png_and_model_forms(tiny_run, tmp_path):
     """IN may be one image and OUT a .png; MODEL may be the run folder or its safetensors (same output)."""
     src = tmp_path / "face.png"
-    Image.fromarray(to_uint8(quadruplet(read_rgb(FACES[0]))["lr"]).permute(1, 2, 0).numpy()).save(src)
-    r1 = super_resolve(load_upscaler(run), src, tmp_path / "one.png", log=lambda m: None)
-    r2 = super_resolve(load_upscaler(run / "srnet.safetensors"), src, tmp_path / "two", log=lambda m: None)
+    Image.fromarray(to_uint8(quadruplet(read_rgb(faces()[0]))["lr"]).permute(1, 2, 0).numpy()).save(src)
+    r1 = super_resolve(load_upscaler(tiny_run), src, tmp_path / "one.png", log=lambda m: None)
+    r2 = super_resolve(load_upscaler(tiny_run / "srnet.safetensors"), src, tmp_path / "two", log=lambda m: None)
     assert r1.written == [tmp_path / "one.png"] and r2.written == [tmp_path / "two" / "face.png"]
     assert np.array_equal(np.asarray(Image.open(r1.written[0])), np.asarray(Image.open(r2.written[0])))
 
@@ -108,11 +95,11 @@ def test_bad_model_path(tmp_path):
         load_upscaler(tmp_path / "missing.safetensors")
 
 
-def test_cli_sr(run, inputs, tmp_path, capsys):
+def test_cli_sr(tiny_run, inputs, tmp_path, capsys):
     """`facesr sr MODEL IN OUT` writes the PNGs and reports what it resized and skipped."""
     from launch.cli import main
 
-    assert main(["sr", str(run), str(inputs), str(tmp_path / "o"), "--device", "cpu"]) == 0
+    assert main(["sr", str(tiny_run), str(inputs), str(tmp_path / "o"), "--device", "cpu"]) == 0
     cap = capsys.readouterr()
     assert "wrote 3 PNGs" in cap.out and "1 resized, 2 skipped" in cap.out
     assert "broken.jpg" in cap.err
