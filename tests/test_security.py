@@ -4,7 +4,9 @@ Elsewhere: the job API's token check on a real two-node cluster (tests/test_clus
 test_job_api_refuses_requests_without_the_token, ::test_dashboard_binds_the_configured_address_only);
 shard decoding refusing pickle members (tests/test_shards_stream.py::test_pickle_members_refused_and_counted);
 DeepSpeed checkpoints loading weights-only (tests/test_train.py::test_checkpoints_load_weights_only_and_hold_no_priors);
-ray_cluster.yaml keeping token auth and a loopback dashboard (tests/test_ray_cluster_yaml.py).
+ray_cluster.yaml keeping token auth and a loopback dashboard (tests/test_ray_cluster_yaml.py);
+user images read by content from a format allowlist, so EPS never reaches Ghostscript, and decompression
+bombs refused (tests/test_image_io.py).
 """
 
 from __future__ import annotations
