@@ -1,0 +1,611 @@
+"""Named degradation models hr (192²) -> lr (24²): the paper's fixed one, a randomised ``robust`` one, eval ones.
+
+The paper's cascade (``facesr.degrade``) makes one kind of 24×24 face; a model
+trained only on it fails on faces shrunk any other way (issue 12). ``robust``
+draws a degradation per sample, in the spirit of BSRGAN / Real-ESRGAN but mild
+enough for 24×24 faces. Only ``lr`` is randomised: the x2/x4/hr targets stay
+the clean paper cascade.
+
+Per sample, in this order (the order is fixed where physics fixes it):
+
+1. **blur** at hr (optics, defocus, motion): with ``blur.p``, an isotropic or
+   anisotropic rotated Gaussian, σ per axis uniform in ``blur.sigma`` hr px.
+   Always before the resize: blur happens in the camera, at full resolution.
+2. **sensor noise** at hr with ``noise.hr_p`` (a camera image later shrunk: the
+   resize then averages most of it away, except under decimation) — otherwise
+   step 4. Shot (Poisson, Real-ESRGAN's ``scale·(Poisson(255x)/255 − x)``) then
+   read noise (Gaussian, σ in 0-255 units, the same in R, G, B with
+   ``noise.gray_p``), each with its own probability.
+3. **resize** ×1/8 by one kind: decimation at a random phase 0..7 per axis, the
+   paper's cascade, area, bilinear, bicubic (a=−0.75, no antialias: torch's
+   ``interpolate``), antialiased bicubic (a=−0.5: PIL, torch ``antialias=True``),
+   antialiased Lanczos-3. All but decimation are one generic separable resampler
+   (an (out, in) matrix per filter and size, cached per device and dtype, applied
+   as two matmuls); samples sharing a kind are resized together.
+4. **sensor noise** at lr, for samples whose noise was not drawn at hr.
+5. **8-bit quantisation**, then **JPEG** with ``jpeg.p`` at a quality uniform in
+   ``jpeg.quality`` (torchvision's libjpeg on CPU, nvjpeg on CUDA). Always last:
+   compression is what happens to a stored image.
+
+Every random number comes from the caller's ``torch.Generator`` (draws happen on
+its device), so a seeded generator gives identical output on every call.
+
+``EVAL_DEGRADATIONS`` are fixed, deterministic degradations for the robustness
+table of ``facesr eval quality --degradations``; several use PIL, a tool other
+than ours, and ``heldout`` uses kinds training never sees.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+import zlib
+from dataclasses import dataclass, field, fields, replace
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+
+from .degrade import blur as gaussian_blur
+from .degrade import degrade, quantize, to_uint8
+from .vocab import SIZES
+
+FACTOR = SIZES["hr"] // SIZES["lr"]  # 8: hr side over lr side
+
+
+class DegradationError(ValueError):
+    """A degradation config that cannot work; the message starts with the dotted field name."""
+
+
+# ---------------------------------------------------------------- the generic separable resampler
+
+
+def _box(x: torch.Tensor) -> torch.Tensor:
+    return ((x > -0.5) & (x <= 0.5)).to(x.dtype)  # PIL's half-open box
+
+
+def _triangle(x: torch.Tensor) -> torch.Tensor:
+    return (1 - x.abs()).clamp(min=0)
+
+
+def _cubic(a: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    def cubic(x: torch.Tensor) -> torch.Tensor:  # Keys (1981)
+        x = x.abs()
+        near = ((a + 2) * x - (a + 3)) * x * x + 1
+        far = (((x - 5) * x + 8) * x - 4) * a
+        return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+    return cubic
+
+
+def _lanczos3(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x.abs() < 3, torch.sinc(x) * torch.sinc(x / 3), torch.zeros_like(x))
+
+
+# filter name -> (function of the distance in input pixels, support radius)
+FILTERS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], float]] = {
+    "box": (_box, 0.5),
+    "triangle": (_triangle, 1.0),
+    "cubic": (_cubic(-0.5), 2.0),  # PIL and torch antialias=True
+    "cubic75": (_cubic(-0.75), 2.0),  # torch / OpenCV without antialias
+    "lanczos3": (_lanczos3, 3.0),
+}
+
+# resize kind -> (filter, antialias); None: not a filter (strided decimation, the paper's cascade)
+RESIZE_KINDS: dict[str, tuple[str, bool] | None] = {
+    "decimate": None,  # keep one pixel in 8 at a random phase 0..7 per axis (no low-pass: aliasing)
+    "paper": None,  # the paper's cascade, 3 × (Gaussian σ=1 + 2× decimation centred at 2i+0.5), as one matrix
+    "area": ("box", True),  # mean of each 8×8 block (PIL BOX, cv2 INTER_AREA)
+    "bilinear": ("triangle", False),  # torch interpolate bilinear: 2 taps, aliases at 8×
+    "bilinear_aa": ("triangle", True),  # PIL BILINEAR, torch antialias=True
+    "bicubic": ("cubic75", False),  # torch interpolate bicubic: 4 taps, aliases at 8×
+    "bicubic_aa": ("cubic", True),  # PIL BICUBIC (Image.resize's default), torch antialias=True
+    "lanczos3": ("lanczos3", False),  # 6 taps, aliases at 8×
+    "lanczos3_aa": ("lanczos3", True),  # PIL LANCZOS
+}
+
+
+@functools.lru_cache(maxsize=64)
+def _matrix64(filt: str, antialias: bool, n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in) float64 resampling weights; pixel centres at i+0.5 (align_corners=False).
+
+    Antialiased: the filter is stretched by the scale factor when shrinking and taps outside the image are
+    dropped and the rest renormalised (PIL, torch antialias=True). Not antialiased: the filter keeps its size
+    and taps outside the image reuse the edge pixel (torch's index clamping).
+    """
+    fn, support = FILTERS[filt]
+    scale = n_in / n_out
+    stretch = max(scale, 1.0) if antialias else 1.0
+    centre = (torch.arange(n_out, dtype=torch.float64) + 0.5) * scale - 0.5  # in input pixel coordinates
+    reach = math.ceil(support * stretch) + 1
+    j = centre.floor().long()[:, None] + torch.arange(-reach, reach + 1)[None]  # (n_out, taps)
+    w = fn((j - centre[:, None]) / stretch)
+    inside = (j >= 0) & (j < n_in)
+    if antialias:
+        w = w * inside
+    m = torch.zeros(n_out, n_in, dtype=torch.float64).scatter_add_(1, j.clamp(0, n_in - 1), w)
+    return m / m.sum(1, keepdim=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _paper64(n_in: int) -> torch.Tensor:
+    """(n_in/8, n_in) float64 matrix of the paper's cascade, measured through ``facesr.degrade`` itself.
+
+    Image j holds ones on row j only; the cascade is separable and each row of it sums to one, so its lr
+    is A[:, j] on every column.
+    """
+    rows = torch.zeros(n_in, 1, n_in, 64, dtype=torch.float64)
+    rows[torch.arange(n_in), 0, torch.arange(n_in)] = 1
+    return degrade(rows)["lr"][:, 0, :, 0].T.contiguous()  # (n_in/8, n_in)
+
+
+@functools.lru_cache(maxsize=256)
+def resize_matrix(kind: str, n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(n_out, n_in) weights of a filter resize kind (or ``paper``), built once per device and dtype."""
+    if kind == "paper":
+        if n_in != FACTOR * n_out:
+            raise ValueError(f"paper: the cascade shrinks by {FACTOR}, not {n_in} -> {n_out}")
+        m = _paper64(n_in)
+    else:
+        m = _matrix64(*RESIZE_KINDS[kind], n_in, n_out)
+    return m.to(device=device, dtype=dtype)
+
+
+def resample(
+    x: torch.Tensor, size: int | tuple[int, int], kind: str, phase: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Resize (B, C, H, W) float -> (B, C, h, w) with a kind of ``RESIZE_KINDS`` (no clamping, no rounding).
+
+    ``decimate`` needs integer factors and takes ``phase`` (B, 2) of (row, column) offsets (default 0).
+    """
+    if kind not in RESIZE_KINDS:
+        raise ValueError(f"unknown resize kind {kind!r} (known: {', '.join(RESIZE_KINDS)})")
+    h, w = (size, size) if isinstance(size, int) else size
+    big_h, big_w = x.shape[-2:]
+    if kind == "decimate":
+        fh, fw = big_h // h, big_w // w
+        if fh * h != big_h or fw * w != big_w:
+            raise ValueError(f"decimate: {big_h}x{big_w} -> {h}x{w} is not an integer factor")
+        b, c = x.shape[:2]
+        cells = x.reshape(b, c, h, fh, w, fw).permute(0, 3, 5, 1, 2, 4)  # (B, fh, fw, C, h, w)
+        if phase is None:
+            return cells[:, 0, 0]
+        phase = phase.to(x.device)
+        return cells[torch.arange(b, device=x.device), phase[:, 0], phase[:, 1]]  # (B, C, h, w)
+    mh = resize_matrix(kind, big_h, h, x.device, x.dtype)
+    mw = mh if (big_w, w) == (big_h, h) else resize_matrix(kind, big_w, w, x.device, x.dtype)
+    return mh @ x @ mw.T  # (h, H) @ (B, C, H, W) @ (W, w) -> (B, C, h, w)
+
+
+# ---------------------------------------------------------------- configuration
+
+BLUR_KINDS = ("iso", "aniso")
+
+
+@dataclass(frozen=True)
+class Blur:
+    p: float = 0.7  # chance a sample is blurred at hr; the rest keep only the resizer's own low-pass (sharp sources)
+    kinds: tuple[str, ...] = ("iso", "aniso")  # round (defocus) or elongated, rotated Gaussians (shake, astigmatism)
+    weights: tuple[float, ...] = (0.6, 0.4)  # relative odds of each kind; round blur is the common case
+    sigma: tuple[float, float] = (0.2, 3.0)  # σ range per axis in hr px: 0.2 is none, 3 is ~0.4 lr px (mild at 24²)
+    rotation: tuple[float, float] = (0.0, 180.0)  # degrees, anisotropic kernels only; 0-180 covers every orientation
+    kernel_size: int = 21  # largest kernel side (odd); 2·ceil(3σ)+1 = 19 at σ = 3 fits, larger σ is truncated
+
+
+@dataclass(frozen=True)
+class Resize:
+    kinds: tuple[str, ...] = (  # every common way to shrink, and the paper's (keeps its row in training)
+        "decimate", "paper", "area", "bilinear", "bicubic", "bicubic_aa", "lanczos3_aa"
+    )
+    weights: tuple[float, ...] = (0.1, 0.1, 0.15, 0.1, 0.1, 0.3, 0.15)  # bicubic_aa most: PIL's default
+
+
+@dataclass(frozen=True)
+class Noise:
+    gaussian_p: float = 0.4  # chance of read noise (Real-ESRGAN: 0.5; milder: a 24² face has little to lose)
+    gaussian_sigma: tuple[float, float] = (1.0, 10.0)  # σ range in 0-255 units; 10 is a dim phone photo
+    gray_p: float = 0.4  # share of read noise that is the same in R, G, B (luminance noise), Real-ESRGAN's value
+    poisson_p: float = 0.2  # chance of shot noise, independent of read noise
+    poisson_scale: tuple[float, float] = (0.05, 1.0)  # scale·(Poisson(255x)/255 − x); 1 ≈ σ 11/255 at mid grey
+    hr_p: float = 0.25  # chance the noise enters at hr, before the resize (a camera image then shrunk), else at lr
+
+
+@dataclass(frozen=True)
+class Jpeg:
+    p: float = 0.5  # chance the lr is stored as JPEG (web thumbnails, video frames)
+    quality: tuple[int, int] = (40, 95)  # libjpeg quality range; under 40 a 24² face is mostly 8×8 blocks
+
+
+@dataclass(frozen=True)
+class RobustDegradation:
+    """One degradation model: every range of the randomised hr -> lr pipeline (defaults: ``robust``)."""
+
+    blur: Blur = field(default_factory=Blur)  # Gaussian blur at hr
+    resize: Resize = field(default_factory=Resize)  # the 8× shrink
+    noise: Noise = field(default_factory=Noise)  # sensor noise, at hr or lr
+    jpeg: Jpeg = field(default_factory=Jpeg)  # compression, last
+
+    def validate(self, prefix: str = "") -> RobustDegradation:
+        """Raise DegradationError naming the first impossible field (prefixed by ``prefix.``); returns self."""
+        def key(section: str, name: str) -> str:
+            return f"{prefix}.{section}.{name}" if prefix else f"{section}.{name}"
+
+        b, r, n, j = self.blur, self.resize, self.noise, self.jpeg
+        for section, name in (("blur", "p"), ("noise", "gaussian_p"), ("noise", "gray_p"), ("noise", "poisson_p"),
+                              ("noise", "hr_p"), ("jpeg", "p")):
+            v = getattr(getattr(self, section), name)
+            if not 0 <= v <= 1:
+                raise DegradationError(f"{key(section, name)}: probability {v:g} outside [0, 1]")
+        _check_kinds(key("blur", "kinds"), key("blur", "weights"), b.kinds, b.weights, BLUR_KINDS)
+        _check_kinds(key("resize", "kinds"), key("resize", "weights"), r.kinds, r.weights, tuple(RESIZE_KINDS))
+        _check_range(key("blur", "sigma"), b.sigma, low=0.0, strict=True)
+        _check_range(key("blur", "rotation"), b.rotation)
+        if b.kernel_size < 3 or b.kernel_size % 2 == 0:
+            raise DegradationError(f"{key('blur', 'kernel_size')}: must be an odd integer >= 3, got {b.kernel_size}")
+        _check_range(key("noise", "gaussian_sigma"), n.gaussian_sigma, low=0.0)
+        _check_range(key("noise", "poisson_scale"), n.poisson_scale, low=0.0)
+        _check_range(key("jpeg", "quality"), j.quality, low=1, high=100)
+        return self
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (lists, numbers, strings) that YAML and JSON carry."""
+        return {s.name: {f.name: _plain(getattr(getattr(self, s.name), f.name)) for f in fields(getattr(self, s.name))}
+                for s in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict, prefix: str = "") -> RobustDegradation:
+        """Build and validate from ``to_dict``'s shape; absent fields keep ``robust``'s (kinds alone: equal weights)."""
+        if not isinstance(d, dict):
+            raise DegradationError(f"{prefix or 'degradation'}: expected a mapping, got {d!r}")
+        sections = {s.name: s for s in fields(cls)}
+        built = {}
+        for name, value in d.items():
+            where = f"{prefix}.{name}" if prefix else name
+            if name not in sections:
+                raise DegradationError(f"{where}: unknown section (known: {', '.join(sections)})")
+            if not isinstance(value, dict):
+                raise DegradationError(f"{where}: expected a mapping, got {value!r}")
+            default = sections[name].default_factory()
+            known = {f.name: f for f in fields(default)}
+            changes = {}
+            for k, v in value.items():
+                if k not in known:
+                    raise DegradationError(f"{where}.{k}: unknown field (known: {', '.join(known)})")
+                changes[k] = _coerce(f"{where}.{k}", v, getattr(default, k))
+            if "kinds" in changes and "weights" not in changes:  # kinds named without odds: equally likely
+                changes["weights"] = (1.0,) * len(changes["kinds"])
+            built[name] = replace(default, **changes)
+        return cls(**built).validate(prefix)
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _coerce(where: str, v, default):
+    """``v`` converted to the type of ``default`` (number, int, or tuple of those / strings) or DegradationError."""
+    def one(x, like):
+        if isinstance(like, str):
+            if not isinstance(x, str):
+                raise DegradationError(f"{where}: expected a name, got {x!r}")
+            return x
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            raise DegradationError(f"{where}: expected a number, got {x!r}")
+        if isinstance(like, int) and x != int(x):
+            raise DegradationError(f"{where}: expected an integer, got {x!r}")
+        return type(like)(x)
+
+    if isinstance(default, tuple):
+        if not isinstance(v, (list, tuple)):
+            raise DegradationError(f"{where}: expected a list, got {v!r}")
+        return tuple(one(x, default[0]) for x in v)
+    return one(v, default)
+
+
+def _check_kinds(kinds_key: str, weights_key: str, kinds, weights, known: tuple[str, ...]) -> None:
+    if not kinds:
+        raise DegradationError(f"{kinds_key}: no kinds given (known: {', '.join(known)})")
+    for k in kinds:
+        if k not in known:
+            raise DegradationError(f"{kinds_key}: unknown kind {k!r} (known: {', '.join(known)})")
+    if len(set(kinds)) != len(kinds):
+        raise DegradationError(f"{kinds_key}: a kind is listed twice in {list(kinds)}")
+    if len(weights) != len(kinds):
+        raise DegradationError(f"{weights_key}: {len(weights)} weights for {len(kinds)} kinds")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise DegradationError(f"{weights_key}: weights must be >= 0 with a positive sum, got {list(weights)}")
+
+
+def _check_range(where: str, r, low=None, high=None, strict: bool = False) -> None:
+    if len(r) != 2:
+        raise DegradationError(f"{where}: expected a range [min, max], got {list(r)}")
+    lo, hi = r
+    if lo > hi:
+        raise DegradationError(f"{where}: range [{lo:g}, {hi:g}] is empty")
+    if high is not None and (lo < low or hi > high):
+        raise DegradationError(f"{where}: range [{lo:g}, {hi:g}] outside {low:g}..{high:g}")
+    if low is not None and (lo <= low if strict else lo < low):
+        raise DegradationError(f"{where}: range [{lo:g}, {hi:g}] must be {'>' if strict else '>='} {low:g}")
+
+
+PAPER = RobustDegradation(
+    blur=Blur(p=0.0), resize=Resize(kinds=("paper",), weights=(1.0,)),
+    noise=Noise(gaussian_p=0.0, poisson_p=0.0), jpeg=Jpeg(p=0.0),
+)
+DEGRADATIONS: dict[str, RobustDegradation] = {
+    "paper": PAPER,  # the paper's fixed cascade (what the shards store as lr): the paper preset's default
+    "robust": RobustDegradation(),  # randomised per sample, every range above
+}
+
+
+def resolve(spec: str | dict, prefix: str = "degradation") -> RobustDegradation:
+    """A ``DEGRADATIONS`` name or a ``to_dict``-shaped mapping (missing fields: ``robust``'s) -> validated config."""
+    if isinstance(spec, str):
+        if spec not in DEGRADATIONS:
+            raise DegradationError(f"{prefix}: unknown degradation {spec!r} (known: {', '.join(DEGRADATIONS)})")
+        return DEGRADATIONS[spec]
+    return RobustDegradation.from_dict(spec, prefix)
+
+
+# ---------------------------------------------------------------- the randomised pipeline
+
+
+@dataclass(frozen=True)
+class Params:
+    """Per-sample draws of one batch, every tensor (B,) or (B, 2) on the CPU; 0 where a step is off."""
+
+    blur_sigma: torch.Tensor  # (B, 2) σ along the kernel's own axes in hr px; 0 = not blurred
+    blur_theta: torch.Tensor  # (B,) kernel rotation, radians
+    resize: torch.Tensor  # (B,) index into cfg.resize.kinds
+    phase: torch.Tensor  # (B, 2) decimation offsets (row, column) in 0..7
+    gaussian: torch.Tensor  # (B,) read-noise σ in 0-255 units; 0 = none
+    gray: torch.Tensor  # (B,) bool: read noise equal in R, G, B
+    poisson: torch.Tensor  # (B,) shot-noise scale; 0 = none
+    noise_at_hr: torch.Tensor  # (B,) bool: noise before the resize
+    jpeg: torch.Tensor  # (B,) JPEG quality; 0 = not compressed
+
+
+def sample_params(n: int, cfg: RobustDegradation, generator: torch.Generator) -> Params:
+    """Draw ``n`` samples' parameters, always the same number of draws in the same order (reproducible)."""
+    dev = generator.device
+
+    def rand() -> torch.Tensor:
+        return torch.rand(n, generator=generator, device=dev, dtype=torch.float64).cpu()
+
+    def uniform(r) -> torch.Tensor:
+        return r[0] + (r[1] - r[0]) * rand()
+
+    def pick(weights) -> torch.Tensor:
+        w = torch.tensor(weights, dtype=torch.float64, device=dev)
+        return torch.multinomial(w, n, replacement=True, generator=generator).cpu()
+
+    b, nz = cfg.blur, cfg.noise
+    blurred = rand() < b.p
+    aniso = torch.tensor([b.kinds[i] == "aniso" for i in pick(b.weights).tolist()], dtype=torch.bool)
+    s1, s2 = uniform(b.sigma), uniform(b.sigma)
+    theta = torch.deg2rad(uniform(b.rotation))
+    sigma = torch.stack([s1, torch.where(aniso, s2, s1)], 1) * blurred[:, None]
+    resize = pick(cfg.resize.weights)
+    phase = torch.randint(0, FACTOR, (n, 2), generator=generator, device=dev).cpu()
+    gaussian = uniform(nz.gaussian_sigma) * (rand() < nz.gaussian_p)
+    gray = rand() < nz.gray_p
+    poisson = uniform(nz.poisson_scale) * (rand() < nz.poisson_p)
+    at_hr = rand() < nz.hr_p
+    quality = torch.randint(cfg.jpeg.quality[0], cfg.jpeg.quality[1] + 1, (n,), generator=generator, device=dev).cpu()
+    jpeg = quality * (rand() < cfg.jpeg.p)
+    return Params(sigma.float(), theta.float(), resize, phase, gaussian.float(), gray, poisson.float(), at_hr, jpeg)
+
+
+def blur_kernels(sigma: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
+    """Normalised Gaussian kernels (B, size, size) from σ (B, 2) along axes rotated by θ (B,) radians."""
+    r = size // 2
+    t = torch.arange(-r, r + 1, dtype=torch.float32, device=sigma.device)
+    yy, xx = torch.meshgrid(t, t, indexing="ij")
+    c, s = theta.cos()[:, None, None], theta.sin()[:, None, None]
+    u, v = c * xx + s * yy, -s * xx + c * yy  # coordinates along the kernel's own axes
+    k = torch.exp(-0.5 * ((u / sigma[:, 0, None, None]) ** 2 + (v / sigma[:, 1, None, None]) ** 2))
+    return k / k.sum((-2, -1), keepdim=True)
+
+
+def _blur(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """Each sample of (m, C, H, W) with its own kernel (m, k, k): one grouped conv, reflect padding."""
+    m, c, h, w = x.shape
+    r = kernels.shape[-1] // 2
+    weight = kernels.to(x.dtype).repeat_interleave(c, 0)[:, None]  # (m·C, 1, k, k)
+    y = F.conv2d(F.pad(x.reshape(1, m * c, h, w), (r, r, r, r), mode="reflect"), weight, groups=m * c)
+    return y.view(m, c, h, w)
+
+
+def _noise(x: torch.Tensor, p: Params, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Shot then read noise on samples ``idx`` of the batch, whose pixels are ``x`` (m, 3, H, W); clamped."""
+    shot = p.poisson[idx]
+    on = (shot > 0).nonzero().flatten()
+    if on.numel():
+        clean = x[on].clamp(0, 1)
+        counts = torch.poisson((clean * 255).to(g.device), generator=g).to(x.device) / 255
+        x = x.index_put((on.to(x.device),), clean + (counts - clean) * shot[on].to(x).view(-1, 1, 1, 1))
+    read = p.gaussian[idx]
+    on = (read > 0).nonzero().flatten()
+    if on.numel():
+        z = torch.randn((on.numel(), *x.shape[1:]), generator=g, device=g.device).to(x)
+        z = torch.where(p.gray[idx][on].to(x.device).view(-1, 1, 1, 1), z[:, :1].expand_as(z), z)
+        x = x.index_put((on.to(x.device),), x[on] + z * (read[on].to(x) / 255).view(-1, 1, 1, 1))
+    return x.clamp(0, 1)
+
+
+def jpeg(u8: torch.Tensor, quality: list[int]) -> torch.Tensor:
+    """JPEG round trip of (m, 3, h, w) uint8 at a quality per image, one torchvision call per distinct quality."""
+    out = torch.empty_like(u8)
+    for q in sorted(set(quality)):
+        ii = [i for i, qi in enumerate(quality) if qi == q]
+        data = encode_jpeg([u8[i].contiguous() for i in ii], quality=q)
+        back = decode_jpeg([d.cpu() for d in data], mode=ImageReadMode.RGB, device=u8.device)
+        out[ii] = torch.stack(back)
+    return out
+
+
+def degrade_lr(hr: torch.Tensor, cfg: RobustDegradation, generator: torch.Generator) -> torch.Tensor:
+    """hr (B, 3, H, W) uint8 or float in [0, 1] -> lr float (B, 3, H/8, W/8) on the 8-bit grid, per-sample random.
+
+    Pure and batch-first: randomness only from ``generator``; runs on hr's device.
+    """
+    x = hr.float() / 255 if hr.dtype == torch.uint8 else hr.float()
+    n, _, h, w = x.shape
+    p = sample_params(n, cfg, generator)
+    dev = x.device
+
+    blurred = (p.blur_sigma[:, 0] > 0).nonzero().flatten()
+    if blurred.numel():
+        reach = math.ceil(3 * p.blur_sigma[blurred].max().item())
+        size = min(cfg.blur.kernel_size, 2 * max(reach, 1) + 1)  # as small as the batch's widest kernel allows
+        kernels = blur_kernels(p.blur_sigma[blurred].to(dev), p.blur_theta[blurred].to(dev), size)
+        x = x.index_put((blurred.to(dev),), _blur(x[blurred.to(dev)], kernels))
+
+    noisy = (p.gaussian > 0) | (p.poisson > 0)
+    at_hr = (noisy & p.noise_at_hr).nonzero().flatten()
+    if at_hr.numel():
+        x = x.index_put((at_hr.to(dev),), _noise(x[at_hr.to(dev)], p, at_hr, generator))
+
+    lr = torch.empty(n, 3, h // FACTOR, w // FACTOR, device=dev)
+    for i, kind in enumerate(cfg.resize.kinds):  # samples sharing a kind are resized together
+        idx = (p.resize == i).nonzero().flatten()
+        if idx.numel():
+            lr[idx.to(dev)] = resample(x[idx.to(dev)], (h // FACTOR, w // FACTOR), kind, p.phase[idx])
+
+    at_lr = (noisy & ~p.noise_at_hr).nonzero().flatten()
+    if at_lr.numel():
+        lr = lr.index_put((at_lr.to(dev),), _noise(lr[at_lr.to(dev)], p, at_lr, generator))
+
+    u8 = to_uint8(lr)
+    compressed = (p.jpeg > 0).nonzero().flatten()
+    if compressed.numel():
+        u8[compressed.to(dev)] = jpeg(u8[compressed.to(dev)], p.jpeg[compressed].tolist())
+    return u8.float() / 255  # (B, 3, H/8, W/8)
+
+
+# ---------------------------------------------------------------- fixed degradations for evaluation
+
+
+def _seeds(hr: torch.Tensor) -> list[int]:
+    """A seed per image from its own 8-bit pixels: a face gets the same lr whatever the batching or data source."""
+    return [zlib.crc32(img.numpy().tobytes()) for img in to_uint8(hr.detach().cpu())]
+
+
+def _pil_each(hr: torch.Tensor, fn: Callable[[Image.Image], Image.Image]) -> torch.Tensor:
+    """Apply ``fn`` to every image of hr (B, 3, H, W) with PIL -> (B, 3, h, w) float on hr's device."""
+    outs = []
+    for img in to_uint8(hr.detach().cpu()):
+        out = fn(Image.fromarray(img.permute(1, 2, 0).numpy()))
+        outs.append(torch.from_numpy(np.asarray(out.convert("RGB")).copy()).permute(2, 0, 1))
+    return (torch.stack(outs).float() / 255).to(hr.device)
+
+
+def _lr_size(im: Image.Image) -> tuple[int, int]:
+    return im.width // FACTOR, im.height // FACTOR
+
+
+def _encode(im: Image.Image, fmt: str, quality: int) -> Image.Image:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, quality=quality)
+    buf.seek(0)
+    with Image.open(buf) as back:
+        return back.convert("RGB")
+
+
+def _pil_bicubic(im: Image.Image) -> Image.Image:
+    return im.resize(_lr_size(im), Image.Resampling.BICUBIC)
+
+
+def _pil_bicubic_jpeg50(im: Image.Image) -> Image.Image:
+    return _encode(_pil_bicubic(im), "JPEG", 50)
+
+
+def _pil_hamming_webp60(im: Image.Image) -> Image.Image:
+    return _encode(im.resize(_lr_size(im), Image.Resampling.HAMMING), "WEBP", 60)
+
+
+def eval_paper(hr: torch.Tensor) -> torch.Tensor:
+    """The paper's cascade (training's lr): 3 × (Gaussian σ=1 + 2× decimation centred at 2i+0.5)."""
+    return quantize(degrade(hr.float())["lr"])
+
+
+def eval_decimate0(hr: torch.Tensor) -> torch.Tensor:
+    """The literal "blur + decimation": 3 × (Gaussian σ=1, odd kernel + keeping the even pixels, phase 0)."""
+    x = hr.float()
+    for _ in range(3):
+        x = gaussian_blur(x, 1.0)[..., ::2, ::2]
+    return quantize(x)
+
+
+def eval_bicubic_aa(hr: torch.Tensor) -> torch.Tensor:
+    """PIL Image.resize(BICUBIC) 8× down: antialiased bicubic, what most people do."""
+    return _pil_each(hr, _pil_bicubic)
+
+
+def eval_area(hr: torch.Tensor) -> torch.Tensor:
+    """Mean of each 8×8 block (area / box; cv2 INTER_AREA)."""
+    return quantize(F.avg_pool2d(hr.float(), FACTOR))
+
+
+def eval_bilinear_noise(hr: torch.Tensor) -> torch.Tensor:
+    """torch bilinear 8× down without antialias + Gaussian noise σ=5/255 (seeded per image)."""
+    lr = F.interpolate(hr.float(), scale_factor=1 / FACTOR, mode="bilinear", align_corners=False, antialias=False)
+    noise = torch.stack([torch.randn(lr.shape[1:], generator=torch.Generator().manual_seed(s)) for s in _seeds(hr)])
+    return quantize(lr + noise.to(lr.device) * (5 / 255))
+
+
+def eval_jpeg50(hr: torch.Tensor) -> torch.Tensor:
+    """PIL antialiased bicubic 8× down, then JPEG quality 50 with PIL (4:2:0)."""
+    return _pil_each(hr, _pil_bicubic_jpeg50)
+
+
+def motion_kernel(length: float, angle: float, size: int) -> torch.Tensor:
+    """A straight motion-blur line of ``length`` px at ``angle`` degrees, splatted bilinearly into (size, size)."""
+    t = torch.linspace(-length / 2, length / 2, 8 * size, dtype=torch.float64)
+    a = math.radians(angle)
+    xs, ys = t * math.cos(a) + size // 2, -t * math.sin(a) + size // 2
+    k = torch.zeros(size, size, dtype=torch.float64)
+    x0, y0 = xs.floor().long(), ys.floor().long()
+    for dx in (0, 1):
+        for dy in (0, 1):
+            wgt = (1 - (xs - x0 - dx).abs()) * (1 - (ys - y0 - dy).abs())
+            k.index_put_(((y0 + dy).clamp(0, size - 1), (x0 + dx).clamp(0, size - 1)), wgt, accumulate=True)
+    return (k / k.sum()).float()
+
+
+def eval_heldout(hr: torch.Tensor) -> torch.Tensor:
+    """Never in training: motion blur (5-13 hr px, any angle) + PIL HAMMING 8× down + WebP q60, seeded per image."""
+    draws = [np.random.default_rng(s).uniform((5, 0), (13, 180)) for s in _seeds(hr)]  # (length, angle) per image
+    kernels = torch.stack([motion_kernel(length, angle, 15) for length, angle in draws]).to(hr.device)
+    return _pil_each(quantize(_blur(hr.float(), kernels)), _pil_hamming_webp60)
+
+
+# name -> hr (B, 3, 192, 192) float in [0, 1] -> lr (B, 3, 24, 24) on the 8-bit grid; each deterministic
+EVAL_DEGRADATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "paper": eval_paper,
+    "decimate0": eval_decimate0,
+    "bicubic_aa": eval_bicubic_aa,
+    "area": eval_area,
+    "bilinear_noise": eval_bilinear_noise,
+    "jpeg50": eval_jpeg50,
+    "heldout": eval_heldout,
+}
+
+
+def describe(name: str) -> str:
+    """One line saying how an ``EVAL_DEGRADATIONS`` entry makes lr (its docstring)."""
+    return EVAL_DEGRADATIONS[name].__doc__.strip().splitlines()[0]
+
+
+def lr_under(name: str, batch: dict) -> torch.Tensor:
+    """A quadruplet batch's lr under eval degradation ``name``, made from its hr (B, 3, 192, 192) -> (B, 3, 24, 24).
+
+    ``paper`` keeps the batch's own lr: the same cascade, made from the unquantised source as the shards store it.
+    """
+    if name not in EVAL_DEGRADATIONS:
+        raise ValueError(f"unknown eval degradation {name!r} (known: {', '.join(EVAL_DEGRADATIONS)})")
+    return batch["lr"].float() if name == "paper" else EVAL_DEGRADATIONS[name](batch["hr"].float())
