@@ -9,6 +9,9 @@ upsampling of the same ``lr``, are scored with ``facesr.quality``.
 
 ``report`` dicts are what ``facesr eval quality`` prints (``format_table``) and
 writes as JSON; their ``protocol`` entry says exactly how the numbers were made.
+``score_degradations`` scores the same faces with lr made by several named
+degradations (``facesr.degradations.EVAL_DEGRADATIONS``), keeping the clean
+targets; ``add_robustness`` and ``format_robustness`` report one row each.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from .degradations import describe, lr_under
 from .degrade import DEFAULT, DegradeConfig, TooSmallError, crop_hr, degrade, quantize
 from .imageio import ImageReadError, read_rgb
 from .models import SRNet
@@ -114,7 +118,6 @@ def model_label(path: str | Path, taken: Iterable[str] = ()) -> str:
     return str(path) if name in set(taken) or name in BASELINES else name
 
 
-@torch.inference_mode()
 def score(
     models: dict[str, SRNet],
     batches: Iterable[dict],
@@ -124,7 +127,27 @@ def score(
     log: Callable[[str], None] | None = None,
 ) -> tuple[dict, int]:
     """Score every model and baseline on ``batches``; returns (QualityMeter.summary(), images scored)."""
-    meter = QualityMeter()
+    results, seen = score_degradations(models, batches, ("paper",), limit=limit, device=device, log=log)
+    return results["paper"], seen
+
+
+@torch.inference_mode()
+def score_degradations(
+    models: dict[str, SRNet],
+    batches: Iterable[dict],
+    degradations: Iterable[str],
+    *,
+    limit: int = 0,
+    device: str | torch.device = "cpu",
+    log: Callable[[str], None] | None = None,
+) -> tuple[dict[str, dict], int]:
+    """Score under each named lr degradation (``EVAL_DEGRADATIONS``): ({name: QualityMeter.summary()}, images).
+
+    Only lr is replaced (``degradations.lr_under``); the x2/x4/hr targets stay the batch's clean cascade, and
+    bicubic, nearest and every model start from the same degraded lr.
+    """
+    names = list(dict.fromkeys(degradations))
+    meters = {d: QualityMeter() for d in names}
     seen, t0 = 0, time.time()
     for m in models.values():
         m.to(device).eval()
@@ -133,21 +156,27 @@ def score(
             break
         take = batch["lr"].shape[0] if not limit else min(batch["lr"].shape[0], limit - seen)
         quad = {k: batch[k][:take].float() for k in LEVELS}
-        for method, outs in baselines(quad["lr"]).items():
-            for scale, img in outs.items():
-                meter.update(method, scale, img, quad[KEY_OF[scale]])
-        lr = quad["lr"].to(device)
-        for name, net in models.items():
-            sr = net(lr)  # {"x2": 48², "x4": 96², "hr": 192²}
-            for scale in SCALES:
-                key = KEY_OF[scale]
-                meter.update(name, scale, finish(sr[key]).cpu(), quad[key])
+        for d in names:
+            _score_quad(meters[d], models, {**quad, "lr": lr_under(d, quad)}, device)
         seen += take
         if log:
             log(f"  {seen} faces scored ({time.time() - t0:.0f} s)")
     if not seen:
         raise ValueError("no test faces could be read: nothing to evaluate")
-    return meter.summary(), seen
+    return {d: meters[d].summary() for d in names}, seen
+
+
+def _score_quad(meter: QualityMeter, models: dict[str, SRNet], quad: dict, device) -> None:
+    """Baselines and every model from ``quad["lr"]``, each scale against its quadruplet level."""
+    for method, outs in baselines(quad["lr"]).items():
+        for scale, img in outs.items():
+            meter.update(method, scale, img, quad[KEY_OF[scale]])
+    lr = quad["lr"].to(device)
+    for name, net in models.items():
+        sr = net(lr)  # {"x2": 48², "x4": 96², "hr": 192²}
+        for scale in SCALES:
+            key = KEY_OF[scale]
+            meter.update(name, scale, finish(sr[key]).cpu(), quad[key])
 
 
 def protocol(source: str, cfg: DegradeConfig = DEFAULT) -> dict:
@@ -172,21 +201,25 @@ def protocol(source: str, cfg: DegradeConfig = DEFAULT) -> dict:
     }
 
 
-def build_report(results: dict, n_images: int, source: str, models: dict[str, str], extra: dict | None = None) -> dict:
-    """The JSON report: protocol, data, models (label -> path), results, gains over bicubic, paper figures."""
-    gains = {
+def _gains(results: dict, models: Iterable[str]) -> dict:
+    """{model: {scale: {metric: model minus bicubic}}}."""
+    return {
         name: {
             s: {m: results[name][s][m] - results["bicubic"][s][m] for m in ("psnr", "ssim", "ssim_paper")}
             for s in SCALES
         }
         for name in models
     }
+
+
+def build_report(results: dict, n_images: int, source: str, models: dict[str, str], extra: dict | None = None) -> dict:
+    """The JSON report: protocol, data, models (label -> path), results, gains over bicubic, paper figures."""
     return {
         "protocol": protocol(source),
         "images": n_images,
         "models": models,
         "results": results,
-        "gain_over_bicubic": gains,
+        "gain_over_bicubic": _gains(results, models),
         "paper_table1": PAPER_TABLE1,
         **(extra or {}),
     }
@@ -222,6 +255,42 @@ def format_table(report: dict) -> str:
     lines.append("protocol: " + "; ".join(pr[k] for k in ("crop", "degradation", "colour_space", "data_range")))
     if report.get("skipped"):
         lines.append(f"skipped {len(report['skipped'])} unreadable or too-small images (listed in the JSON)")
+    return "\n".join(lines)
+
+
+def add_robustness(report: dict, by_degradation: dict[str, dict]) -> dict:
+    """Add the robustness rows (``score_degradations``' results) and how each lr was made to a report."""
+    report["robustness"] = {
+        d: {"results": res, "gain_over_bicubic": _gains(res, report["models"])} for d, res in by_degradation.items()
+    }
+    report["protocol"]["robustness"] = (
+        "one row per lr degradation: lr made from the 8-bit hr as described (paper: the batch's own lr); the x2/x4/hr "
+        "targets stay the clean paper cascade; bicubic, nearest and every model start from that lr; scored as above"
+    )
+    report["protocol"]["lr_degradations"] = {d: describe(d) for d in by_degradation}
+    return report
+
+
+def format_robustness(report: dict, scale: str = "x8") -> str:
+    """One row per lr degradation: PSNR / SSIM of bicubic and of each model at ``scale``, and each model's gain."""
+    rows = report["robustness"]
+    models = list(report["models"])
+    cols = ["bicubic", *models, *(f"Δ {m}" for m in models)]
+    width = max(18, *(len(c) + 2 for c in cols))
+    first = max(14, *(len(d) + 2 for d in rows))
+    head = f"{'lr made by':<{first}}" + "".join(f"{c:>{width}}" for c in cols)
+    lines = [
+        f"{scale} PSNR [dB] / SSIM under each lr degradation on {report['images']} faces "
+        "(x2/x4/hr targets: clean paper cascade; Δ = model minus bicubic)",
+        head,
+        "-" * len(head),
+    ]
+    for d, row in rows.items():
+        res, gain = row["results"], row["gain_over_bicubic"]
+        cells = [f"{res[m][scale]['psnr']:.3f} / {res[m][scale]['ssim']:.4f}" for m in ["bicubic", *models]]
+        cells += [f"{gain[m][scale]['psnr']:+.3f} / {gain[m][scale]['ssim']:+.4f}" for m in models]
+        lines.append(f"{d:<{first}}" + "".join(f"{c:>{width}}" for c in cells))
+    lines += [f"  {d}: {text}" for d, text in report["protocol"]["lr_degradations"].items()]
     return "\n".join(lines)
 
 

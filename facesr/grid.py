@@ -4,6 +4,7 @@ Every cell is shown at 192² so columns line up: the 24² input and the model's
 48²/96² intermediate outputs are enlarged with nearest neighbour (their pixels
 stay visible — nothing is added by the display), bicubic is the ×8 baseline
 from the same ``lr``. Several models give several groups of SR columns.
+``per_degradation`` turns a batch into one row per (face, lr degradation).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from .degradations import lr_under
 from .degrade import to_uint8
 from .models import SRNet
 from .quality import finish, upscale
@@ -64,6 +66,16 @@ def render(columns: list[tuple[str, torch.Tensor]], row_labels: list[str] | None
     return canvas
 
 
+def per_degradation(batch: dict, degradations: list[str]) -> dict:
+    """One row per face and eval degradation (face-major): lr made by each, x2/x4/hr repeated, rows labelled."""
+    lrs = torch.stack([lr_under(d, batch) for d in degradations], 1)  # (N, D, 3, 24, 24)
+    out = {k: batch[k].repeat_interleave(len(degradations), 0) for k in TARGETS}
+    out["lr"] = lrs.flatten(0, 1)  # (N·D, 3, 24, 24)
+    names = batch.get("name") or [""] * lrs.shape[0]
+    out["label"] = [f"{d}: {n.split('/')[0]}"[:28] for n in names for d in degradations]
+    return out
+
+
 def comparison_grid(
     batch: dict, models: dict[str, SRNet], path: str | Path, device: str | torch.device = "cpu"
 ) -> Path:
@@ -71,6 +83,6 @@ def comparison_grid(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     names = batch.get("name")
-    labels = [n.split("/")[0][:28] for n in names] if names else None
+    labels = batch.get("label") or ([n.split("/")[0][:28] for n in names] if names else None)
     render(grid_columns(batch, models, device), labels).save(path)
     return path

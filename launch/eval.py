@@ -1,13 +1,16 @@
 """`facesr eval quality|identity|grid|embedder`: numbers against bicubic, identity preservation, pictures.
 
   facesr eval quality [MODEL ...] --data ../shared/data/lfw [--ids FILE] [--limit N] [--out DIR]
-  facesr eval grid MODEL [...] --data ../shared/data/lfw [--rows 6] [--out DIR]
+                      [--degradations paper,decimate0,bicubic_aa,area,bilinear_noise,jpeg50,heldout]
+  facesr eval grid MODEL [...] --data ../shared/data/lfw [--rows 6] [--degradations ...] [--out DIR]
   facesr eval embedder runs/embedder.safetensors            # train the verification judge (CPU, minutes)
   facesr eval identity [MODEL ...] --embedder runs/embedder.safetensors [--per-fold 100]
 
 MODEL is a run folder (its srnet.safetensors) or an SR-net .safetensors file; several models
 (e.g. the alpha=0 and alpha=0.001 runs) become several columns/rows. --data is an identity folder
 (ROOT/<identity>/<image>) or a shard root with a manifest (its --split is streamed).
+--degradations makes the same faces' lr several ways (facesr.degradations.EVAL_DEGRADATIONS; the
+x2/x4/hr targets stay the clean cascade): quality adds a robustness table, grid one row per way.
 """
 
 from __future__ import annotations
@@ -38,17 +41,36 @@ def _common(p, data: bool = True) -> None:
     p.add_argument("--out", default="runs/eval", help="folder for the JSON/PNG written")
 
 
+def _add_degradations(p) -> None:
+    p.add_argument("--degradations", default="paper", metavar="NAMES",
+                   help="comma-separated lr degradations (paper,decimate0,bicubic_aa,area,bilinear_noise,jpeg50,"
+                   "heldout); quality: one robustness row each, paper always included; default: paper only")
+
+
+def _degradations(text: str) -> list[str]:
+    from facesr.degradations import EVAL_DEGRADATIONS
+
+    names = list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+    unknown = [n for n in names if n not in EVAL_DEGRADATIONS]
+    if unknown or not names:
+        raise SystemExit(f"--degradations: unknown {', '.join(map(repr, unknown)) or 'empty list'} "
+                         f"(known: {', '.join(EVAL_DEGRADATIONS)})")
+    return names
+
+
 def configure(parser) -> None:
     sub = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
     q = sub.add_parser("quality", help="PSNR/SSIM per scale vs bicubic and nearest (Table 1 style) + JSON")
     _common(q)
     q.add_argument("--limit", type=int, default=0, help="at most N faces (seeded draw); 0 = all")
     q.add_argument("--grid", type=int, default=0, metavar="ROWS", help="also write grid.png with ROWS faces")
+    _add_degradations(q)
 
     g = sub.add_parser("grid", help="comparison grid PNG: LR | bicubic | SR x2, x4, x8 | HR")
     _common(g)
     g.add_argument("--rows", type=int, default=6, help="faces drawn at random (seeded) from the selection")
     g.add_argument("--faces", nargs="*", default=[], help="chosen faces as identity/file.jpg (overrides --rows)")
+    _add_degradations(g)
 
     i = sub.add_parser("identity", help="LFW verification with one face HR / bicubic / SR")
     _common(i, data=False)
@@ -178,9 +200,13 @@ def _load_models(paths: list[str], device: str):
 
 
 def run_quality(args) -> int:
-    from facesr.evaluate import build_report, folder_batches, format_table, write_json
-    from facesr.grid import comparison_grid
+    from facesr.evaluate import (
+        add_robustness, build_report, folder_batches, format_robustness, format_table, score_degradations, write_json,
+    )
+    from facesr.grid import comparison_grid, per_degradation
 
+    names = _degradations(args.degradations)
+    rows = list(dict.fromkeys(["paper", *names])) if names != ["paper"] else []  # robustness rows; none by default
     models, where = _load_models(args.models, args.device)
     skipped: list = []
     if _is_shard_root(args.data):
@@ -193,11 +219,13 @@ def run_quality(args) -> int:
         source = f"identity folder {args.data}: {len(faces)} of {len(everything)} faces, {n_ids} identities"
         source += f" (seeded draw, seed {args.seed})" if args.limit else ""
         batches = folder_batches(faces, args.batch_size, skipped=skipped)
-    from facesr.evaluate import score
-
-    results, n = score(models, batches, limit=args.limit, device=args.device, log=_log)
-    report = build_report(results, n, source, where, {"skipped": skipped, "identities": n_ids})
+    by_degradation, n = score_degradations(models, batches, rows or ["paper"], limit=args.limit, device=args.device,
+                                           log=_log)
+    report = build_report(by_degradation["paper"], n, source, where, {"skipped": skipped, "identities": n_ids})
     print(format_table(report))
+    if rows:
+        add_robustness(report, by_degradation)
+        print(format_robustness(report))
     out = Path(args.out)
     path = write_json(report, out / "quality.json")
     print(f"wrote {path}")
@@ -205,6 +233,8 @@ def run_quality(args) -> int:
         from facesr.evaluate import select
 
         batch = next(folder_batches(select(faces, args.grid, args.seed), args.grid)) if n_ids is not None else None
+        if batch is not None and rows:
+            batch = per_degradation(batch, rows)
         if batch is not None:
             print(f"wrote {comparison_grid(batch, models, out / 'grid.png', args.device)}")
         else:
@@ -214,8 +244,9 @@ def run_quality(args) -> int:
 
 def run_grid(args) -> int:
     from facesr.evaluate import Face, folder_batches
-    from facesr.grid import comparison_grid
+    from facesr.grid import comparison_grid, per_degradation
 
+    names = _degradations(args.degradations)
     if not args.models:
         raise SystemExit("facesr eval grid: give at least one MODEL")
     models, _ = _load_models(args.models, args.device)
@@ -229,6 +260,8 @@ def run_grid(args) -> int:
         _log(f"skipped {path}: {why}")
     if batch is None:
         raise SystemExit("no readable faces for the grid")
+    if names != ["paper"]:
+        batch = per_degradation(batch, names)
     print(f"wrote {comparison_grid(batch, models, Path(args.out) / 'grid.png', args.device)}")
     return 0
 

@@ -8,13 +8,16 @@ import torch
 from PIL import Image
 
 from facesr.evaluate import (
+    add_robustness,
     build_report,
     folder_batches,
+    format_robustness,
     format_table,
     list_faces,
     model_label,
     read_identities,
     score,
+    score_degradations,
     select,
     write_json,
 )
@@ -202,3 +205,72 @@ def test_shards_and_manifest_split_give_the_same_numbers(faces, tmp_path, capsys
     assert ra["images"] == rb["images"] == 5
     assert ra["results"] == rb["results"]
     assert "shards" in ra["protocol"]["source"]
+
+
+ROBUST_ROWS = ["paper", "decimate0", "bicubic_aa", "area", "bilinear_noise", "jpeg50", "heldout"]
+
+
+@pytest.fixture(scope="module")
+def robustness(faces):
+    """Every eval degradation scored on 4 real faces with the tiny net."""
+    return score_degradations({"tiny": tiny_net()}, folder_batches(faces[:4], 4), ROBUST_ROWS)
+
+
+def test_robustness_rows_keep_the_clean_targets(robustness, faces):
+    """The paper row equals today's score; other rows change only lr (bicubic scores drop, x8 targets stay clean)."""
+    by_deg, n = robustness
+    assert n == 4 and list(by_deg) == ROBUST_ROWS
+    plain, _ = score({"tiny": tiny_net()}, folder_batches(faces[:4], 4))
+    assert by_deg["paper"] == plain
+    for d in ROBUST_ROWS:
+        assert set(by_deg[d]) == {"nearest", "bicubic", "tiny"} and by_deg[d]["bicubic"]["x8"]["n"] == 4
+        assert 15 < by_deg[d]["bicubic"]["x8"]["psnr"] < 30
+    x8 = {d: by_deg[d]["bicubic"]["x8"]["psnr"] for d in ROBUST_ROWS}
+    assert x8["jpeg50"] < x8["bicubic_aa"]  # the same resize, then JPEG
+
+
+def test_robustness_table_and_json(robustness, tmp_path):
+    """The robustness table has one row per degradation with bicubic, model and gain; JSON says how each lr was made."""
+    by_deg, n = robustness
+    report = add_robustness(build_report(by_deg["paper"], n, "LFW test", {"tiny": "runs/tiny"}), by_deg)
+    text = format_robustness(report)
+    lines = text.splitlines()
+    for d in ROBUST_ROWS:
+        row = next(line for line in lines if line.startswith(d + " "))
+        assert f"{by_deg[d]['bicubic']['x8']['psnr']:.3f}" in row and row.count("/") == 3
+    assert "Δ tiny" in text and "WebP" in text
+    back = json.loads(write_json(report, tmp_path / "q.json").read_text())
+    assert set(back["robustness"]) == set(ROBUST_ROWS) == set(back["protocol"]["lr_degradations"])
+    g = back["robustness"]["heldout"]["gain_over_bicubic"]["tiny"]["x8"]["psnr"]
+    r = back["robustness"]["heldout"]["results"]
+    assert g == pytest.approx(r["tiny"]["x8"]["psnr"] - r["bicubic"]["x8"]["psnr"])
+    assert "clean paper cascade" in back["protocol"]["robustness"]
+
+
+def test_cli_quality_degradations_and_grid(tmp_path, capsys):
+    """--degradations: robustness table and JSON rows (paper included), a grid row per degradation; typos refused."""
+    from launch.cli import main
+
+    run = tmp_path / "run"
+    save_srnet(run / "srnet.safetensors", tiny_net())
+    ids = tmp_path / "ids.txt"
+    ids.write_text("\n".join(PEOPLE[:2]) + "\n")
+    out = tmp_path / "eval"
+    common = ["--data", str(LFW), "--ids", str(ids), "--batch-size", "2", "--device", "cpu", "--out", str(out)]
+    assert main(["eval", "quality", str(run), "--limit", "2", "--degradations", "heldout", *common]) == 0
+    text = capsys.readouterr().out
+    assert "under each lr degradation" in text and "heldout" in text
+    report = json.loads((out / "quality.json").read_text())
+    assert list(report["robustness"]) == ["paper", "heldout"] and report["images"] == 2
+    assert main(["eval", "grid", str(run), "--rows", "1", "--degradations", "paper,area,jpeg50", *common]) == 0
+    w, h = Image.open(out / "grid.png").size
+    assert h > 3 * CELL and h < 4 * CELL  # 1 face x 3 degradations
+    with pytest.raises(SystemExit, match="unknown 'sharp'"):
+        main(["eval", "quality", str(run), "--degradations", "paper,sharp", *common])
+
+
+def test_default_quality_output_unchanged(scored):
+    """Without --degradations the report has no robustness rows (today's table and JSON)."""
+    res, n = scored
+    report = build_report(res, n, "LFW test", {"tiny": "runs/tiny"})
+    assert "robustness" not in report and "lr_degradations" not in report["protocol"]
