@@ -153,6 +153,19 @@ def test_noise_has_the_configured_strength(hr):
     assert resid.std().item() * 255 == pytest.approx(8.0, rel=0.08)
 
 
+def test_shot_noise_grows_with_brightness(hr):
+    """Shot noise of scale 1 has the variance of Poisson(255x)/255: x/255, so brighter pixels are noisier."""
+    cfg = RobustDegradation(blur=Blur(p=0.0), resize=Resize(kinds=("area",), weights=(1.0,)),
+                            noise=Noise(gaussian_p=0.0, poisson_p=1.0, poisson_scale=(1.0, 1.0), hr_p=0.0),
+                            jpeg=Jpeg(p=0.0))
+    clean = quantize(F.avg_pool2d(hr, 8))
+    resid = degrade_lr(hr, cfg, _gen()) - clean
+    mid = (clean > 0.15) & (clean < 0.85)  # away from the clamp at 0 and 1
+    assert (resid[mid] ** 2).mean().item() == pytest.approx((clean[mid] / 255).mean().item(), rel=0.15)
+    dark, bright = clean < 0.25, (clean > 0.6) & (clean < 0.85)
+    assert resid[bright].std() > resid[dark].std()
+
+
 def test_jpeg_last_and_lossy(hr):
     """JPEG at quality 10 changes a clean area-resized lr, more than quality 95 does."""
     clean = quantize(F.avg_pool2d(hr, 8))
