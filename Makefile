@@ -7,7 +7,7 @@ FACES   ?= ../shared/data/lfw
 
 SD_DIR  ?= runs/prometheus_sd
 
-.PHONY: test demo venv clean bench monitor train-cpu eval identity export
+.PHONY: test demo venv clean bench monitor train-cpu eval identity export gpu-check
 
 venv: $(STAMP)
 
@@ -30,6 +30,10 @@ bench: $(STAMP)
 	$(BIN)/facesr bench step --preset tiny
 	$(BIN)/facesr bench step --preset paper
 	$(BIN)/facesr bench data --faces $(FACES)
+
+# On a GPU machine: driver check, step benchmarks on CUDA, GPU tests, 2-GPU train -> kill -> resume (bench/gpu/).
+gpu-check: $(STAMP)
+	$(BIN)/python -m launch.gpu_check --faces ../shared/data/celeba-ids
 
 # A short two-stage run on CelebA identities (the cpu.yaml smoke config).
 train-cpu: $(STAMP)

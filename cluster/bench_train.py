@@ -36,14 +36,18 @@ class TrainBench:
     batch_size: int = 8  # global batch (the paper's stage-2 batch); micro-batch = batch / workers
     threads: int = 1  # torch threads per worker and in the plain loop (cluster.cpus_per_worker)
     paper_steps: int = 4  # fewer steps for the paper preset on CPU (seconds per step)
+    precisions: list[str] = field(default_factory=lambda: ["fp32", "auto"])  # engine.precision values timed
+    zero_stages: list[int] = field(default_factory=lambda: [0, 1, 2])  # ZeRO stages compared (tiny, auto)
+    degradation: str = "paper"  # data.degradation of the timed runs (robust degrades lr on the worker)
 
 
-def _overrides(b: TrainBench, preset: str, workers: int, fast: bool, priors: Path, storage: Path, steps: int) -> list[str]:
+def _overrides(b: TrainBench, preset: str, workers: int, precision: str, priors: Path, storage: Path, steps: int,
+               zero: int = 0) -> list[str]:
     return [
         f"preset={preset}", f"data.shards={b.shards}", f"cluster.storage_path={storage}",
-        f"run.name={preset}-{'bf16cl' if fast else 'fp32'}-w{workers}", "run.stages=[2]", "run.log_every=1",
+        f"run.name={preset}-{precision}-z{zero}-w{workers}", "run.stages=[2]", "run.log_every=1",
         f"cluster.num_workers={workers}", f"cluster.cpus_per_worker={b.threads}", "cluster.max_failures=0",
-        f"engine.bf16={str(fast).lower()}", f"engine.channels_last={str(fast).lower()}",
+        f"engine.precision={precision}", f"engine.zero_stage={zero}", f"data.degradation={b.degradation}",
         "data.loader_workers=0", f"data.steps_per_epoch={steps + b.warmup}", "data.val_batches=1",
         "stage2.epochs=1", f"stage2.batch_size={b.batch_size}", f"stage2.max_micro_batch={b.batch_size}",
         f"stage2.priors={priors}",
@@ -62,23 +66,27 @@ def _random_priors(shards: str, preset: str, folder: Path) -> Path:
     return path
 
 
-def ray_images_per_s(b: TrainBench, preset: str, workers: int, fast: bool, priors: Path, storage: Path, steps: int) -> float:
+def ray_images_per_s(b: TrainBench, preset: str, workers: int, precision: str, priors: Path, storage: Path,
+                     steps: int, zero: int = 0) -> dict:
+    """Median images/s per worker, step time and data-wait share of the logged steps after warm-up."""
     from .config import load_config
     from .trainer import train
 
-    run_dir = train(load_config(None, _overrides(b, preset, workers, fast, priors, storage, steps)))
-    rates = [json.loads(l)["samples_per_s"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if json.loads(l)["split"] == "train"]
-    return statistics.median(rates[b.warmup:])
+    run_dir = train(load_config(None, _overrides(b, preset, workers, precision, priors, storage, steps, zero)))
+    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    recs = [r for r in recs if r["split"] == "train"][b.warmup:]
+    return {"images_per_s": statistics.median(r["samples_per_s"] for r in recs),
+            "step_time_s": statistics.median(r["step_time_s"] for r in recs),
+            "data_wait_fraction": statistics.median(r["data_wait_fraction"] for r in recs)}
 
 
-def plain_images_per_s(b: TrainBench, preset: str, fast: bool, priors: Path, micro: int, steps: int) -> float:
+def plain_images_per_s(b: TrainBench, preset: str, priors: Path, micro: int, steps: int) -> float:
     """The same stage-2 work with no Ray and no DeepSpeed: one process, torch Adam."""
     import torch
 
     from facesr.losses import CSRIPLoss
     from facesr.models import SRNet, get_preset
-    from facesr.step import Precision, sr_forward, to_device
+    from facesr.step import resolve_precision, sr_forward, to_device
     from facesr.weights import load_priors
     from shards.manifest import read_manifest
 
@@ -87,13 +95,13 @@ def plain_images_per_s(b: TrainBench, preset: str, fast: bool, priors: Path, mic
 
     torch.set_num_threads(b.threads)
     cfg = resolve(load_config(None, [f"data.shards={b.shards}", "data.loader_workers=0"]))
-    precision = Precision(bf16=fast, channels_last=fast)
+    precision = resolve_precision("fp32", "cpu")
     classes = list(read_manifest(cfg.data.shards)["classes"])
     priors_ = {k: precision.module(p) for k, p in load_priors(priors, "cpu", classes=classes).items()}
     loss_fn = CSRIPLoss(priors_, alpha=0.001)
     torch.manual_seed(0)
     net = SRNet(get_preset(preset).sr)  # NCHW weights, NHWC activations with channels_last: as in the workers
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4, fused=True)
     rates = []
     epoch = 0
     while len(rates) < steps + b.warmup:
@@ -123,29 +131,31 @@ def run(b: TrainBench) -> dict:
         for preset in b.presets:
             priors = _random_priors(b.shards, preset, tmp)
             steps = b.paper_steps if preset == "paper" else b.steps
-            for fast in (False, True):
-                r = ray_images_per_s(b, preset, b.workers, fast, priors, tmp / "runs", steps)
-                out["results"].append({"preset": preset, "precision": "bf16+channels_last" if fast else "fp32",
-                                       "workers": b.workers, "ray_deepspeed": r})
-        # framework overhead: tiny fp32, one worker against the plain loop, same micro-batch
+            for precision in b.precisions:
+                r = ray_images_per_s(b, preset, b.workers, precision, priors, tmp / "runs", steps)
+                out["results"].append({"preset": preset, "precision": precision, "workers": b.workers,
+                                       "zero_stage": 0, "ray_deepspeed": r["images_per_s"], **r})
         priors = _random_priors(b.shards, "tiny", tmp)
+        for zero in b.zero_stages:  # communication: plain data parallel against ZeRO-1/2, same work
+            r = ray_images_per_s(b, "tiny", b.workers, "auto", priors, tmp / "runs", b.steps, zero)
+            out.setdefault("zero", []).append({"zero_stage": zero, "workers": b.workers, **r})
+        # framework overhead: tiny fp32, one worker against the plain loop, same micro-batch
         micro, _ = accumulation(b.batch_size, 1, b.batch_size)
-        one = ray_images_per_s(b, "tiny", 1, False, priors, tmp / "runs", b.steps)
-        plain = plain_images_per_s(b, "tiny", False, priors, micro, b.steps)
+        one = ray_images_per_s(b, "tiny", 1, "fp32", priors, tmp / "runs", b.steps)["images_per_s"]
+        plain = plain_images_per_s(b, "tiny", priors, micro, b.steps)
         out["overhead"] = {"preset": "tiny", "precision": "fp32", "micro_batch": micro,
                            "ray_deepspeed_1_worker": one, "plain_pytorch": plain, "ratio_plain_over_ray": plain / one}
     return out
 
 
 def report(res: dict) -> str:
-    lines = [f"{res['unit']}:"]
-    by = {}
+    lines = [f"{res['unit']} (data.degradation={res['config']['degradation']}):"]
     for r in res["results"]:
-        by.setdefault(r["preset"], {})[r["precision"]] = r["ray_deepspeed"]
-        lines.append(f"  {r['preset']:6s} {r['precision']:20s} {r['workers']} workers  {r['ray_deepspeed']:8.2f}")
-    for preset, d in by.items():
-        if len(d) == 2:
-            lines.append(f"  {preset}: bf16+channels_last / fp32 = {d['bf16+channels_last'] / d['fp32']:.2f}x")
+        lines.append(f"  {r['preset']:6s} {r['precision']:6s} {r['workers']} workers  {r['images_per_s']:8.2f} img/s  "
+                     f"step {r['step_time_s']:.3f}s  data wait {100 * r['data_wait_fraction']:.1f}% of the step")
+    for z in res.get("zero", []):
+        lines.append(f"  tiny auto ZeRO-{z['zero_stage']} {z['workers']} workers  {z['images_per_s']:8.2f} img/s  "
+                     f"step {z['step_time_s']:.3f}s")
     o = res["overhead"]
     lines.append(f"overhead ({o['preset']} {o['precision']}, micro-batch {o['micro_batch']}): plain PyTorch "
                  f"{o['plain_pytorch']:.2f} img/s, Ray Train + DeepSpeed 1 worker {o['ray_deepspeed_1_worker']:.2f} "

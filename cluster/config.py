@@ -60,6 +60,11 @@ class DataConfig:
     shuffle_buffer: int = 256  # samples in each decode worker's shuffle buffer (shards already mix identities)
     steps_per_epoch: int = 0  # cap on optimizer steps per epoch; 0 = the whole split (caps serve smoke runs/benchmarks)
     val_batches: int = 0  # cap on validation batches per worker; 0 = the whole split
+    # How stage 2's network input is made from hr (facesr.degradations): "paper" = the shards' lr (the
+    # paper's fixed blur + decimation, fidelity to the paper); "robust" = randomised per sample on the worker
+    # (blur, any common resize, noise, JPEG; x2/x4/hr targets stay the clean cascade); or a mapping in
+    # RobustDegradation.to_dict()'s shape whose missing fields keep robust's defaults.
+    degradation: str | dict = "paper"
 
 
 @dataclass
@@ -81,12 +86,18 @@ class ClusterConfig:
 
 @dataclass
 class EngineConfig:
-    zero_stage: int = 1  # DeepSpeed ZeRO stage 0-2 (optimizer-state sharding; 3 buys nothing for 1-40M-param convnets)
-    bf16: bool = False  # bf16 autocast with fp32 master weights (fast on AMX CPUs and tensor-core GPUs)
-    channels_last: bool = False  # NHWC weights and activations (what cuDNN/oneDNN convolutions prefer)
+    # DeepSpeed ZeRO stage 0-2. 0 = plain data parallel (one gradient all-reduce, full optimizer state
+    # per worker): for 4-20M-parameter convnets the optimizer state is tens of MB, so sharding it
+    # (ZeRO-1/2) saves little memory and adds an all-gather of the weights every step; measured in the
+    # README ("Communication"). 0 is also what elastic runs need.
+    zero_stage: int = 0
+    precision: str = "auto"  # auto = bf16 autocast where the hardware has bf16 (CUDA sm80+, AMX/AVX512-BF16 CPUs), else fp32; or bf16 | fp32
+    channels_last: bool | None = None  # NHWC activations; null = with bf16 or on CUDA, NCHW for fp32 on a CPU
     batchnorm: str = "local"  # local = per-worker batch statistics, running stats averaged each epoch; sync = SyncBatchNorm (GPU only)
     grad_clip: float = 0.0  # gradient-norm clip; 0 = off (the paper does not clip)
-
+    compile: bool = False  # torch.compile the trained module (DeepSpeed engine.compile); measured in README
+    overlap_comm: bool = True  # reduce gradients in buckets while backward is still running (ZeRO-2 hooks)
+    bucket_mb: float = 8.0  # gradient bucket size in MB of fp32: ~2 buckets for the paper cascade (17 MB of grads)
 
 @dataclass
 class StageConfig:
@@ -99,13 +110,18 @@ class StageConfig:
     lr_milestones: list[int] = field(default_factory=list)  # multiply by lr_gamma at the END of these (1-based) epochs
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam betas (PyTorch defaults; paper gives none)
     weight_decay: float = 0.0  # Adam L2 weight decay (paper gives none)
+    warmup_steps: int = 0  # linear LR warm-up over the first optimizer steps (large batches); 0 = none (paper)
 
-    def lr_at(self, epoch: int) -> float:
-        """Learning rate during 0-based ``epoch``; stepped per epoch, never per optimizer step."""
+    def lr_at(self, epoch: int, step: int | None = None) -> float:
+        """Learning rate during 0-based ``epoch``; stepped per epoch, except during the warm-up of the first
+        ``warmup_steps`` optimizer steps (``step`` = steps taken before this one), where it rises linearly."""
         drops = sum(1 for m in self.lr_milestones if epoch >= m)  # "end of epoch m" = from 0-based epoch m on
         if self.lr_every > 0:
             drops += epoch // self.lr_every
-        return self.lr * self.lr_gamma**drops
+        lr = self.lr * self.lr_gamma**drops
+        if step is not None and step < self.warmup_steps:
+            lr *= (step + 1) / self.warmup_steps
+        return lr
 
 
 @dataclass
@@ -197,6 +213,10 @@ def _check_type(value, tp, name: str):
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(name, f"expected a string, got {value!r}")
+        return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(name, f"expected a mapping, got {value!r}")
         return value
     raise ConfigError(name, f"unsupported field type {tp}")
 
@@ -359,6 +379,13 @@ def check(cfg: TrainConfig) -> dict:
                           f"size: ZeRO {cfg.engine.zero_stage} shards the optimizer state per worker; use 0")
     if cfg.engine.zero_stage not in (0, 1, 2):
         raise ConfigError("engine.zero_stage", f"expected 0, 1 or 2, got {cfg.engine.zero_stage}")
+    if cfg.engine.precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError("engine.precision", f"expected auto, bf16 or fp32, got {cfg.engine.precision!r}")
+    if cfg.engine.bucket_mb <= 0:
+        raise ConfigError("engine.bucket_mb", f"must be positive, got {cfg.engine.bucket_mb}")
+    if not 0 <= cfg.stage1.crop_pad < 24:
+        raise ConfigError("stage1.crop_pad", f"must be 0 to 23 lr pixels, got {cfg.stage1.crop_pad}")
+    degradation(cfg)
     if cfg.engine.batchnorm not in ("local", "sync"):
         raise ConfigError("engine.batchnorm", f"expected local or sync, got {cfg.engine.batchnorm!r}")
     if cfg.engine.batchnorm == "sync" and not cfg.cluster.use_gpu:
@@ -370,6 +397,8 @@ def check(cfg: TrainConfig) -> dict:
                 raise ConfigError(f"stage{s}.{f}", "must be at least 1")
         if st.lr <= 0:
             raise ConfigError(f"stage{s}.lr", "must be positive")
+        if st.warmup_steps < 0:
+            raise ConfigError(f"stage{s}.warmup_steps", "must be 0 (none) or more")
         for world in cfg.world_sizes:
             try:
                 accumulation(st.batch_size, world, st.max_micro_batch, f"stage{s}.batch_size")
@@ -388,6 +417,17 @@ def check(cfg: TrainConfig) -> dict:
     if 2 in cfg.run.stages and 1 not in cfg.run.stages:
         _check_priors(cfg, manifest)
     return manifest
+
+
+def degradation(cfg: TrainConfig):
+    """The validated stage-2 degradation model; ConfigError naming the dotted key at fault."""
+    from facesr.degradations import DegradationError, resolve as resolve_degradation
+
+    try:
+        return resolve_degradation(cfg.data.degradation, "data.degradation")
+    except DegradationError as e:
+        key, _, msg = str(e).partition(": ")
+        raise ConfigError(key, msg) from None
 
 
 def _manifest(cfg: TrainConfig) -> dict:

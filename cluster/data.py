@@ -1,7 +1,8 @@
 """What training takes from the shards: the class map and one loader per (stage, split, rank, epoch).
 
 Stage 1 (priors) streams only labelled samples (``cls >= 0``) of levels x2, x4,
-hr, with the paper's random flips and crops on the training split. Stage 2
+hr (the paper's random flips and crops are applied on the device by the stage,
+``facesr.augment``). Stage 2
 streams every sample of all four levels; unlabelled identities still teach
 the cascade (their identity term is zero).
 
@@ -23,6 +24,15 @@ def read_classes(cfg: TrainConfig) -> list[str]:
     return list(read_manifest(cfg.data.shards)["classes"])
 
 
+def _sr_levels(cfg: TrainConfig) -> tuple[str, ...]:
+    """Stage 2 decodes lr only when it trains on the shards' own lr (the paper's degradation)."""
+    from facesr.degradations import PAPER
+
+    from .config import degradation
+
+    return ("lr", "x2", "x4", "hr") if degradation(cfg) == PAPER else ("x2", "x4", "hr")
+
+
 def split_name(cfg: TrainConfig, stage: int, split: str) -> str:
     if split == "train":
         return cfg.data.train_split
@@ -40,17 +50,15 @@ def build_loader(cfg: TrainConfig, stage: int, split: str, micro_batch: int, ran
     name = split_name(cfg, stage, split)
     manifest = read_manifest(cfg.data.shards, check_files=False)  # config.check() verified them before the start
     priors = stage == 1
-    aug = priors and train and cfg.stage1.augment
     scfg = StreamConfig(
         batch_size=micro_batch,
         num_samples=split_samples(manifest, name, labelled_only=priors),
         workers=cfg.data.loader_workers,
         shuffle=cfg.data.shuffle_buffer if train else 0,
-        flip=aug,
-        crop_pad=cfg.stage1.crop_pad if aug else 0,
         labelled_only=priors,
-        levels=PRIOR_LEVELS if priors else ("lr", "x2", "x4", "hr"),
+        levels=PRIOR_LEVELS if priors else _sr_levels(cfg),
         seed=cfg.run.seed,
+        pin_memory=cfg.cluster.use_gpu,  # asynchronous host-to-device copies of the uint8 batches
     )
     urls = shard_urls(cfg.data.shards, name, manifest=manifest)
     return stream(urls, scfg, rank=rank, world_size=world_size, epoch=epoch if train else 0)

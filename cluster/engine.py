@@ -2,8 +2,10 @@
 
 Decisions made here, and why:
 
-* **Optimizer**: plain ``torch.optim.Adam`` handed to DeepSpeed (its fused Adam
-  needs CUDA); ZeRO stages 1-2 shard its state over the data-parallel ranks.
+* **Optimizer**: ``torch.optim.Adam(fused=True)`` handed to DeepSpeed (DeepSpeed's
+  FusedAdam needs CUDA; torch's fused Adam runs on CPU and CUDA and keeps its step
+  counter on the device, so the step never waits for the host); ZeRO stages 1-2
+  shard its state over the data-parallel ranks.
 * **bf16** is autocast (``facesr.step.Precision``) over fp32 weights, not
   DeepSpeed's bf16 mode: BatchNorm statistics, the SSIM loss and Adam's state
   stay fp32, and the same switch works in the plain-PyTorch baseline.
@@ -56,11 +58,18 @@ def batching(stage: StageConfig, world_size: int) -> Batching:
 
 
 def ds_config(engine: EngineConfig, b: Batching) -> dict:
+    bucket = int(engine.bucket_mb * 2**20 / 4)  # elements of fp32
+    zero = {"stage": engine.zero_stage}
+    if engine.zero_stage >= 1:
+        # ZeRO-2 reduce-scatters each bucket from backward hooks as soon as it fills (overlap_comm);
+        # contiguous gradients avoid fragmentation; the same size bounds the all-gather of ZeRO-1/2.
+        zero.update({"reduce_bucket_size": bucket, "allgather_bucket_size": bucket, "reduce_scatter": True,
+                     "overlap_comm": engine.overlap_comm and engine.zero_stage == 2, "contiguous_gradients": True})
     cfg = {
         "train_batch_size": b.global_batch,
         "train_micro_batch_size_per_gpu": b.micro_batch,
         "gradient_accumulation_steps": b.accumulation,
-        "zero_optimization": {"stage": engine.zero_stage},
+        "zero_optimization": zero,
         "steps_per_print": 2**31 - 1,  # we log ourselves
         "wall_clock_breakdown": False,
     }
@@ -83,9 +92,13 @@ def initialize(model: nn.Module, stage: StageConfig, engine: EngineConfig, world
     if engine.batchnorm == "sync":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=stage.lr, betas=tuple(stage.betas), weight_decay=stage.weight_decay)
+    # fused: one kernel for all parameters, and the step counter lives on the device (the for-each Adam
+    # reads it back to the host with .item() every step); supported on CPU and CUDA.
+    opt = torch.optim.Adam(params, lr=stage.lr, betas=tuple(stage.betas), weight_decay=stage.weight_decay, fused=True)
     eng, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(engine, b))
     eng.checkpoint_engine = SafeCheckpointEngine(eng.checkpoint_engine)
+    if engine.compile:
+        eng.compile()  # compiles the wrapped module in place: parameter names and checkpoints unchanged
     return eng, b
 
 

@@ -48,19 +48,20 @@ def worker_main(config: dict) -> None:
 
     t_start = time.perf_counter()
     set_accelerator_env(cfg.cluster.use_gpu)
-    from .stages import STAGES, mean_terms
+    from .stages import STAGES
 
     log = RunLog(cfg, number, STAGES[number].telemetry_name, rank, local_rank, world, socket.gethostname())
     if cfg.cluster.use_gpu:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest conv algorithm once
     else:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
 
-    from facesr.step import Precision, to_device
+    from facesr.step import TermSums, resolve_precision
 
-    precision = Precision(bf16=cfg.engine.bf16, channels_last=cfg.engine.channels_last)
+    precision = resolve_precision(cfg.engine.precision, device, cfg.engine.channels_last)
     classes = read_classes(cfg)
     stage = STAGES[number](cfg, classes, device, precision)
     st = stage.stage
@@ -69,9 +70,11 @@ def worker_main(config: dict) -> None:
     # detach from the optimizer. channels_last applies to the activations (inputs are NHWC), which is what
     # cuDNN/oneDNN key their kernel choice on; weights are re-laid per call (they are small).
     model = stage.build_model().to(device)
+    flops = sample_flops(stage, model, device, precision)  # training FLOPs per sample, for MFU
+    peak = peak_flops(device, precision)  # the device's conv peak in the dtype this run computes in
     t_built = time.perf_counter()
     eng, b = initialize(model, st, cfg.engine, world)
-    log.ready(t_built - t_start, time.perf_counter() - t_built, b)
+    log.ready(t_built - t_start, time.perf_counter() - t_built, b, precision, device)
 
     state = TrainState()
     ckpt = ray.train.get_checkpoint()
@@ -96,30 +99,27 @@ def worker_main(config: dict) -> None:
             if skip:
                 for _ in islice(batches, skip):  # replay the data epoch up to where the checkpoint left it
                     pass
-            acc: dict[str, float] = {}
-            n_acc, t_last, samples, wait = 0, time.perf_counter(), 0, 0.0
+            sums = TermSums()
+            t_last, samples, wait = time.perf_counter(), 0, 0.0
             while state.step_in_epoch < steps:
                 t0 = time.perf_counter()
                 group = list(islice(batches, b.accumulation))  # the epoch's tail that cannot fill a step is dropped
                 wait += time.perf_counter() - t0
-                for micro in group:
-                    batch = to_device(micro, device, precision)
-                    terms = stage.forward(eng.module, batch)  # ZeRO ≤ 2 needs no forward hooks
-                    eng.backward(terms["loss"])
-                    eng.step()
-                    for k, v in terms.items():
-                        acc[k] = acc.get(k, 0.0) + float(v.detach())
-                    n_acc += 1
-                    samples += batch["cls"].shape[0]
+                if state.global_step <= st.warmup_steps:  # the warm-up's per-step LR, then the epoch's again
+                    set_lr(eng, st.lr_at(epoch, state.global_step))
+                first = state.step_in_epoch * b.accumulation  # micro-batch index in the epoch: seeds augmentation
+                samples += train_step(eng, stage, group, sums, device, precision, (cfg.run.seed, epoch, rank, first))
                 state.step_in_epoch += 1
                 state.global_step += 1
                 if state.global_step % cfg.run.log_every == 0:
+                    terms = sums.mean()  # the interval's one host synchronisation
                     dt = time.perf_counter() - t_last
                     extra = {"lr": get_lr(eng), "samples_per_s": samples / dt, "step_time_s": dt / cfg.run.log_every,
-                             "data_wait_s": wait / cfg.run.log_every,
+                             "data_wait_s": wait / cfg.run.log_every, "data_wait_fraction": wait / dt,
+                             "mfu": samples / dt * flops / peak, "peak_memory_bytes": peak_memory(device),
                              "decode_errors": decode_errors + loader.decode_errors}
-                    log.train(mean_terms(acc, n_acc), extra, epoch, state.global_step)
-                    acc, n_acc, t_last, samples, wait = {}, 0, time.perf_counter(), 0, 0.0
+                    log.train(terms, extra, epoch, state.global_step)
+                    t_last, samples, wait = time.perf_counter(), 0, 0.0
                 mid_epoch = state.step_in_epoch < steps  # the epoch's last step is checkpointed after validation
                 if cfg.run.checkpoint_every and state.global_step % cfg.run.checkpoint_every == 0 and mid_epoch:
                     _checkpoint(eng, state, log, {"epoch": epoch, "step": state.global_step, "lr": get_lr(eng)})
@@ -132,6 +132,65 @@ def worker_main(config: dict) -> None:
         log.finish(stage, eng.module, state, get_lr(eng))
     finally:
         log.close()
+
+
+def sample_flops(stage, model, device, precision) -> float:
+    """FLOPs of one training sample (forward + backward, frozen priors included), counted once at start.
+
+    Counted in eval mode on a 1-sample batch, before DeepSpeed wraps the model: BatchNorm statistics and
+    the optimizer never see it.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from facesr.vocab import SIZES
+
+    batch = {k: torch.zeros(1, 3, s, s, device=device) for k, s in SIZES.items()}
+    batch["cls"] = torch.zeros(1, dtype=torch.long, device=device)
+    model.eval()
+    with FlopCounterMode(display=False) as fc:
+        stage.forward(model, batch)["loss"].backward()
+    model.zero_grad(set_to_none=True)
+    model.train()
+    return float(fc.get_total_flops())
+
+
+def peak_flops(device, precision) -> float:
+    """FLOP/s of a large 3x3 convolution in the run's dtype, measured on this worker (a second at most)."""
+    from facesr.bench_step import conv_peak
+
+    return conv_peak(seconds=0.3, bf16=precision.bf16, device=str(device), batch=4)["gflops_per_s"] * 1e9
+
+
+def peak_memory(device) -> float:
+    """Peak accelerator memory (CUDA) or peak resident memory of this process (CPU), in bytes."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
+
+
+def train_step(eng, stage, group: list[dict], sums, device, precision, seed: tuple[int, int, int, int]) -> int:
+    """One optimizer step over ``group``'s micro-batches; returns the samples seen.
+
+    No host synchronisation: terms accumulate on the device in ``sums``; the batch's augmentation or
+    degradation draws from a device generator seeded by (seed, epoch, rank, micro-batch index), so a
+    resumed run draws the same again.
+    """
+    from facesr.augment import step_generator
+    from facesr.step import to_device
+
+    run_seed, epoch, rank, first = seed
+    samples = 0
+    for j, micro in enumerate(group):
+        batch = to_device(micro, device, precision)
+        batch = stage.train_batch(batch, step_generator(run_seed, epoch, rank, first + j, device))
+        terms = stage.forward(eng.module, batch)  # ZeRO ≤ 2 needs no forward hooks
+        eng.backward(terms["loss"])
+        eng.step()
+        sums.add(terms)
+        samples += batch["cls"].shape[0]
+    return samples
 
 
 def _checkpoint(eng, state: TrainState, log: RunLog, metrics: dict) -> None:
@@ -158,10 +217,13 @@ def _validate(stage, eng, cfg: TrainConfig, micro: int, rank: int, world: int, e
     sums: dict[str, torch.Tensor] = {}
     n = 0
     loader = build_loader(cfg, stage.number, "val", micro, rank, world, 0)
+    from facesr.augment import step_generator
+
     for i, batch in enumerate(loader):
         if cfg.data.val_batches and i >= cfg.data.val_batches:
             break
-        terms = stage.validate_batch(eng.module, to_device(batch, device, precision))
+        batch = stage.val_batch(to_device(batch, device, precision), step_generator(cfg.run.seed, -1, rank, i, device))
+        terms = stage.validate_batch(eng.module, batch)
         for k, v in terms.items():
             sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64, device=device)) + v.detach().double()
         n += 1

@@ -56,7 +56,13 @@ class RunLog:
 
     # ------------------------------------------------------------------ events
 
-    def ready(self, build_s: float, engine_s: float, batching) -> None:
+    def ready(self, build_s: float, engine_s: float, batching, precision, device) -> None:
+        from facesr.hardware import machine_info, native_bf16
+
+        info = machine_info(device)
+        where = info.get("gpu", info["cpu"])
+        self.logger.info("precision %s on %s (%s; engine.precision=%s, bf16 native: %s)", precision.name, device,
+                         where, self.cfg.engine.precision, "yes" if native_bf16(device) else "no")
         self.logger.info("model built in %.1fs, DeepSpeed engine in %.1fs; micro-batch %d x %d accumulation x %d "
                          "workers = global batch %d", build_s, engine_s, batching.micro_batch, batching.accumulation,
                          self.world, batching.global_batch)

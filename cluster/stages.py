@@ -6,19 +6,20 @@ the rest (engine, data, checkpoints, logging) the same way for both.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from facesr.augment import flip_crop
+from facesr.degradations import PAPER, degrade_lr
 from facesr.losses import CSRIPLoss, PriorLoss, ssim
 from facesr.models import SRNet, build_prior, get_preset
 from facesr.step import Precision, prior_forward, sr_forward
 from facesr.vocab import SCALE_OF, TARGETS
 from facesr.weights import load_priors, save_priors, save_srnet
 
-from .config import TrainConfig
+from .config import TrainConfig, degradation
 
 
 class PriorStage:
@@ -36,8 +37,17 @@ class PriorStage:
         prior = get_preset(self.cfg.preset).prior
         return nn.ModuleDict({k: build_prior(prior, len(self.classes)) for k in TARGETS})
 
+    def train_batch(self, batch: dict, generator: torch.Generator) -> dict:
+        """The paper's random flips and crops, on the device (the loader only decodes)."""
+        if not self.stage.augment:
+            return batch
+        return flip_crop(batch, generator, flip=True, crop_pad=self.stage.crop_pad)
+
+    def val_batch(self, batch: dict, generator: torch.Generator) -> dict:
+        return batch  # validation images unaugmented
+
     def forward(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        return prior_forward(model, self.loss_fn, batch, self.precision)  # flips/crops happen in the stream
+        return prior_forward(model, self.loss_fn, batch, self.precision)
 
     @torch.no_grad()
     def validate_batch(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
@@ -65,9 +75,20 @@ class SRStage:
         priors = load_priors(cfg.priors_path, device, classes=classes)
         priors = {k: precision.module(p) for k, p in priors.items()}
         self.loss_fn = CSRIPLoss(priors, alpha=self.stage.alpha).to(device)
+        self.degradation = degradation(cfg)
+        self.fixed = self.degradation == PAPER  # the shards' lr is exactly the paper's cascade
 
     def build_model(self) -> nn.Module:
         return SRNet(get_preset(self.cfg.preset).sr)
+
+    def train_batch(self, batch: dict, generator: torch.Generator) -> dict:
+        """The network's input: the shards' lr, or hr degraded on the device by the configured model."""
+        if self.fixed:
+            return batch
+        lr = degrade_lr(batch["hr"], self.degradation, generator)  # (B, 3, 24, 24); targets stay the clean cascade
+        return {**batch, "lr": self.precision.tensor(lr)}
+
+    val_batch = train_batch  # validation draws from the same distribution, with a generator fixed per batch
 
     def forward(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         return sr_forward(model, self.loss_fn, batch, self.precision)
@@ -105,5 +126,3 @@ def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (10 * torch.log10(1.0 / mse)).mean()
 
 
-def mean_terms(acc: dict[str, float], n: int) -> dict[str, float]:
-    return {k: v / max(n, 1) for k, v in acc.items() if math.isfinite(v / max(n, 1))}

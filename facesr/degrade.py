@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -79,9 +80,19 @@ def gaussian_kernel1d(sigma: float, even: bool = False, dtype=torch.float32) -> 
     return (k / k.sum()).to(dtype)
 
 
+@lru_cache(maxsize=256)
+def _kernel_on(sigma: float, even: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``gaussian_kernel1d`` built once per (σ, parity, dtype, device): no host-to-device copy per call."""
+    return gaussian_kernel1d(sigma, even, torch.float64).to(device=device, dtype=dtype)
+
+
+def device_kernel(sigma: float, like: torch.Tensor, even: bool = False) -> torch.Tensor:
+    """The cached Gaussian kernel on ``like``'s device and dtype."""
+    return _kernel_on(float(sigma), even, like.dtype, like.device)
+
+
 def _separable(x: torch.Tensor, k: torch.Tensor, stride: int, pad: tuple[int, int]) -> torch.Tensor:
     c = x.shape[1]
-    k = k.to(device=x.device, dtype=x.dtype)
     kh = k.view(1, 1, -1, 1).expand(c, 1, -1, 1)
     kw = k.view(1, 1, 1, -1).expand(c, 1, 1, -1)
     x = F.pad(x, (0, 0, pad[0], pad[1]), mode="reflect")
@@ -92,7 +103,7 @@ def _separable(x: torch.Tensor, k: torch.Tensor, stride: int, pad: tuple[int, in
 
 def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Gaussian blur with reflect padding; same size out. (B, C, H, W) -> (B, C, H, W)."""
-    k = gaussian_kernel1d(sigma)
+    k = device_kernel(sigma, x)
     r = (k.numel() - 1) // 2
     return _separable(x, k, 1, (r, r))
 
@@ -101,7 +112,7 @@ def downsample2x(x: torch.Tensor, sigma: float = DEFAULT.blur_sigma) -> torch.Te
     """Gaussian blur followed by 2× decimation. (B, C, H, W) -> (B, C, H/2, W/2)."""
     if x.shape[-1] % 2 or x.shape[-2] % 2:
         raise ValueError(f"downsample2x needs even sides, got {tuple(x.shape[-2:])}")
-    k = gaussian_kernel1d(sigma, even=True)
+    k = device_kernel(sigma, x, even=True)
     r = k.numel() // 2
     # Output i averages fine pixels 2i-r+1 .. 2i+r, centred at 2i+0.5.
     return _separable(x, k, 2, (r - 1, r))

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .degrade import gaussian_kernel1d, residual
+from .degrade import device_kernel, residual
 from .vocab import SCALE_OF, TARGETS
 
 # The paper's constants on 0-255 pixel values: (0.01·256)² and (0.03·256)².
@@ -29,7 +29,7 @@ def ssim_map(
     on a 48² output a 'valid' window would ignore 40% of the pixels.
     """
     c = x.shape[1]
-    k = gaussian_kernel1d(sigma, dtype=x.dtype).to(x.device)
+    k = device_kernel(sigma, x)  # cached on the device: no host copy per call
     if k.numel() != window:  # radius ceil(3σ) gives 11 taps for σ=1.5; honour an explicit window
         t = torch.arange(window, dtype=torch.float64, device=x.device) - (window - 1) / 2
         k = torch.exp(-0.5 * (t / sigma) ** 2)
@@ -58,10 +58,15 @@ def ssim_loss(sr: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def identity_ce(logits: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
-    """Eq. (1) averaged over the batch; samples with cls = -1 (identity outside the class map) are ignored."""
-    if not (cls >= 0).any():
-        return logits.float().sum() * 0.0  # keeps the graph; no labelled sample in this batch
-    return F.cross_entropy(logits.float(), cls, ignore_index=-1)
+    """Eq. (1) averaged over the labelled samples; cls = -1 (identity outside the class map) is ignored.
+
+    Masked sum over a clamped count rather than ``ignore_index``'s mean, which is NaN on a batch with no
+    labelled sample: testing for that case would cost a host synchronisation every step. Zero then,
+    with the graph kept.
+    """
+    keep = cls >= 0
+    ce = F.cross_entropy(logits.float(), cls.clamp(min=0), reduction="none")  # (B,)
+    return (ce * keep).sum() / keep.sum().clamp(min=1)
 
 
 class CSRIPLoss(nn.Module):
@@ -81,8 +86,9 @@ class CSRIPLoss(nn.Module):
         total = 0.0
         for key in TARGETS:
             scale = SCALE_OF[key]
-            terms[f"ssim/{scale}"] = ssim(sr[key], batch[key]).detach()
-            total = total + ssim_loss(sr[key], batch[key])
+            s = ssim(sr[key], batch[key])  # once per scale: the term and the loss share it
+            terms[f"ssim/{scale}"] = s.detach()
+            total = total + 0.5 * (1.0 - s)  # eq. (2)
             if self.priors is not None:
                 with torch.autocast(sr[key].device.type, enabled=False):
                     delta = residual(sr[key].float(), key)  # high-pass of the SR output, fp32

@@ -8,6 +8,7 @@ and tensor-core GPUs.
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -18,10 +19,17 @@ from .degrade import residual
 from .vocab import LEVELS
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
 @dataclass(frozen=True)
 class Precision:
     bf16: bool = True  # autocast convolutions to bfloat16 (losses stay fp32)
-    channels_last: bool = True  # NHWC activations and weights: what oneDNN/AMX and cuDNN prefer
+    channels_last: bool = True  # NHWC activations: what oneDNN/AMX and cuDNN prefer
+
+    @property
+    def name(self) -> str:
+        return f"{'bf16' if self.bf16 else 'fp32'}{'+channels_last' if self.channels_last else ''}"
 
     def autocast(self, device: torch.device | str):
         dev = torch.device(device).type
@@ -36,15 +44,67 @@ class Precision:
         return x
 
 
+def resolve_precision(precision: str, device: torch.device | str, channels_last: bool | None = None) -> Precision:
+    """``auto`` | ``bf16`` | ``fp32`` on ``device`` -> Precision.
+
+    ``auto`` is bf16 where the hardware computes it natively (``facesr.hardware.native_bf16``), else fp32.
+    ``channels_last=None`` follows the dtype: NHWC with bf16 (oneDNN's and cuDNN's fast bf16 kernels want
+    it), and with fp32 on CUDA; NCHW for fp32 on a CPU, where oneDNN's fp32 kernels gained nothing from it
+    (`facesr bench step` measures both).
+    """
+    from .hardware import native_bf16
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    bf16 = native_bf16(device) if precision == "auto" else precision == "bf16"
+    if channels_last is None:
+        channels_last = bf16 or torch.device(device).type == "cuda"
+    return Precision(bf16=bf16, channels_last=channels_last)
+
+
 def to_device(batch: dict, device: torch.device | str, precision: Precision) -> dict[str, torch.Tensor]:
-    """Move a batch to ``device``; image levels in the precision's memory format."""
+    """Move a batch to ``device``; image levels become float [0, 1] there, in the precision's memory format.
+
+    Batches travel as uint8 (a quarter of float32's bytes; pinned by the loader on CUDA, so the copy is
+    asynchronous) and are converted on the device. Float levels (tests, benchmarks) pass through as they are.
+    """
     out = {}
     for k, v in batch.items():
         if not torch.is_tensor(v):
             continue
         v = v.to(device, non_blocking=True)
-        out[k] = precision.tensor(v) if k in LEVELS else v
+        if k in LEVELS:
+            if v.dtype == torch.uint8:
+                v = v.float().div_(255)  # (B, 3, S, S) in [0, 1]
+            v = precision.tensor(v)
+        out[k] = v
     return out
+
+
+class TermSums:
+    """Loss terms summed on the device over micro-batches; they cross to the host once, at a log step.
+
+    ``float(term)`` per micro-batch would wait for the device every time (19 waits a step before this).
+    """
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.n = 0
+
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        for k, v in terms.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.n += 1
+
+    def mean(self) -> dict[str, float]:
+        """Means since the last call (non-finite ones dropped), then reset: the one host transfer."""
+        keys = sorted(self.sums)
+        values = torch.stack([self.sums[k] for k in keys]).cpu().tolist() if keys else []
+        n = max(self.n, 1)
+        out = {k: v / n for k, v in zip(keys, values) if math.isfinite(v / n)}
+        self.sums, self.n = {}, 0
+        return out
 
 
 def sr_forward(model: nn.Module, loss_fn: nn.Module, batch: dict, precision: Precision) -> dict[str, torch.Tensor]:

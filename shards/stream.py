@@ -21,11 +21,10 @@ worker. The count is exposed as ``loader.decode_errors``: cumulative over the
 epoch for this rank (sum over its workers), updated with every batch, so
 training can export it as a counter (add the increase since the last read).
 
-Augmentations (off by default; the priors' stage turns them on): a random
-horizontal flip of all four levels together, and a random crop that shifts
-every level by the same whole number of lr pixels (×2 at x2, ×4 at x4, ×8 at
-hr), reflect-padded to keep sizes. Both commute with the degradation up to
-borders, so the quadruplet stays a consistent one.
+Batches are uint8, as decoded: a quarter of float32's bytes to pin and to copy
+to the device, where ``facesr.step.to_device`` converts them. Augmentation
+(the priors' flips and crops) happens on the device too (``facesr.augment``):
+the loader only decodes.
 """
 
 from __future__ import annotations
@@ -40,7 +39,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
@@ -59,8 +57,6 @@ class StreamConfig:
     batches_per_epoch: int = 0  # per rank; 0 = num_samples // (world_size * batch_size)
     workers: int = 2  # data-loader processes per rank (0 = decode in the training process)
     shuffle: int = 1000  # shuffle buffer in samples per worker; shards already mix identities; 0 = off
-    flip: bool = False  # random horizontal flip of the whole quadruplet
-    crop_pad: int = 0  # random crop: shift by up to ±crop_pad lr pixels (×scale per level), reflect-padded
     labelled_only: bool = False  # drop cls == -1 samples (the priors learn only the label set)
     levels: tuple[str, ...] = LEVELS  # levels to decode; the priors need only x2, x4, hr
     seed: int = 0  # with (epoch, rank, worker) seeds shard resampling, shuffling and augmentation
@@ -68,6 +64,7 @@ class StreamConfig:
     log_interval_s: float = 60.0  # at most one decode-error log line per worker per interval
     meta: bool = False  # add "key" and "url" lists and "worker" to batches (tests, debugging)
     max_empty_reads: int = 50  # consecutive shard reads with no good sample before giving up
+    pin_memory: bool = False  # page-locked batches, so a CUDA copy with non_blocking=True is asynchronous
 
     def epoch_batches(self, world_size: int) -> int:
         n = self.batches_per_epoch or self.num_samples // (world_size * self.batch_size)
@@ -149,23 +146,6 @@ def decode_sample(raw: dict, levels=LEVELS) -> dict:
     return out
 
 
-def augment(sample: dict, rng: random.Random, flip: bool, crop_pad: int) -> dict:
-    """Same flip and same lr-pixel shift for every level; float (3, S, S) in, float out."""
-    levels = [k for k in LEVELS if k in sample]
-    if flip and rng.random() < 0.5:
-        for k in levels:
-            sample[k] = sample[k].flip(-1)
-    if crop_pad:
-        dy, dx = rng.randint(-crop_pad, crop_pad), rng.randint(-crop_pad, crop_pad)
-        for k in levels:
-            s, size = SIZES[k] // SIZES["lr"], SIZES[k]
-            p = crop_pad * s
-            x = F.pad(sample[k][None], (p, p, p, p), mode="reflect")[0]  # (3, S + 2p, S + 2p)
-            top, left = p + dy * s, p + dx * s
-            sample[k] = x[:, top : top + size, left : left + size]  # (3, S, S)
-    return sample
-
-
 class _WorkerStream(IterableDataset):
     """What one data-loader worker yields: endless batches from its own shards (module-level: pickles)."""
 
@@ -189,9 +169,6 @@ class _WorkerStream(IterableDataset):
             except DecodeError as exn:
                 errors(exn)
                 continue
-            for k in cfg.levels:
-                s[k] = s[k].float().div_(255)  # (3, S, S) in [0, 1]
-            s = augment(s, rng, cfg.flip, cfg.crop_pad)
             if cfg.meta:
                 s["key"], s["url"] = r["__key__"], r["__url__"]
             batch.append(s)
@@ -237,7 +214,7 @@ def _shuffle(samples: Iterator[dict], bufsize: int, rng: random.Random) -> Itera
 
 
 def _collate(batch: list[dict], cfg: StreamConfig, worker: int, errors: int) -> dict:
-    out = {k: torch.stack([s[k] for s in batch]) for k in cfg.levels}  # (B, 3, S, S) float
+    out = {k: torch.stack([s[k] for s in batch]) for k in cfg.levels}  # (B, 3, S, S) uint8
     out["cls"] = torch.tensor([s["cls"] for s in batch], dtype=torch.int64)  # (B,)
     if cfg.meta:
         out["key"], out["url"], out["worker"] = [s["key"] for s in batch], [s["url"] for s in batch], worker
@@ -269,18 +246,21 @@ class ShardLoader:
             it = iter(self.dataset)
         else:
             it = iter(DataLoader(self.dataset, batch_size=None, num_workers=self.cfg.workers,
-                                 prefetch_factor=self.cfg.prefetch, persistent_workers=False))
+                                 prefetch_factor=self.cfg.prefetch, persistent_workers=False,
+                                 pin_memory=self.cfg.pin_memory))
         try:
             for _ in range(self.n):
                 batch = next(it)
                 self._errors[batch.pop("__worker__")] = batch.pop("__errors__")
+                if self.cfg.pin_memory and self.cfg.workers == 0:  # DataLoader pins only with worker processes
+                    batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
                 yield batch
         finally:
             del it  # shuts the worker processes down
 
 
 def build_loader(urls: list[str] | str, cfg: StreamConfig, *, rank: int, world_size: int, epoch: int) -> ShardLoader:
-    """Batches ``{"lr","x2","x4","hr": float (B,3,S,S), "cls": int64 (B,)}``; the same count on every rank."""
+    """Batches ``{"lr","x2","x4","hr": uint8 (B,3,S,S), "cls": int64 (B,)}``; the same count on every rank."""
     urls = expand_urls(urls) if isinstance(urls, str) else list(urls)
     if not urls:
         raise ValueError("build_loader: no shards given")
@@ -289,6 +269,4 @@ def build_loader(urls: list[str] | str, cfg: StreamConfig, *, rank: int, world_s
     bad = [k for k in cfg.levels if k not in LEVELS]
     if bad:
         raise ValueError(f"unknown levels {bad}; choose from {LEVELS}")
-    if not 0 <= cfg.crop_pad < SIZES["lr"]:
-        raise ValueError(f"crop_pad {cfg.crop_pad} must be under {SIZES['lr']} lr pixels")
     return ShardLoader(urls, cfg, rank, world_size, epoch)

@@ -23,14 +23,16 @@ def shards(tmp_path_factory):
 
 def test_paper_yaml_holds_the_papers_hyperparameters():
     """paper.yaml: stage 1 Adam 1e-4, batch 128, ×1/3 every 20 epochs, flips+crops; stage 2 Adam 10/3e-3, batch 8,
-    ×1/3 at the end of epochs 10/25/50/80, α = 0.001; on GPUs with ZeRO-1."""
+    ×1/3 at the end of epochs 10/25/50/80, α = 0.001; on GPUs, plain data parallel, BatchNorm over the paper's 8 images
+    (SyncBatchNorm: one image per GPU), precision chosen from the hardware."""
     cfg = load_config(PAPER)
     s1, s2 = cfg.stage1, cfg.stage2
     assert (s1.lr, s1.batch_size, s1.lr_every, s1.augment) == (1e-4, 128, 20, True)
     assert s1.lr_gamma == pytest.approx(1 / 3) and s2.lr_gamma == pytest.approx(1 / 3)
     assert (s2.batch_size, s2.lr_milestones, s2.alpha) == (8, [10, 25, 50, 80], 0.001)
     assert s2.lr == pytest.approx(10 / 3 * 1e-3)
-    assert cfg.preset == "paper" and cfg.cluster.use_gpu and cfg.engine.zero_stage == 1
+    assert cfg.preset == "paper" and cfg.cluster.use_gpu and cfg.engine.zero_stage == 0
+    assert cfg.engine.batchnorm == "sync" and cfg.engine.precision == "auto"
 
 
 @pytest.mark.parametrize("epoch,factor", [(0, 1), (9, 1), (10, 1 / 3), (24, 1 / 3), (25, 1 / 9), (50, 1 / 27), (80, 1 / 81), (99, 1 / 81)])
@@ -106,7 +108,10 @@ def test_overrides_are_typed():
         (["preset=huge"], "preset"),
         (["stage2.priors=/some/priors.safetensors"], "stage2.priors"),  # stage 1 would overwrite them
         (["cluster.min_workers=3"], "cluster.min_workers"),  # more than num_workers=2
-        (["cluster.min_workers=1"], "engine.zero_stage"),  # elastic with ZeRO-1: checkpoints tied to a world size
+        (["cluster.min_workers=1", "engine.zero_stage=1"], "engine.zero_stage"),  # ZeRO-1 ties checkpoints to a world size
+        (["engine.precision=fp16"], "engine.precision"),
+        (["engine.bucket_mb=0"], "engine.bucket_mb"),
+        (["stage1.crop_pad=24"], "stage1.crop_pad"),
         # elastic 2..4 workers: 16 and 8 split over 2 and 4 but not over 3
         (["cluster.min_workers=2", "cluster.num_workers=4", "engine.zero_stage=0"], "stage1.batch_size"),
     ],
@@ -178,3 +183,24 @@ def test_default_config_is_the_papers_schedule():
     """Without a file the dataclass defaults already carry the paper's optimiser settings."""
     cfg = TrainConfig()
     assert cfg.stage1.lr == 1e-4 and cfg.stage2.lr_milestones == [10, 25, 50, 80]
+
+
+@pytest.mark.parametrize("gpus", [16, 32, 64])
+def test_scale_yaml_splits_over_16_to_64_gpus(gpus):
+    """scale.yaml's global batches split over 16, 32 and 64 GPUs within its micro-batch limits, with a warm-up,
+    sqrt-scaled learning rates and BatchNorm synchronised over the global batch."""
+    from cluster.config import accumulation
+
+    cfg = load_config(ROOT / "launch" / "configs" / "scale.yaml", [f"cluster.num_workers={gpus}"])
+    for s, base_lr, base_batch in ((cfg.stage1, 1e-4, 128), (cfg.stage2, 10 / 3 * 1e-3, 8)):
+        micro, accum = accumulation(s.batch_size, gpus, s.max_micro_batch)
+        assert micro * accum * gpus == s.batch_size and micro >= 4  # BN sees >= 4 images per GPU even unsynced
+        assert s.lr == pytest.approx(base_lr * (s.batch_size / base_batch) ** 0.5) and s.warmup_steps > 0
+    assert cfg.engine.batchnorm == "sync" and cfg.cluster.use_gpu
+
+
+def test_warmup_rises_linearly_then_follows_the_epoch_schedule():
+    """lr_at(epoch, step) ramps over warmup_steps optimizer steps, then is the per-epoch value."""
+    s = load_config(None, ["stage2.warmup_steps=4"]).stage2
+    assert [s.lr_at(0, k) / s.lr for k in range(6)] == pytest.approx([0.25, 0.5, 0.75, 1, 1, 1])
+    assert s.lr_at(10, 100) == pytest.approx(s.lr / 3)

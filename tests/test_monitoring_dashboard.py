@@ -29,6 +29,7 @@ REQUIRED = {
     r"Data wait": "facesr_data_wait_seconds", r"Step time": "facesr_step_time_seconds",
     r"Checkpoint age": "facesr_checkpoint_age_seconds", r"Decode errors": "facesr_decode_errors_total",
     r"Restarts": "facesr_restarts_total", r"Epoch": "facesr_epoch", r"Step$": "facesr_step",
+    r"MFU": "facesr_mfu", r"Peak memory": "facesr_peak_memory_bytes",
 }
 
 

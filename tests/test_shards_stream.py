@@ -40,7 +40,7 @@ def _train():
 
 
 def test_streamed_tensors_equal_degrading_the_source():
-    """Without augmentation a streamed sample is exactly facesr.degrade.quadruplet of its source image."""
+    """A streamed sample is exactly facesr.degrade.quadruplet of its source image, as uint8 (converted on the device)."""
     src, _, m, urls = _train()
     cfg = StreamConfig(batch_size=5, batches_per_epoch=6, workers=0, shuffle=0, meta=True)
     recs = _records(urls)
@@ -50,8 +50,8 @@ def test_streamed_tensors_equal_degrading_the_source():
             img = torch.from_numpy(np.array(Image.open(src / recs[key]["path"]))).permute(2, 0, 1)
             want = quadruplet(img)
             for k in LEVELS:
-                assert batch[k].dtype == torch.float32 and batch[k].shape[1:] == (3, SIZES[k], SIZES[k])
-                assert torch.equal(batch[k][i], want[k]), (key, k)
+                assert batch[k].dtype == torch.uint8 and batch[k].shape[1:] == (3, SIZES[k], SIZES[k])
+                assert torch.equal(batch[k][i].float() / 255, want[k]), (key, k)
             assert batch["cls"][i].item() == m["identities"][recs[key]["identity"]]["cls"]
             n += 1
     assert n == 30 and batch["cls"].dtype == torch.int64
@@ -80,7 +80,7 @@ def test_two_ranks_two_workers_disjoint_shards_equal_batches():
 def test_seeds_derive_from_epoch():
     """Same (seed, epoch, rank) gives the same batches; another epoch gives another order."""
     _, _, _, urls = _train()
-    cfg = StreamConfig(batch_size=4, batches_per_epoch=3, workers=0, shuffle=20, flip=True, meta=True)
+    cfg = StreamConfig(batch_size=4, batches_per_epoch=3, workers=0, shuffle=20, meta=True)
 
     def keys(epoch):
         return [k for b in build_loader(urls, cfg, rank=0, world_size=1, epoch=epoch) for k in b["key"]]
@@ -163,13 +163,19 @@ def test_labelled_only_drops_unlabelled():
 
 @pytest.mark.parametrize("flip,crop_pad", [(True, 0), (False, 2), (True, 3)])
 def test_flips_and_crops_keep_the_quadruplet_consistent(flip, crop_pad):
-    """Augmented levels are still the degradation of the augmented hr (away from the padded borders)."""
+    """Device augmentation of streamed batches: each level is still the degradation of the augmented hr
+    (away from the padded borders), samples differ in what they draw, and a seed replays it exactly."""
+    from facesr.augment import flip_crop, step_generator
+    from facesr.step import Precision, to_device
+
     _, _, _, urls = _train()
-    cfg = StreamConfig(batch_size=8, batches_per_epoch=2, workers=0, flip=flip, crop_pad=crop_pad, seed=5)
     plain = StreamConfig(batch_size=8, batches_per_epoch=2, workers=0, seed=5)
     changed = False
-    for batch, ref in zip(build_loader(urls, cfg, rank=0, world_size=1, epoch=0),
-                          build_loader(urls, plain, rank=0, world_size=1, epoch=0)):
+    for i, raw in enumerate(build_loader(urls, plain, rank=0, world_size=1, epoch=0)):
+        ref = to_device(raw, "cpu", Precision(False, False))
+        batch = flip_crop(ref, step_generator(5, 0, 0, i, "cpu"), flip=flip, crop_pad=crop_pad)
+        again = flip_crop(ref, step_generator(5, 0, 0, i, "cpu"), flip=flip, crop_pad=crop_pad)
+        assert all(torch.equal(batch[k], again[k]) for k in LEVELS)
         changed |= not torch.equal(batch["hr"], ref["hr"])
         down = degrade(batch["hr"])
         for k in ("lr", "x2", "x4"):
