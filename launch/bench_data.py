@@ -65,9 +65,9 @@ def run(args) -> int:
     try:
         src = tmp / "src"
         _link_src(files, src)
-        def ours(out, mapper, png_level=1):
+        def ours(out, mapper, png_level=1, members="png"):
             cfg = PrepConfig(src=str(src), out=str(out), shard_size=args.shard_size, progress=False,
-                             png_level=png_level, split=SplitConfig(val=0.05, test=0.05))
+                             png_level=png_level, members=members, split=SplitConfig(val=0.05, test=0.05))
             return prepare(cfg, mapper)
 
         # naive script and our prep in one process, alternated; each keeps its best round
@@ -110,20 +110,23 @@ def run(args) -> int:
 
         print("streaming: shards vs naive map-style JPEG dataset, alternated ...")
         ours(tmp / "png0", serial_map, png_level=0)  # stored PNGs: cheaper to decode, ~2x the bytes
+        ours(tmp / "raw", serial_map, members="raw")  # raw uint8 levels: no decoding at all
         m = read_manifest(tmp / "ray")
         cfg = StreamConfig(batch_size=args.batch, batches_per_epoch=10**9, workers=0, shuffle=200)
         streams = {
             "shards": build_loader(shard_urls(tmp / "ray", "train", manifest=m), cfg, rank=0, world_size=1, epoch=0),
             "naive": bench.naive_batches(files, args.batch),
             "shards_png_level0": build_loader(shard_urls(tmp / "png0", "train"), cfg, rank=0, world_size=1, epoch=0),
+            "shards_raw": build_loader(shard_urls(tmp / "raw", "train"), cfg, rank=0, world_size=1, epoch=0),
         }
         rates = bench.interleaved_rates(streams, args.batch, args.batches, args.rounds)
-        rates["shards_png_level0"]["bytes_per_image"] = (
-            sum(p.stat().st_size for p in (tmp / "png0").glob("*.tar")) / parallel["accepted"])
+        for name, folder in (("shards_png_level0", "png0"), ("shards_raw", "raw")):
+            rates[name]["bytes_per_image"] = sum(p.stat().st_size for p in (tmp / folder).glob("*.tar")) / parallel["accepted"]
         naive_rate = rates["naive"]["samples_per_s_per_worker"]
         result["stream"] = rates | {
             "ratio": rates["shards"]["samples_per_s_per_worker"] / naive_rate,
             "ratio_png_level0": rates["shards_png_level0"]["samples_per_s_per_worker"] / naive_rate,
+            "ratio_raw": rates["shards_raw"]["samples_per_s_per_worker"] / naive_rate,
             "train_samples": split_samples(m, "train")}
         stream = rates["shards"]
         step = Path(args.step_json)
@@ -157,7 +160,9 @@ def _print(r: dict) -> None:
           f"naive JPEG+degrade dataset {s['naive']['samples_per_s_per_worker']:.0f} (x{s['ratio']:.2f}); "
           f"--png-level 0 shards {s['shards_png_level0']['samples_per_s_per_worker']:.0f} "
           f"(x{s['ratio_png_level0']:.2f}, {s['shards_png_level0']['bytes_per_image'] / 1e3:.0f} kB/image vs "
-          f"{p['ray']['bytes_per_image'] / 1e3:.0f})")
+          f"{p['ray']['bytes_per_image'] / 1e3:.0f}); --members raw shards "
+          f"{s['shards_raw']['samples_per_s_per_worker']:.0f} (x{s['ratio_raw']:.2f}, "
+          f"{s['shards_raw']['bytes_per_image'] / 1e3:.0f} kB/image)")
     if "step" in s:
         st = s["step"]
         print(f"training step ({st['file']}): {st['images_per_s']:.1f} images/s; one worker streams "

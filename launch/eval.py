@@ -124,55 +124,18 @@ def _is_shard_root(path: str) -> bool:
 
 
 def _shard_batches(root: str, split: str, batch_size: int):
-    """Every sample of a split exactly once, in shard order (the training stream resamples; evaluation must not).
-
-    Reads only the PNG levels of each sample, with PIL, as shards.stream does.
-    """
-    import io
-    import tarfile
-
-    import numpy as np
-    from PIL import Image
-
+    """Every sample of a split exactly once, in shard order, read by the shard reader training uses
+    (``shards.stream.read_in_order``: the same member checks and decoders, PNG or raw levels)."""
     from facesr.vocab import LEVELS
     from shards.manifest import shard_urls
+    from shards.stream import read_in_order
 
-    def png(data: bytes) -> torch.Tensor:
-        with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
-            return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1).float() / 255
-
-    buf: dict[str, list] = {k: [] for k in LEVELS}
-    names: list[str] = []
-    for url in shard_urls(root, split):
-        sample: dict[str, bytes] = {}
-        key = None
-        with tarfile.open(url, "r|") as tar:
-            for ti in tar:
-                k, _, ext = ti.name.split("/")[-1].partition(".")
-                if ti.isfile() and ext in {f"{lv}.png" for lv in LEVELS}:
-                    if key is not None and k != key:
-                        yield from _emit(sample, key, buf, names, batch_size, png)
-                        sample = {}
-                    key = k
-                    sample[ext[:-4]] = tar.extractfile(ti).read()
-        if key is not None:
-            yield from _emit(sample, key, buf, names, batch_size, png)
-    if names:
-        yield {**{k: torch.stack(v) for k, v in buf.items()}, "name": names}
-
-
-def _emit(sample, key, buf, names, batch_size, png):
-    if set(sample) != set(buf):
-        _log(f"skipped shard sample {key}: levels {sorted(sample)}")
-        return
-    for k in buf:
-        buf[k].append(png(sample[k]))
-    names.append(key)
-    if len(names) == batch_size:
-        yield {**{k: torch.stack(v) for k, v in buf.items()}, "name": list(names)}
-        for v in buf.values():
-            v.clear()
-        names.clear()
+    errors: list = []
+    for b in read_in_order(shard_urls(root, split), LEVELS, batch_size, errors):
+        for key, why in errors:
+            _log(f"skipped shard sample {key}: {why}")
+        errors.clear()
+        yield {**{k: b[k].float() / 255 for k in LEVELS}, "name": b["key"]}
 
 
 def _faces(args, n: int = 0):

@@ -23,6 +23,8 @@ def configure(p) -> None:
                    help="train identities with fewer images get no prior class (cls = -1)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--png-level", type=int, default=1, choices=range(10), metavar="0-9", help="PNG zlib level")
+    p.add_argument("--members", default="png", choices=("png", "raw"),
+                   help="level encoding: png (small) or raw uint8 (2.3x larger, streams ~100x faster; docs/SHARDS.md)")
     p.add_argument("--address", default=None,
                    help="Ray address; default: RAY_ADDRESS or a running cluster, else a new local Ray; "
                         "'local' always starts a new local Ray")
@@ -45,7 +47,7 @@ def run(args) -> int:
         print(f"facesr prep: error: {exn}", file=sys.stderr)
         return 2
     cfg = PrepConfig(src=args.src, out=args.out, split=split, shard_size=args.shard_size,
-                     png_level=args.png_level, progress=not args.no_progress)
+                     png_level=args.png_level, members=args.members, progress=not args.no_progress)
     try:
         check_paths(cfg)
         if args.no_ray:

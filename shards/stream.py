@@ -32,7 +32,9 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import queue
 import random
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,7 +49,8 @@ from webdataset.tariterators import tarfile_samples
 from facesr.vocab import LEVELS, SIZES
 
 log = logging.getLogger(__name__)
-MEMBERS = {f"{k}.png" for k in LEVELS} | {"cls", "json"}  # the only members a sample may hold
+# the only members a sample may hold: each level as PNG or as raw uint8 bytes (`facesr prep --members`)
+MEMBERS = {f"{k}.png" for k in LEVELS} | {f"{k}.u8" for k in LEVELS} | {"cls", "json"}
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class StreamConfig:
     batch_size: int = 8  # per rank; the paper's stage 2 uses 8, stage 1 (priors) 128
     num_samples: int = 0  # samples in the split (manifest; see shards.manifest.split_samples): sets the epoch
     batches_per_epoch: int = 0  # per rank; 0 = num_samples // (world_size * batch_size)
-    workers: int = 2  # data-loader processes per rank (0 = decode in the training process)
+    workers: int = 2  # data-loader processes per rank (0 = decode in a prefetch thread of the training process)
     shuffle: int = 1000  # shuffle buffer in samples per worker; shards already mix identities; 0 = off
     labelled_only: bool = False  # drop cls == -1 samples (the priors learn only the label set)
     levels: tuple[str, ...] = LEVELS  # levels to decode; the priors need only x2, x4, hr
@@ -119,6 +122,13 @@ def decode_png(data: bytes, size: int) -> torch.Tensor:
     return torch.from_numpy(np.array(img)).permute(2, 0, 1)  # (3, S, S) uint8
 
 
+def decode_u8(data: bytes, size: int) -> torch.Tensor:
+    """Raw level bytes -> uint8 (3, size, size); refuses any other length."""
+    if len(data) != 3 * size * size:
+        raise DecodeError(f"expected {3 * size * size} bytes of a {size}x{size} RGB level, got {len(data)}")
+    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()).view(3, size, size)
+
+
 def check_members(raw: dict) -> int:
     """Refuse a sample holding any member outside ``MEMBERS`` (before anything is decoded); returns its cls."""
     refused = sorted(k for k in raw if not k.startswith("__") and k not in MEMBERS)
@@ -135,14 +145,16 @@ def decode_sample(raw: dict, levels=LEVELS) -> dict:
     """A WebDataset raw sample (bytes per member) -> {level: uint8 (3, S, S), "cls": int}; never unpickles."""
     out = {"cls": check_members(raw)}
     for lvl in levels:
-        if f"{lvl}.png" not in raw:
-            raise DecodeError(f"{raw.get('__key__')}: no {lvl}.png")
+        raw_bytes = f"{lvl}.u8" in raw
+        if not raw_bytes and f"{lvl}.png" not in raw:
+            raise DecodeError(f"{raw.get('__key__')}: no {lvl}.png or {lvl}.u8")
         try:
-            out[lvl] = decode_png(raw[f"{lvl}.png"], SIZES[lvl])
-        except DecodeError:
-            raise
-        except Exception as exn:
-            raise DecodeError(f"{raw.get('__key__')}: {lvl}.png: {exn}") from None
+            if raw_bytes:
+                out[lvl] = decode_u8(raw[f"{lvl}.u8"], SIZES[lvl])
+            else:
+                out[lvl] = decode_png(raw[f"{lvl}.png"], SIZES[lvl])
+        except Exception as exn:  # a wrong size or length, or whatever PIL found: name the sample and member
+            raise DecodeError(f"{raw.get('__key__')}: {lvl}.{'u8' if raw_bytes else 'png'}: {exn}") from None
     return out
 
 
@@ -151,6 +163,7 @@ class _WorkerStream(IterableDataset):
 
     def __init__(self, urls: list[str], cfg: StreamConfig, rank: int, world_size: int, epoch: int):
         self.urls, self.cfg, self.rank, self.world_size, self.epoch = urls, cfg, rank, world_size, epoch
+        self.stop: threading.Event | None = None  # set by an in-process consumer that has gone (workers=0)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -183,6 +196,8 @@ class _WorkerStream(IterableDataset):
             url = rng.choice(shards)
             good = 0
             for raw in tarfile_samples([{"url": url}], handler=errors):
+                if self.stop is not None and self.stop.is_set():
+                    return  # the prefetch thread's consumer is gone; don't read (or log) any further
                 try:
                     cls = check_members(raw)
                 except DecodeError as exn:
@@ -242,8 +257,9 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[dict]:
         self._errors = {}
-        if self.cfg.workers == 0:
-            it = iter(self.dataset)
+        if self.cfg.workers == 0:  # decode in a thread of this process, ahead of the step that consumes it
+            self.dataset.stop = threading.Event()
+            it = _prefetched(iter(self.dataset), self.cfg.prefetch, self.dataset.stop)
         else:
             it = iter(DataLoader(self.dataset, batch_size=None, num_workers=self.cfg.workers,
                                  prefetch_factor=self.cfg.prefetch, persistent_workers=False,
@@ -257,6 +273,81 @@ class ShardLoader:
                 yield batch
         finally:
             del it  # shuts the worker processes down
+
+
+def read_in_order(urls: list[str], levels=LEVELS, batch_size: int = 32, errors: list | None = None) -> Iterator[dict]:
+    """Every sample of ``urls`` exactly once, in shard order, decoded as training decodes it (evaluation:
+    the training stream resamples, evaluation must not). Batches ``{level: uint8, "cls", "key"}``; damaged
+    samples are skipped and appended to ``errors`` as (key, reason)."""
+    batch: list[dict] = []
+    for raw in tarfile_samples([{"url": u} for u in urls]):
+        try:
+            s = decode_sample(raw, levels)
+        except DecodeError as exn:
+            if errors is not None:
+                errors.append((raw.get("__key__"), str(exn)))
+            continue
+        s["key"] = raw["__key__"]
+        batch.append(s)
+        if len(batch) == batch_size:
+            yield _stack(batch, levels)
+            batch = []
+    if batch:
+        yield _stack(batch, levels)
+
+
+def _stack(batch: list[dict], levels) -> dict:
+    out = {k: torch.stack([s[k] for s in batch]) for k in levels}  # (B, 3, S, S) uint8
+    out["cls"] = torch.tensor([s["cls"] for s in batch], dtype=torch.int64)
+    out["key"] = [s["key"] for s in batch]
+    return out
+
+
+def _prefetched(it: Iterator[dict], depth: int, stop: threading.Event) -> Iterator[dict]:
+    """``it`` run by a daemon thread up to ``depth`` batches ahead, in order; its exceptions re-raised here.
+
+    PNG/zlib decoding and tar reading release the GIL, so with ``workers=0`` the next batches decode while
+    the training step computes, without a second process. The thread stops when the consumer goes away.
+    """
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    done = object()
+
+    def produce():
+        try:
+            for item in it:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            _offer(q, done, stop)
+        except BaseException as exn:  # handed to the consumer, raised in its thread
+            _offer(q, exn, stop)
+
+    threading.Thread(target=produce, daemon=True, name="shard-prefetch").start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def _offer(q: queue.Queue, item, stop: threading.Event) -> None:
+    """Put ``item`` unless the consumer has gone (then a full queue would block the thread forever)."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
 
 
 def build_loader(urls: list[str] | str, cfg: StreamConfig, *, rank: int, world_size: int, epoch: int) -> ShardLoader:

@@ -35,15 +35,26 @@ PARTS = ".parts"  # per-shard completion records, under OUT
 TMP_MARK = ".tmp-"  # in every temporary name, so a rerun can sweep leftovers of a killed run
 
 
-def encode_face(path: str, cfg: DegradeConfig = DEFAULT, png_level: int = 1) -> dict[str, bytes]:
-    """Source image -> {"lr.png", "x2.png", "x4.png", "hr.png"} lossless PNG bytes of ``quadruplet``."""
+MEMBER_FORMATS = ("png", "raw")  # lossless PNG (small), or raw uint8 (3, S, S) bytes (fast to stream)
+
+
+def encode_face(path: str, cfg: DegradeConfig = DEFAULT, png_level: int = 1, members: str = "png") -> dict[str, bytes]:
+    """Source image -> lossless bytes of ``quadruplet`` per level: ``{lr,x2,x4,hr}.png`` or ``.u8``.
+
+    ``.u8`` is the level's uint8 pixels in (3, S, S) order, nothing else: 2.3x the bytes of PNG, but it
+    streams ~100x faster than PNG decodes (docs/SHARDS.md), for loaders that must feed a fast GPU.
+    """
     img = torch.from_numpy(open_face(path, cfg).copy()).permute(2, 0, 1)  # (3, H, W) uint8
     quad = quadruplet(img, cfg)
     out = {}
     for level in LEVELS:
+        pixels = to_uint8(quad[level])  # (3, S, S)
+        if members == "raw":
+            out[f"{level}.u8"] = pixels.contiguous().numpy().tobytes()
+            continue
         buf = io.BytesIO()
-        pixels = to_uint8(quad[level]).permute(1, 2, 0).contiguous().numpy()  # (S, S, 3)
-        Image.fromarray(pixels, "RGB").save(buf, format="PNG", compress_level=png_level)
+        Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy(), "RGB").save(buf, format="PNG",
+                                                                               compress_level=png_level)
         out[f"{level}.png"] = buf.getvalue()
     return out
 
@@ -96,13 +107,13 @@ def one_thread():
 
 
 def write_shard(src: str, out: str, plan: ShardPlan, fingerprint: str, cfg: DegradeConfig = DEFAULT,
-                png_level: int = 1) -> dict:
+                png_level: int = 1, members: str = "png") -> dict:
     """Ray/serial task: encode the plan's images into ``OUT/<name>``; returns the shard's manifest record."""
     with one_thread():
-        return _write_shard(src, out, plan, fingerprint, cfg, png_level)
+        return _write_shard(src, out, plan, fingerprint, cfg, png_level, members)
 
 
-def _write_shard(src, out, plan, fingerprint, cfg, png_level) -> dict:
+def _write_shard(src, out, plan, fingerprint, cfg, png_level, members_format="png") -> dict:
     out_dir = Path(out)
     final = out_dir / plan.name
     tmp = out_dir / f".{plan.name}{TMP_MARK}{uuid.uuid4().hex[:8]}"
@@ -112,13 +123,14 @@ def _write_shard(src, out, plan, fingerprint, cfg, png_level) -> dict:
             with tarfile.open(fileobj=hw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
                 for ref in plan.samples:
                     try:
-                        members = encode_face(os.path.join(src, ref.path), cfg, png_level)
+                        members = encode_face(os.path.join(src, ref.path), cfg, png_level, members_format)
                     except Rejected as r:  # it passed the check moments ago: the source changed under us
                         raise RuntimeError(f"{ref.path} changed since it was checked ({r}); rerun prep") from None
                     members["cls"] = str(ref.cls).encode()
                     members["json"] = json.dumps({"identity": ref.identity, "path": ref.path, "cls": ref.cls},
                                                  sort_keys=True, ensure_ascii=True).encode()
-                    for ext in ("lr.png", "x2.png", "x4.png", "hr.png", "cls", "json"):
+                    ext_of = "u8" if members_format == "raw" else "png"
+                    for ext in (*(f"{lv}.{ext_of}" for lv in LEVELS), "cls", "json"):
                         data = members[ext]
                         tar.addfile(_member(f"{ref.key}.{ext}", len(data)), io.BytesIO(data))
             f.flush()

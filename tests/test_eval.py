@@ -159,7 +159,7 @@ def test_cli_quality_and_grid(tmp_path, capsys):
 
 
 def _write_shard_root(root, faces):
-    """A one-shard test split in the prep's layout (KEY.{lr,x2,x4,hr}.png + manifest.json), made with quadruplet."""
+    """A one-shard test split in the prep's layout (KEY.{lr,x2,x4,hr}.png, KEY.cls + manifest.json), made with quadruplet."""
     import io
     import tarfile
 
@@ -177,6 +177,9 @@ def _write_shard_root(root, faces):
                 ti.size = buf.tell()
                 buf.seek(0)
                 tar.addfile(ti, buf)
+            ti = tarfile.TarInfo(f"test-{i:08d}.cls")  # test identities have no prior class, as prep writes
+            ti.size = 2
+            tar.addfile(ti, io.BytesIO(b"-1"))
     people = sorted({f.identity for f in faces})
     manifest = {
         "format": "facesr-shards", "version": 1, "classes": [], "num_classes": 0, "degrade": {},

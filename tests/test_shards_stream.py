@@ -218,3 +218,37 @@ def test_manifest_errors_name_the_file(tmp_path):
         read_manifest(root, verify=True)
     with pytest.raises(ManifestError, match="no split 'dev'"):
         shard_urls(out, "dev")
+
+
+def test_raw_member_shards_stream_the_same_tensors(tmp_path):
+    """`facesr prep --members raw` writes uint8 level bytes that stream to exactly the PNG shards' tensors
+    (same keys, same order, same pixels), says so in the manifest, and the in-order reader reads both."""
+    from launch.cli import main
+    from shards.stream import read_in_order
+    from tests.fixtures_faces import PREP_ARGS
+
+    src, png_out, m = _train()[:3]
+    raw_out = tmp_path / "raw"
+    assert main(["prep", str(src), str(raw_out), "--no-ray", "--members", "raw", *PREP_ARGS]) == 0
+    rm = read_manifest(raw_out)
+    assert set(rm["encoding"]["members"]) >= {"lr.u8", "hr.u8"}
+    assert {k: v["samples"] for k, v in rm["splits"].items()} == {k: v["samples"] for k, v in m["splits"].items()}
+    with tarfile.open(shard_urls(raw_out, "train", manifest=rm)[0]) as tar:
+        assert {n.split(".", 1)[1] for n in tar.getnames()} == {"lr.u8", "x2.u8", "x4.u8", "hr.u8", "cls", "json"}
+    cfg = StreamConfig(batch_size=4, batches_per_epoch=5, workers=0, shuffle=8, meta=True)
+    for a, b in zip(build_loader(shard_urls(png_out, "train", manifest=m), cfg, rank=0, world_size=1, epoch=0),
+                    build_loader(shard_urls(raw_out, "train", manifest=rm), cfg, rank=0, world_size=1, epoch=0)):
+        assert a["key"] == b["key"] and all(torch.equal(a[k], b[k]) for k in LEVELS)
+    for a, b in zip(read_in_order(shard_urls(png_out, "val", manifest=m)),
+                    read_in_order(shard_urls(raw_out, "val", manifest=rm))):
+        assert a["key"] == b["key"] and all(torch.equal(a[k], b[k]) for k in LEVELS)
+
+
+def test_raw_level_of_wrong_length_is_a_decode_error():
+    """A .u8 member whose length is not 3·S·S is refused (counted and skipped, like a corrupt PNG)."""
+    from shards.stream import DecodeError, decode_sample
+
+    good = {f"{k}.u8": bytes(3 * SIZES[k] ** 2) for k in LEVELS} | {"cls": b"1", "__key__": "s0"}
+    assert decode_sample(good)["hr"].shape == (3, 192, 192)
+    with pytest.raises(DecodeError, match="hr.u8"):
+        decode_sample({**good, "hr.u8": bytes(10)})
