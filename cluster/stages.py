@@ -13,7 +13,8 @@ import torch.nn as nn
 
 from facesr.augment import flip_crop
 from facesr.degradations import PAPER, degrade_lr
-from facesr.losses import CSRIPLoss, PriorLoss, ssim
+from facesr.losses import CSRIPLoss, PriorLoss
+from facesr.quality import finish, image_scores
 from facesr.models import SRNet, build_prior, get_preset
 from facesr.step import Precision, prior_forward, sr_forward
 from facesr.vocab import SCALE_OF, TARGETS
@@ -95,7 +96,9 @@ class SRStage:
 
     @torch.no_grad()
     def validate_batch(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        """Loss of eq. (4), and SSIM and PSNR per scale on outputs clipped to [0, 1].
+        """Loss of eq. (4), and PSNR and SSIM per scale exactly as `facesr eval quality` scores them
+        (facesr.quality: outputs clamped and rounded to 8 bit, torchmetrics, standard constants), so the
+        dashboard's val ssim/x8 and the eval table's are the same number on the same images.
 
         Validation identities are outside the priors' class map (prep splits by identity), so their
         identity term is zero and the loss is the SSIM part; ce/* is not reported here.
@@ -105,10 +108,9 @@ class SRStage:
             terms = self.loss_fn(sr, batch)
         out = {"loss": terms["loss"].float()}
         for key in TARGETS:
-            scale = SCALE_OF[key]
-            pred = sr[key].float().clamp(0, 1)
-            out[f"ssim/{scale}"] = ssim(pred, batch[key].float())
-            out[f"psnr/{scale}"] = psnr(pred, batch[key].float())
+            scores = image_scores(finish(sr[key]), batch[key])  # {metric: (B,)}
+            out[f"ssim/{SCALE_OF[key]}"] = scores["ssim"].mean()
+            out[f"psnr/{SCALE_OF[key]}"] = scores["psnr"].mean()
         return out
 
     def finish(self, model: nn.Module, run_dir: Path) -> Path:
@@ -120,9 +122,5 @@ class SRStage:
 STAGES = {1: PriorStage, 2: SRStage}
 
 
-def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean over images of 10·log10(1 / MSE) for [0, 1] images. (B, 3, H, W) x2 -> ()."""
-    mse = (pred - target).pow(2).flatten(1).mean(1).clamp(min=1e-10)  # (B,)
-    return (10 * torch.log10(1.0 / mse)).mean()
 
 
