@@ -26,6 +26,10 @@ LFW_URLS = (  # the official archive (identity folders of 250×250 deep-funneled
 )
 
 
+# the robustness table: the paper's lr and six other ways a face gets small (facesr.degradations)
+ROBUSTNESS = "paper,decimate0,bicubic_aa,area,bilinear_noise,jpeg50,heldout"
+
+
 def configure(p) -> None:
     p.add_argument("--faces", default=None, help="identity folder of faces (default: ../shared/data/lfw, "
                                                  "else LFW downloaded into data/lfw)")
@@ -87,10 +91,10 @@ def run(args) -> int:
                             f"cluster.storage_path={runs}", "run.name=demo", *args.overrides])
     run_dir = runs / "demo"
     results = out / "results"
-    times["eval"] = _step("eval: PSNR/SSIM per scale vs bicubic on the test identities",
+    times["eval"] = _step("eval: PSNR/SSIM per scale vs bicubic on the test identities, lr made 7 ways",
                           ["eval", "quality", str(run_dir), "--data", str(faces), "--manifest", str(shards),
                            "--split", "test", "--limit", str(args.limit_eval), "--grid", "6",
-                           "--out", str(results)])
+                           "--degradations", ROBUSTNESS, "--out", str(results)])
     print("\n=== demo done in {:.0f}s ({})".format(
         sum(times.values()), ", ".join(f"{k} {v:.0f}s" for k, v in times.items())))
     print(f"shards:   {shards}\nrun:      {run_dir}\nresults:  {results} (quality.json, grid.png)")
