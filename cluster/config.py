@@ -92,7 +92,7 @@ class EngineConfig:
     # README ("Communication"). 0 is also what elastic runs need.
     zero_stage: int = 0
     precision: str = "auto"  # auto = bf16 autocast where the hardware has bf16 (CUDA sm80+, AMX/AVX512-BF16 CPUs), else fp32; or bf16 | fp32
-    channels_last: bool | None = None  # NHWC activations; null = with bf16 or on CUDA, NCHW for fp32 on a CPU
+    channels_last: bool | None = None  # NHWC activations; null = on (faster in both dtypes, measured); false = NCHW
     batchnorm: str = "local"  # local = per-worker batch statistics, running stats averaged each epoch; sync = SyncBatchNorm (GPU only)
     grad_clip: float = 0.0  # gradient-norm clip; 0 = off (the paper does not clip)
     compile: bool = False  # torch.compile the trained module (DeepSpeed engine.compile); measured in README
