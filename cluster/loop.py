@@ -35,6 +35,7 @@ class TrainState:
     epoch: int = 0  # current 0-based epoch (the data epoch the loader replays)
     step_in_epoch: int = 0  # optimizer steps already taken in this epoch
     global_step: int = 0  # optimizer steps since the stage began
+    restarts: int = 0  # times this stage resumed from a checkpoint (carried in checkpoints: counts across processes)
 
 
 def worker_main(config: dict) -> None:
@@ -82,6 +83,7 @@ def worker_main(config: dict) -> None:
         with ckpt.as_directory() as folder:
             client = load(eng, folder)
         state = TrainState(**client["train_state"])
+        state.restarts += 1
         log.resumed(state, folder)
 
     decode_errors = 0  # this process's cumulative count, over finished epochs
@@ -127,7 +129,7 @@ def worker_main(config: dict) -> None:
             average_buffers(eng.module)  # BatchNorm running stats: one model on every rank (see engine.py)
             val = _validate(stage, eng, cfg, b.micro_batch, rank, world, epoch, device, precision)
             log.val(val, {"lr": get_lr(eng)}, epoch, state.global_step)
-            state = TrainState(epoch=epoch + 1, step_in_epoch=0, global_step=state.global_step)
+            state = TrainState(epoch=epoch + 1, step_in_epoch=0, global_step=state.global_step, restarts=state.restarts)
             _checkpoint(eng, state, log, {"epoch": epoch, "step": state.global_step, "lr": get_lr(eng), **val})
         log.finish(stage, eng.module, state, get_lr(eng))
     finally:

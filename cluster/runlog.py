@@ -68,10 +68,10 @@ class RunLog:
                          self.world, batching.global_batch)
 
     def resumed(self, state, folder: str) -> None:
-        self.logger.info("resumed from %s at epoch %d, step %d (%d in epoch)", folder, state.epoch,
-                         state.global_step, state.step_in_epoch)
-        if self.telemetry is not None:
-            self.telemetry.restart()
+        self.logger.info("resumed from %s at epoch %d, step %d (%d in epoch); restart %d of this stage", folder,
+                         state.epoch, state.global_step, state.step_in_epoch, state.restarts)
+        if self.telemetry is not None:  # the run's own count, not this process's: each restart is a new process
+            self.telemetry.restarts = state.restarts
         if self.is_main:  # records after the checkpoint are about to be produced again
             self._truncate(state.global_step)
 
@@ -106,7 +106,7 @@ class RunLog:
         if self.is_main:
             path = stage.finish(module, self.run_dir)
             summary = {"stage": self.stage, "global_step": state.global_step, "epoch": state.epoch, "lr": lr,
-                       "weights": str(path), "world_size": self.world, "time": time.time()}
+                       "restarts": state.restarts, "weights": str(path), "world_size": self.world, "time": time.time()}
             tmp = done_path(self.run_dir, self.stage).with_suffix(".tmp")
             tmp.write_text(json.dumps(summary, indent=1))
             os.replace(tmp, done_path(self.run_dir, self.stage))

@@ -342,6 +342,7 @@ def test_killed_stage2_resumes_to_the_same_step_and_lr(job_run, shards, scratch)
     assert ckpt_step == step and 9 <= step < 24 and step == 8 * epoch + in_epoch
     ref, got = done(job_run, 2), done(run_dir, 2)
     assert (got["global_step"], got["epoch"]) == (ref["global_step"], ref["epoch"])
+    assert (ref["restarts"], got["restarts"]) == (0, 1)  # the run's own count, carried by its checkpoints
     assert got["lr"] == pytest.approx(ref["lr"])
     steps = [r["step"] for r in records(run_dir) if r["split"] == "train"]
     assert steps == sorted(set(steps)) == list(range(1, ref["global_step"] + 1))  # no step lost or repeated
