@@ -42,6 +42,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import warnings
 import zlib
 from dataclasses import dataclass, field, fields, replace
 from typing import Callable
@@ -442,11 +443,13 @@ def _noise(x: torch.Tensor, p: Params, idx: torch.Tensor, g: torch.Generator) ->
 def jpeg(u8: torch.Tensor, quality: list[int]) -> torch.Tensor:
     """JPEG round trip of (m, 3, h, w) uint8 at a quality per image, one torchvision call per distinct quality."""
     out = torch.empty_like(u8)
-    for q in sorted(set(quality)):
-        ii = [i for i, qi in enumerate(quality) if qi == q]
-        data = encode_jpeg([u8[i].contiguous() for i in ii], quality=q)
-        back = decode_jpeg([d.cpu() for d in data], mode=ImageReadMode.RGB, device=u8.device)
-        out[ii] = torch.stack(back)
+    with warnings.catch_warnings():  # torchvision 0.29 flags its codecs as deprecated (torchcodec); they work
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for q in sorted(set(quality)):
+            ii = [i for i, qi in enumerate(quality) if qi == q]
+            data = encode_jpeg([u8[i].contiguous() for i in ii], quality=q)
+            back = decode_jpeg([d.cpu() for d in data], mode=ImageReadMode.RGB, device=u8.device)
+            out[ii] = torch.stack(back)
     return out
 
 
