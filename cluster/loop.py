@@ -13,7 +13,6 @@ LR is recomputed from the epoch, so it is the one the uninterrupted run had.
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import socket
 import tempfile

@@ -19,11 +19,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from .hardware import ISA_FLAGS, machine_info
+from .hardware import machine_info
 from .losses import CSRIPLoss
 from .models import FrozenPrior, SRNet, build_prior, get_preset
 from .step import Precision, TermSums, resolve_precision, sr_forward, to_device

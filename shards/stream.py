@@ -177,6 +177,8 @@ class _WorkerStream(IterableDataset):
             raw = _shuffle(raw, cfg.shuffle, rng)
         batch = []
         for r in raw:
+            if self.stop is not None and self.stop.is_set():
+                return
             try:
                 s = decode_sample(r, cfg.levels)
             except DecodeError as exn:
@@ -315,19 +317,15 @@ def _prefetched(it: Iterator[dict], depth: int, stop: threading.Event) -> Iterat
     def produce():
         try:
             for item in it:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                _offer(q, item, stop)
                 if stop.is_set():
                     return
             _offer(q, done, stop)
         except BaseException as exn:  # handed to the consumer, raised in its thread
             _offer(q, exn, stop)
 
-    threading.Thread(target=produce, daemon=True, name="shard-prefetch").start()
+    thread = threading.Thread(target=produce, daemon=True, name="shard-prefetch")
+    thread.start()
     try:
         while True:
             item = q.get()
@@ -338,6 +336,7 @@ def _prefetched(it: Iterator[dict], depth: int, stop: threading.Event) -> Iterat
             yield item
     finally:
         stop.set()
+        thread.join(timeout=30)  # it stops within one sample: nothing of this epoch reads or logs after it
 
 
 def _offer(q: queue.Queue, item, stop: threading.Event) -> None:

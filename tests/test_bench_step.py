@@ -2,7 +2,7 @@
 
 import json
 
-from facesr.bench_step import ISA_FLAGS
+from facesr.hardware import ISA_FLAGS
 from launch.cli import main
 
 

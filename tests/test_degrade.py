@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from facesr.degrade import (
-    DEFAULT, TooSmallError, blur, crop_hr, degrade, downsample2x, gaussian_kernel1d, quadruplet, residual,
+    DEFAULT, TooSmallError, crop_hr, degrade, downsample2x, gaussian_kernel1d, quadruplet, residual,
 )
 from facesr.vocab import LEVELS, SIZES
 

@@ -23,24 +23,13 @@ from facesr.evaluate import (
 )
 from facesr.grid import CELL, comparison_grid
 from facesr.losses import ssim as paper_ssim
-from facesr.models import PRESETS, SRNet
 from facesr.quality import PSNR_CAP, image_scores, upscale
 from facesr.vocab import SCALES
 from facesr.weights import save_srnet
 
-from .conftest import LFW
+from .conftest import LFW, tiny_net
 
 PEOPLE = ["Aaron_Peirsol", "Colin_Powell", "Gloria_Macapagal_Arroyo", "Jennifer_Aniston", "Serena_Williams", "Vladimir_Putin"]
-
-
-def tiny_net(seed: int = 0) -> SRNet:
-    """A tiny cascade whose branches are not the zero-initialised identity (random, non-trivial output)."""
-    torch.manual_seed(seed)
-    net = SRNet(PRESETS["tiny"].sr)
-    with torch.no_grad():
-        for b in net.branches:
-            b.body[-1].weight.normal_(0, 1e-3)
-    return net.eval()
 
 
 @pytest.fixture(scope="module")
