@@ -7,6 +7,7 @@ the rest (engine, data, checkpoints, logging) the same way for both.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn as nn
@@ -14,13 +15,33 @@ import torch.nn as nn
 from facesr.augment import flip_crop
 from facesr.degradations import PAPER, degrade_lr
 from facesr.losses import CSRIPLoss, PriorLoss
-from facesr.quality import finish, image_scores
 from facesr.models import SRNet, build_prior, get_preset
+from facesr.quality import finish, image_scores
 from facesr.step import Precision, prior_forward, sr_forward
 from facesr.vocab import SCALE_OF, TARGETS
 from facesr.weights import load_priors, save_priors, save_srnet
 
-from .config import TrainConfig, degradation
+from .config import StageConfig, TrainConfig, degradation
+
+
+class Stage(Protocol):
+    """What the worker loop needs from a training stage (``STAGES[number](cfg, classes, device, precision)``)."""
+
+    number: ClassVar[int]  # 1 = priors, 2 = cascade: run.stages, done markers, checkpoint folders
+    telemetry_name: ClassVar[str]  # the `stage` label of its metrics
+    stage: StageConfig  # its optimiser and schedule (cfg.stage1 / cfg.stage2)
+
+    def build_model(self) -> nn.Module: ...  # the trained module (DeepSpeed wraps it)
+
+    def train_batch(self, batch: dict, generator: torch.Generator) -> dict: ...  # on the device: augment/degrade
+
+    def val_batch(self, batch: dict, generator: torch.Generator) -> dict: ...
+
+    def forward(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]: ...  # named terms, "loss" among them
+
+    def validate_batch(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]: ...
+
+    def finish(self, model: nn.Module, run_dir: Path) -> Path: ...  # rank 0: the stage's artefact
 
 
 class PriorStage:
@@ -119,7 +140,7 @@ class SRStage:
         return path
 
 
-STAGES = {1: PriorStage, 2: SRStage}
+STAGES: dict[int, type[Stage]] = {1: PriorStage, 2: SRStage}
 
 
 
