@@ -23,6 +23,9 @@ from itertools import islice
 import torch
 import torch.distributed as dist
 
+from facesr.augment import step_generator
+from facesr.step import TermSums, resolve_precision, to_device
+
 from .config import TrainConfig, from_dict
 from .data import build_loader, read_classes
 from .engine import average_buffers, get_lr, initialize, load, save, set_accelerator_env, set_lr
@@ -58,8 +61,6 @@ def worker_main(config: dict) -> None:
     else:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
-
-    from facesr.step import TermSums, resolve_precision
 
     precision = resolve_precision(cfg.engine.precision, device, cfg.engine.channels_last)
     classes = read_classes(cfg)
@@ -178,9 +179,6 @@ def train_step(eng, stage, group: list[dict], sums, device, precision, seed: tup
     degradation draws from a device generator seeded by (seed, epoch, rank, micro-batch index), so a
     resumed run draws the same again.
     """
-    from facesr.augment import step_generator
-    from facesr.step import to_device
-
     run_seed, epoch, rank, first = seed
     samples = 0
     for j, micro in enumerate(group):
@@ -212,14 +210,10 @@ def _checkpoint(eng, state: TrainState, log: RunLog, metrics: dict) -> None:
 @torch.no_grad()
 def _validate(stage, eng, cfg: TrainConfig, micro: int, rank: int, world: int, epoch: int, device, precision) -> dict:
     """Mean of the stage's validation terms over all batches of all ranks (same count per rank)."""
-    from facesr.step import to_device
-
     eng.eval()
     sums: dict[str, torch.Tensor] = {}
     n = 0
     loader = build_loader(cfg, stage.number, "val", micro, rank, world, 0)
-    from facesr.augment import step_generator
-
     for i, batch in enumerate(loader):
         if cfg.data.val_batches and i >= cfg.data.val_batches:
             break
