@@ -2,9 +2,13 @@
 
 ``load_config(path, overrides)`` builds a ``TrainConfig`` from a YAML file and
 dotted overrides (``stage2.lr=0.001``), refusing unknown keys and wrong types
-with the field's dotted name. ``check(cfg)`` then verifies what can be known
-before any Ray worker starts: the shards exist, stage-2 priors exist and were
-trained on this data's class map, the global batch divides over the workers.
+with the field's dotted name. Value checks sit beside the fields they check:
+each section's ``validate(key)`` refuses its own impossible values, and
+``TrainConfig.validate()`` adds those that tie sections together (elastic runs
+and ZeRO, SyncBatchNorm and GPUs, the global batch over every world size).
+``check(cfg)`` runs them, then verifies what can be known before any Ray worker
+starts from the disk: the shards exist, stage-2 priors exist and were trained
+on this data's class map.
 
 Global batch rule (gradient accumulation). ``batch_size`` is the paper's batch:
 samples per optimizer step summed over all workers. With W workers and a
@@ -49,6 +53,12 @@ class RunConfig:
     telemetry_port: int | None = None  # first Prometheus exporter port (+ local rank); None = no exporter
     telemetry_sd_dir: str = ""  # Prometheus file_sd folder shared by all runs; "" = <cluster.storage_path>/prometheus_sd
 
+    def validate(self, key: str = "run") -> None:
+        if not self.stages or sorted(set(self.stages)) != self.stages or not set(self.stages) <= {1, 2}:
+            raise ConfigError(f"{key}.stages", f"expected [1], [2] or [1, 2], got {self.stages}")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            raise ConfigError(f"{key}.name", f"use letters, digits, '_', '-', '.' only, got {self.name!r}")
+
 
 @dataclass
 class DataConfig:
@@ -65,6 +75,19 @@ class DataConfig:
     # (blur, any common resize, noise, JPEG; x2/x4/hr targets stay the clean cascade); or a mapping in
     # RobustDegradation.to_dict()'s shape whose missing fields keep robust's defaults.
     degradation: str | dict = "paper"
+
+    def validate(self, key: str = "data") -> None:
+        self.degradation_model(key)
+
+    def degradation_model(self, key: str = "data"):
+        """The validated stage-2 degradation model; ConfigError naming the dotted key at fault."""
+        from facesr.degradations import DegradationError, resolve as resolve_degradation
+
+        try:
+            return resolve_degradation(self.degradation, f"{key}.degradation")
+        except DegradationError as e:
+            name, _, msg = str(e).partition(": ")
+            raise ConfigError(name, msg) from None
 
 
 @dataclass
@@ -83,6 +106,13 @@ class ClusterConfig:
     storage_path: str = "runs"  # Ray Train storage (checkpoints): local folder, shared mount or s3:// URI
     max_failures: int = 2  # worker-group restarts from the latest checkpoint before the run fails
 
+    def validate(self, key: str = "cluster") -> None:
+        if self.num_workers < 1:
+            raise ConfigError(f"{key}.num_workers", "need at least one worker")
+        if not 0 <= self.min_workers <= self.num_workers:
+            raise ConfigError(f"{key}.min_workers", f"expected 0 (fixed) to num_workers={self.num_workers}, "
+                              f"got {self.min_workers}")
+
 
 @dataclass
 class EngineConfig:
@@ -99,6 +129,17 @@ class EngineConfig:
     overlap_comm: bool = True  # reduce gradients in buckets while backward is still running (ZeRO-2 hooks)
     bucket_mb: float = 8.0  # gradient bucket size in MB of fp32: ~2 buckets for the paper cascade (17 MB of grads)
 
+    def validate(self, key: str = "engine") -> None:
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"{key}.zero_stage", f"expected 0, 1 or 2, got {self.zero_stage}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"{key}.precision", f"expected auto, bf16 or fp32, got {self.precision!r}")
+        if self.bucket_mb <= 0:
+            raise ConfigError(f"{key}.bucket_mb", f"must be positive, got {self.bucket_mb}")
+        if self.batchnorm not in ("local", "sync"):
+            raise ConfigError(f"{key}.batchnorm", f"expected local or sync, got {self.batchnorm!r}")
+
+
 @dataclass
 class StageConfig:
     epochs: int = 1  # passes over the training split
@@ -111,6 +152,15 @@ class StageConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam betas (PyTorch defaults; paper gives none)
     weight_decay: float = 0.0  # Adam L2 weight decay (paper gives none)
     warmup_steps: int = 0  # linear LR warm-up over the first optimizer steps (large batches); 0 = none (paper)
+
+    def validate(self, key: str) -> None:
+        for name in ("epochs", "batch_size", "max_micro_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{key}.{name}", "must be at least 1")
+        if self.lr <= 0:
+            raise ConfigError(f"{key}.lr", "must be positive")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"{key}.warmup_steps", "must be 0 (none) or more")
 
     def lr_at(self, epoch: int, step: int | None = None) -> float:
         """Learning rate during 0-based ``epoch``; stepped per epoch, except during the warm-up of the first
@@ -128,6 +178,11 @@ class StageConfig:
 class PriorStageConfig(StageConfig):
     augment: bool = True  # the paper's random horizontal flips and random crops of the training images
     crop_pad: int = 2  # crop shift of up to ±crop_pad lr pixels (×2, ×4, ×8 at x2, x4, hr), reflect-padded
+
+    def validate(self, key: str = "stage1") -> None:
+        super().validate(key)
+        if not 0 <= self.crop_pad < 24:
+            raise ConfigError(f"{key}.crop_pad", f"must be 0 to 23 lr pixels, got {self.crop_pad}")
 
 
 @dataclass
@@ -171,8 +226,47 @@ class TrainConfig:
         low = self.cluster.min_workers if self.elastic else self.cluster.num_workers
         return range(low, self.cluster.num_workers + 1)
 
+    def stage_cfg(self, stage_num: int) -> StageConfig:
+        """The section of stage 1 (priors) or 2 (cascade)."""
+        return {1: self.stage1, 2: self.stage2}[stage_num]
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Value checks: each section's own, then those that tie sections together; ConfigError naming the key."""
+        from facesr.models import PRESETS
+
+        if self.preset not in PRESETS:
+            raise ConfigError("preset", f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        self.run.validate("run")
+        self.data.validate("data")
+        self.cluster.validate("cluster")
+        self.engine.validate("engine")
+        for stage_num in self.run.stages:
+            self.stage_cfg(stage_num).validate(f"stage{stage_num}")
+        # ---- across sections
+        if self.elastic and self.engine.zero_stage != 0:
+            raise ConfigError("engine.zero_stage", f"elastic training (cluster.min_workers={self.cluster.min_workers} "
+                              f"< num_workers={self.cluster.num_workers}) needs checkpoints that load at another world "
+                              f"size: ZeRO {self.engine.zero_stage} shards the optimizer state per worker; use 0")
+        if self.engine.batchnorm == "sync" and not self.cluster.use_gpu:
+            raise ConfigError("engine.batchnorm", "sync needs GPUs (torch SyncBatchNorm does not run on CPU/gloo)")
+        for stage_num in self.run.stages:
+            stage_cfg = self.stage_cfg(stage_num)
+            for world in self.world_sizes:
+                try:
+                    accumulation(stage_cfg.batch_size, world, stage_cfg.max_micro_batch, f"stage{stage_num}.batch_size")
+                except ConfigError as e:
+                    if not self.elastic:
+                        raise
+                    lcm = math.lcm(*self.world_sizes)
+                    raise ConfigError(e.field, f"{e.message}; an elastic run may train at any of "
+                                      f"{self.world_sizes.start}..{self.world_sizes.stop - 1} workers, so the global "
+                                      f"batch must be a multiple of {lcm} (or narrow cluster.min_workers)") from None
+        if self.stage2.priors and 1 in self.run.stages:
+            raise ConfigError("stage2.priors", "set it only for a stage-2 run (run.stages=[2]); stage 1 writes "
+                              "<run_dir>/priors.safetensors")
 
 
 # ---------------------------------------------------------------- parsing
@@ -359,75 +453,13 @@ def resolve(cfg: TrainConfig, base: str | Path | None = None) -> TrainConfig:
 
 
 def check(cfg: TrainConfig) -> dict:
-    """Everything that can be refused before a worker starts; returns the shard manifest."""
-    from facesr.models import PRESETS
-
-    if cfg.preset not in PRESETS:
-        raise ConfigError("preset", f"unknown preset {cfg.preset!r}; choose one of {sorted(PRESETS)}")
-    if not cfg.run.stages or sorted(set(cfg.run.stages)) != cfg.run.stages or not set(cfg.run.stages) <= {1, 2}:
-        raise ConfigError("run.stages", f"expected [1], [2] or [1, 2], got {cfg.run.stages}")
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.run.name):
-        raise ConfigError("run.name", f"use letters, digits, '_', '-', '.' only, got {cfg.run.name!r}")
-    if cfg.cluster.num_workers < 1:
-        raise ConfigError("cluster.num_workers", "need at least one worker")
-    if not 0 <= cfg.cluster.min_workers <= cfg.cluster.num_workers:
-        raise ConfigError("cluster.min_workers", f"expected 0 (fixed) to num_workers={cfg.cluster.num_workers}, "
-                          f"got {cfg.cluster.min_workers}")
-    if cfg.elastic and cfg.engine.zero_stage != 0:
-        raise ConfigError("engine.zero_stage", f"elastic training (cluster.min_workers={cfg.cluster.min_workers} < "
-                          f"num_workers={cfg.cluster.num_workers}) needs checkpoints that load at another world "
-                          f"size: ZeRO {cfg.engine.zero_stage} shards the optimizer state per worker; use 0")
-    if cfg.engine.zero_stage not in (0, 1, 2):
-        raise ConfigError("engine.zero_stage", f"expected 0, 1 or 2, got {cfg.engine.zero_stage}")
-    if cfg.engine.precision not in ("auto", "bf16", "fp32"):
-        raise ConfigError("engine.precision", f"expected auto, bf16 or fp32, got {cfg.engine.precision!r}")
-    if cfg.engine.bucket_mb <= 0:
-        raise ConfigError("engine.bucket_mb", f"must be positive, got {cfg.engine.bucket_mb}")
-    if not 0 <= cfg.stage1.crop_pad < 24:
-        raise ConfigError("stage1.crop_pad", f"must be 0 to 23 lr pixels, got {cfg.stage1.crop_pad}")
-    degradation(cfg)
-    if cfg.engine.batchnorm not in ("local", "sync"):
-        raise ConfigError("engine.batchnorm", f"expected local or sync, got {cfg.engine.batchnorm!r}")
-    if cfg.engine.batchnorm == "sync" and not cfg.cluster.use_gpu:
-        raise ConfigError("engine.batchnorm", "sync needs GPUs (torch SyncBatchNorm does not run on CPU/gloo)")
-    for s in cfg.run.stages:
-        st = getattr(cfg, f"stage{s}")
-        for f in ("epochs", "batch_size", "max_micro_batch"):
-            if getattr(st, f) < 1:
-                raise ConfigError(f"stage{s}.{f}", "must be at least 1")
-        if st.lr <= 0:
-            raise ConfigError(f"stage{s}.lr", "must be positive")
-        if st.warmup_steps < 0:
-            raise ConfigError(f"stage{s}.warmup_steps", "must be 0 (none) or more")
-        for world in cfg.world_sizes:
-            try:
-                accumulation(st.batch_size, world, st.max_micro_batch, f"stage{s}.batch_size")
-            except ConfigError as e:
-                if not cfg.elastic:
-                    raise
-                lcm = math.lcm(*cfg.world_sizes)
-                raise ConfigError(e.field, f"{e.message}; an elastic run may train at any of "
-                                  f"{cfg.world_sizes.start}..{cfg.world_sizes.stop - 1} workers, so the global "
-                                  f"batch must be a multiple of {lcm} (or narrow cluster.min_workers)") from None
-
-    if cfg.stage2.priors and 1 in cfg.run.stages:
-        raise ConfigError("stage2.priors", "set it only for a stage-2 run (run.stages=[2]); stage 1 writes "
-                          "<run_dir>/priors.safetensors")
+    """Everything that can be refused before a worker starts: the values, then the shards and priors on disk;
+    returns the shard manifest."""
+    cfg.validate()
     manifest = _manifest(cfg)
     if 2 in cfg.run.stages and 1 not in cfg.run.stages:
         _check_priors(cfg, manifest)
     return manifest
-
-
-def degradation(cfg: TrainConfig):
-    """The validated stage-2 degradation model; ConfigError naming the dotted key at fault."""
-    from facesr.degradations import DegradationError, resolve as resolve_degradation
-
-    try:
-        return resolve_degradation(cfg.data.degradation, "data.degradation")
-    except DegradationError as e:
-        key, _, msg = str(e).partition(": ")
-        raise ConfigError(key, msg) from None
 
 
 def _manifest(cfg: TrainConfig) -> dict:
@@ -452,11 +484,11 @@ def _manifest(cfg: TrainConfig) -> dict:
         info = manifest["splits"][split]
         if key != "val_split" and 1 in cfg.run.stages and info.get("labelled", 0) == 0:
             raise ConfigError(f"data.{key}", f"split {split!r} has no labelled samples (cls >= 0) for the priors")
-    for s in cfg.run.stages:
-        st = getattr(cfg, f"stage{s}")
-        n = manifest["splits"][cfg.data.train_split]["labelled" if s == 1 else "samples"]
-        if n < st.batch_size:
-            raise ConfigError(f"stage{s}.batch_size", f"{st.batch_size} exceeds the {n} usable training samples")
+    for stage_num in cfg.run.stages:
+        batch_size = cfg.stage_cfg(stage_num).batch_size
+        n = manifest["splits"][cfg.data.train_split]["labelled" if stage_num == 1 else "samples"]
+        if n < batch_size:
+            raise ConfigError(f"stage{stage_num}.batch_size", f"{batch_size} exceeds the {n} usable training samples")
     return manifest
 
 

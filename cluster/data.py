@@ -28,9 +28,7 @@ def _sr_levels(cfg: TrainConfig) -> tuple[str, ...]:
     """Stage 2 decodes lr only when it trains on the shards' own lr (the paper's degradation)."""
     from facesr.degradations import PAPER
 
-    from .config import degradation
-
-    return ("lr", "x2", "x4", "hr") if degradation(cfg) == PAPER else ("x2", "x4", "hr")
+    return ("lr", "x2", "x4", "hr") if cfg.data.degradation_model() == PAPER else ("x2", "x4", "hr")
 
 
 def split_name(cfg: TrainConfig, stage: int, split: str) -> str:

@@ -21,7 +21,7 @@ from facesr.step import Precision, prior_forward, sr_forward
 from facesr.vocab import SCALE_OF, TARGETS
 from facesr.weights import load_priors, save_priors, save_srnet
 
-from .config import StageConfig, TrainConfig, degradation
+from .config import StageConfig, TrainConfig
 
 
 class Stage(Protocol):
@@ -97,7 +97,7 @@ class SRStage:
         priors = load_priors(cfg.priors_path, device, classes=classes)
         priors = {k: precision.module(p) for k, p in priors.items()}
         self.loss_fn = CSRIPLoss(priors, alpha=self.stage.alpha).to(device)
-        self.degradation = degradation(cfg)
+        self.degradation = cfg.data.degradation_model()
         self.fixed = self.degradation == PAPER  # the shards' lr is exactly the paper's cascade
 
     def build_model(self) -> nn.Module:

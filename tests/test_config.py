@@ -204,3 +204,25 @@ def test_warmup_rises_linearly_then_follows_the_epoch_schedule():
     s = load_config(None, ["stage2.warmup_steps=4"]).stage2
     assert [s.lr_at(0, k) / s.lr for k in range(6)] == pytest.approx([0.25, 0.5, 0.75, 1, 1, 1])
     assert s.lr_at(10, 100) == pytest.approx(s.lr / 3)
+
+
+@pytest.mark.parametrize(
+    "section,kwargs,field",
+    [
+        ("RunConfig", {"stages": [3]}, "run.stages"),
+        ("DataConfig", {"degradation": "nope"}, "data.degradation"),
+        ("ClusterConfig", {"num_workers": 0}, "cluster.num_workers"),
+        ("EngineConfig", {"precision": "fp16"}, "engine.precision"),
+        ("PriorStageConfig", {"crop_pad": -1}, "stage1.crop_pad"),
+        ("SRStageConfig", {"lr": 0.0}, "stage2.lr"),
+    ],
+)
+def test_each_section_checks_its_own_values(section, kwargs, field):
+    """A section's validate() refuses its own impossible values on its own, naming the dotted key."""
+    import cluster.config as config
+
+    obj = getattr(config, section)(**kwargs)
+    key = field.split(".")[0]
+    with pytest.raises(ConfigError) as e:
+        obj.validate(key)
+    assert e.value.field == field
