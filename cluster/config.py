@@ -493,26 +493,14 @@ def _manifest(cfg: TrainConfig) -> dict:
 
 
 def _check_priors(cfg: TrainConfig, manifest: dict) -> None:
-    from facesr.models import PRESETS
-    from facesr.weights import classes_digest, read_meta
+    """The stage-2 priors file against this run's class map and preset (facesr.weights.check_priors)."""
+    from facesr.weights import check_priors
 
     path = cfg.priors_path
-    name = "stage2.priors"
     if not path.is_file():
-        raise ConfigError(name, f"{path}: no trained priors (run stage 1, or point stage2.priors at a priors file)")
+        raise ConfigError("stage2.priors", f"{path}: no trained priors (run stage 1, or point stage2.priors at a "
+                          "priors file)")
     try:
-        meta = read_meta(path)
-    except Exception as e:
-        raise ConfigError(name, str(e)) from None
-    if meta.get("kind") != "priors":
-        raise ConfigError(name, f"{path} holds {meta.get('kind')!r}, not priors")
-    classes = list(manifest["classes"])
-    if meta.get("classes_sha256") != classes_digest(classes):
-        raise ConfigError(
-            name,
-            f"{path}: priors were trained on another class map ({meta.get('num_classes')} classes) "
-            f"than {cfg.data.shards} ({len(classes)} classes)",
-        )
-    want = dataclasses.asdict(PRESETS[cfg.preset].prior)
-    if meta.get("prior") != want:
-        raise ConfigError(name, f"{path}: priors built as {meta.get('prior')}, preset {cfg.preset!r} wants {want}")
+        check_priors(path, list(manifest["classes"]), cfg.preset)
+    except ValueError as e:
+        raise ConfigError("stage2.priors", str(e)) from None

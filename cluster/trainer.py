@@ -52,7 +52,7 @@ def train(cfg: TrainConfig) -> Path:
         if done.exists():
             log.info("stage %d already done (%s); skipping", number, done)
             continue
-        if number == 2:
+        if number == 2 and 1 in cfg.run.stages:  # check() already read a stage-2-only run's priors
             _check_priors(cfg, manifest)  # stage 1 of this run must have produced them
         _fit(cfg, number)
         log.info("stage %d finished: %s", number, done.read_text().strip() if done.exists() else "no marker")

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, safe_open, save_file
 
-from .models import FrozenPrior, PriorConfig, SRNet, SRNetConfig, build_prior
+from .models import FrozenPrior, PriorConfig, SRNet, SRNetConfig, build_prior, get_preset
 
 
 def classes_digest(classes: list[str]) -> str:
@@ -65,17 +65,29 @@ def save_priors(path, priors: dict[str, nn.Module], cfg: PriorConfig, classes: l
     _save(path, tensors, meta)
 
 
-def load_priors(path, device: str | torch.device = "cpu", classes: list[str] | None = None) -> dict[str, FrozenPrior]:
-    """Frozen priors from ``save_priors``; with ``classes`` given, refuse priors of another class map."""
+def check_priors(path, classes: list[str] | None = None, preset: str | None = None) -> dict:
+    """The metadata of a priors file from ``save_priors``; ValueError unless it holds priors, trained on
+    ``classes`` (when given) and built as model preset ``preset``'s priors (when given). The one check of a
+    priors file: the run's config check and every loader use it."""
     meta = read_meta(path)
-    if meta["kind"] != "priors":
-        raise ValueError(f"{path}: holds {meta['kind']!r}, not priors")
-    if classes is not None and meta["classes_sha256"] != classes_digest(classes):
+    if meta.get("kind") != "priors":
+        raise ValueError(f"{path}: holds {meta.get('kind')!r}, not priors")
+    if classes is not None and meta.get("classes_sha256") != classes_digest(classes):
         raise ValueError(
-            f"{path}: priors were trained on another class map ({meta['num_classes']} classes, "
-            f"sha256 {meta['classes_sha256'][:12]}) than this data ({len(classes)} classes, "
+            f"{path}: priors were trained on another class map ({meta.get('num_classes')} classes, "
+            f"sha256 {str(meta.get('classes_sha256'))[:12]}) than this data ({len(classes)} classes, "
             f"sha256 {classes_digest(classes)[:12]})"
         )
+    if preset is not None:
+        want = dataclasses.asdict(get_preset(preset).prior)
+        if meta.get("prior") != want:
+            raise ValueError(f"{path}: priors built as {meta.get('prior')}, preset {preset!r} wants {want}")
+    return meta
+
+
+def load_priors(path, device: str | torch.device = "cpu", classes: list[str] | None = None) -> dict[str, FrozenPrior]:
+    """Frozen priors from ``save_priors``; with ``classes`` given, refuse priors of another class map."""
+    meta = check_priors(path, classes)
     state = load_file(str(path), device="cpu")
     cfg = PriorConfig(**meta["prior"])
     out = {}
