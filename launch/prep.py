@@ -12,7 +12,8 @@ import sys
 
 
 def configure(p) -> None:
-    p.add_argument("src", help="folder of identity folders of images (CASIA-WebFace / LFW layout)")
+    p.add_argument("src", nargs="+", help="folder of identity folders of images (CASIA-WebFace / LFW layout); "
+                   "several are combined, their identities named <folder name>/<identity>")
     p.add_argument("out", help="output folder for shards, manifest.json and rejects.tsv")
     p.add_argument("--split-by", default="identity", choices=["identity", "none"],
                    help="identity: identity-disjoint train/val/test (paper protocol); none: all in train")
@@ -21,6 +22,9 @@ def configure(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds the identity split and the sample order")
     p.add_argument("--min-images", type=int, default=2,
                    help="train identities with fewer images get no prior class (cls = -1)")
+    p.add_argument("--prior-holdout", type=float, default=0.0,
+                   help="share of each prior class's images held out (split prior_val) to score the priors on "
+                        "images they never trained on; 0 = none")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--png-level", type=int, default=1, choices=range(10), metavar="0-9", help="PNG zlib level")
     p.add_argument("--members", default="png", choices=("png", "raw"),
@@ -42,11 +46,11 @@ def run(args) -> int:
         return 2
     try:
         split = SplitConfig(by=args.split_by, val=args.val, test=args.test, seed=args.seed,
-                            min_images=args.min_images)
+                            min_images=args.min_images, prior_holdout=args.prior_holdout)
     except ValueError as exn:
         print(f"facesr prep: error: {exn}", file=sys.stderr)
         return 2
-    cfg = PrepConfig(src=args.src, out=args.out, split=split, shard_size=args.shard_size,
+    cfg = PrepConfig(src=args.src[0] if len(args.src) == 1 else tuple(args.src), out=args.out, split=split, shard_size=args.shard_size,
                      png_level=args.png_level, members=args.members, progress=not args.no_progress)
     try:
         check_paths(cfg)

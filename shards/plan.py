@@ -13,6 +13,10 @@ a rerun can recognise finished shards by their plan fingerprint.
   in that list. Every other sample (val/test identities, and train identities
   under the threshold) has ``cls = -1``: the SR cascade trains on it, the
   priors must skip it (``StreamConfig.labelled_only``).
+* ``prior_holdout`` > 0 moves that share of each class identity's images (at
+  least one, chosen with the seed) into the ``prior_val`` split: images of
+  identities the priors know, which they never train on, so that recognition
+  is scored on unseen images. The SR cascade does not train on them either.
 * Within a split, images are shuffled with the seed before cutting into shards,
   so every shard mixes many identities and a small shuffle buffer suffices.
 """
@@ -24,7 +28,7 @@ import json
 import random
 from dataclasses import asdict, dataclass
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "prior_val")
 UNLABELLED = -1  # cls of samples outside the prior's class label set
 
 
@@ -35,6 +39,7 @@ class SplitConfig:
     test: float = 0.05  # fraction of identities held out for testing (never seen in training)
     seed: int = 0  # seeds the identity split and the order of images in shards
     min_images: int = 2  # train identities with fewer accepted images get no class (cls = -1)
+    prior_holdout: float = 0.0  # share of each class identity's images held out for prior validation (prior_val)
 
     def __post_init__(self):
         if self.by not in ("identity", "none"):
@@ -43,6 +48,10 @@ class SplitConfig:
             raise ValueError(f"need 0 <= val, test and val + test < 1, got val={self.val} test={self.test}")
         if self.min_images < 1:
             raise ValueError(f"min-images must be >= 1, got {self.min_images}")
+        if not 0 <= self.prior_holdout < 1:
+            raise ValueError(f"prior-holdout must be in [0, 1), got {self.prior_holdout}")
+        if self.prior_holdout > 0 and self.min_images < 2:
+            raise ValueError("prior-holdout needs min-images >= 2 (a class must keep a training image)")
 
 
 @dataclass(frozen=True)
@@ -87,14 +96,36 @@ def label_set(counts: dict[str, int], split_of: dict[str, str], min_images: int)
     return sorted(i for i, n in counts.items() if split_of[i] == "train" and n >= min_images)
 
 
+def sample_splits(
+    accepted: list[tuple[str, str]], split_of: dict[str, str], classes: list[str], cfg: SplitConfig
+) -> dict[str, str]:
+    """path -> split: the identity's split, except each class's ``prior_holdout`` share, which is ``prior_val``."""
+    where = {p: split_of[i] for i, p in accepted}
+    if cfg.prior_holdout > 0:
+        known = set(classes)
+        by_class: dict[str, list[str]] = {}
+        for i, p in accepted:
+            if i in known:
+                by_class.setdefault(i, []).append(p)
+        for ident, paths in by_class.items():
+            paths = sorted(paths)
+            random.Random(f"facesr-holdout:{cfg.seed}:{ident}").shuffle(paths)
+            n = min(len(paths) - 1, max(1, round(cfg.prior_holdout * len(paths))))
+            where.update({p: "prior_val" for p in paths[:n]})
+    return where
+
+
 def plan_shards(
-    accepted: list[tuple[str, str]], split_of: dict[str, str], classes: list[str], shard_size: int, seed: int
+    accepted: list[tuple[str, str]], where: dict[str, str], classes: list[str], shard_size: int, seed: int
 ) -> list[ShardPlan]:
-    """Cut each split's (identity, path) list, shuffled with the seed, into shards of ``shard_size``."""
+    """Cut each split's (identity, path) list, shuffled with the seed, into shards of ``shard_size``.
+
+    ``where`` maps each sample's path to its split (``sample_splits``).
+    """
     cls_of = {name: i for i, name in enumerate(classes)}
     plans = []
     for split in SPLITS:
-        items = sorted((p, i) for i, p in accepted if split_of[i] == split)
+        items = sorted((p, i) for i, p in accepted if where[p] == split)
         random.Random(f"facesr-order:{seed}:{split}").shuffle(items)
         refs = [SampleRef(f"{split}-{n:08d}", p, i, cls_of.get(i, UNLABELLED)) for n, (p, i) in enumerate(items)]
         for index, start in enumerate(range(0, len(refs), shard_size)):

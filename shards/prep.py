@@ -32,12 +32,12 @@ import facesr
 from facesr.degrade import DEFAULT, DegradeConfig
 from facesr.vocab import LEVELS, SIZES
 
-from .plan import SPLITS, UNLABELLED, SplitConfig, label_set, plan_shards, split_identities
-from .source import KINDS, Reject, check_chunk, scan, tsv_field
+from .plan import SPLITS, UNLABELLED, SplitConfig, label_set, plan_shards, sample_splits, split_identities
+from .source import KINDS, Reject, check_chunk, scan, source_roots, tsv_field
 from .writer import PARTS, TMP_MARK, atomic_write, finished_record, write_shard
 
 FORMAT_VERSION = 1  # bump when the shard or manifest layout changes
-SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")
+SHARD_NAME = re.compile(r"^(train|val|test|prior_val)-\d{6}\.tar$")
 Mapper = Callable[[Callable, list[tuple]], Iterator[tuple[int, object]]]
 
 
@@ -47,7 +47,7 @@ class PrepError(Exception):
 
 @dataclass(frozen=True)
 class PrepConfig:
-    src: str  # folder of identity folders (CASIA-WebFace layout)
+    src: str | tuple[str, ...]  # folder of identity folders (CASIA-WebFace layout), or several combined
     out: str  # shard folder; must be shared by all nodes on a cluster
     split: SplitConfig = field(default_factory=SplitConfig)
     shard_size: int = 1000  # samples per shard: ~75 MB, ~12 core-seconds of work per task
@@ -71,11 +71,16 @@ def serial_map(fn: Callable, arglist: list[tuple]) -> Iterator[tuple[int, object
 
 def check_paths(cfg: PrepConfig) -> None:
     """Fail fast (PrepError) on a missing SRC or an unwritable OUT, before any cluster is started."""
-    src = Path(cfg.src)
-    if not src.exists():
-        raise PrepError(f"SRC {src} does not exist")
-    if not src.is_dir():
-        raise PrepError(f"SRC {src} is not a folder (expected a folder of identity folders)")
+    try:
+        roots = source_roots(cfg.src)
+    except ValueError as exn:
+        raise PrepError(f"SRC: {exn}") from None
+    for root in roots.values():
+        src = Path(root)
+        if not src.exists():
+            raise PrepError(f"SRC {src} does not exist")
+        if not src.is_dir():
+            raise PrepError(f"SRC {src} is not a folder (expected a folder of identity folders)")
     try:
         os.makedirs(cfg.out, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=cfg.out, prefix=".write-probe"):
@@ -111,7 +116,7 @@ def prepare(cfg: PrepConfig, mapper: Mapper = serial_map) -> dict:
     rejects = list(found.rejects)
     if not found.candidates:
         _write_rejects(out, rejects)
-        raise PrepError(f"SRC {cfg.src} holds no image files in identity folders "
+        raise PrepError(f"SRC {_show(cfg.src)} holds no image files in identity folders "
                         f"({len(rejects)} entries refused, see {out / 'rejects.tsv'})")
 
     # 1. check: decode every candidate once, in parallel
@@ -128,14 +133,15 @@ def prepare(cfg: PrepConfig, mapper: Mapper = serial_map) -> dict:
     accepted = [(ident, p) for ident, p in found.candidates if p not in bad]
     if not accepted:
         _write_rejects(out, rejects)
-        raise PrepError(f"SRC {cfg.src} holds no usable image: all {len(paths)} files refused, "
+        raise PrepError(f"SRC {_show(cfg.src)} holds no usable image: all {len(paths)} files refused, "
                         f"see {out / 'rejects.tsv'}")
 
     # 2. plan: splits, classes, shards
     counts = Counter(ident for ident, _ in accepted)
     split_of = split_identities(list(counts), cfg.split)
     classes = label_set(counts, split_of, cfg.split.min_images)
-    plans = plan_shards(accepted, split_of, classes, cfg.shard_size, cfg.split.seed)
+    where = sample_splits(accepted, split_of, classes, cfg.split)
+    plans = plan_shards(accepted, where, classes, cfg.shard_size, cfg.split.seed)
     prints = [p.fingerprint(cfg.settings()) for p in plans]
     _sweep(out, {p.name for p in plans})
 
@@ -156,7 +162,7 @@ def prepare(cfg: PrepConfig, mapper: Mapper = serial_map) -> dict:
     write_s = time.perf_counter() - t_write
 
     # 4. manifest and rejects, published last: a manifest means every shard it lists is complete
-    manifest = _manifest(cfg, found, accepted, rejects, counts, split_of, classes, plans, records)
+    manifest = _manifest(cfg, found, accepted, rejects, counts, split_of, where, classes, plans, records)
     _write_rejects(out, rejects)
     atomic_write(out / "manifest.json", (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
     written = sum(len(plans[i].samples) for i in todo)
@@ -167,6 +173,17 @@ def prepare(cfg: PrepConfig, mapper: Mapper = serial_map) -> dict:
         "splits": {s: {k: v for k, v in d.items() if k != "shards"} for s, d in manifest["splits"].items()},
         "num_classes": manifest["num_classes"], "out": str(out),
     }
+
+
+def _show(src) -> str:
+    return " + ".join(source_roots(src).values())
+
+
+def _roots(src) -> dict:
+    roots = source_roots(src)
+    if "" in roots:
+        return {"root": os.path.abspath(roots[""])}
+    return {"roots": {label: os.path.abspath(r) for label, r in roots.items()}}
 
 
 def _write_rejects(out: Path, rejects: list[Reject]) -> None:
@@ -183,23 +200,28 @@ def _software() -> dict:
             "pillow": PIL.__version__, "numpy": numpy.__version__}
 
 
-def _manifest(cfg, found, accepted, rejects, counts, split_of, classes, plans, records) -> dict:
+def _manifest(cfg, found, accepted, rejects, counts, split_of, where, classes, plans, records) -> dict:
     cls_of = {name: i for i, name in enumerate(classes)}
+    held = Counter(i for i, p in accepted if where[p] == "prior_val")
     splits = {}
     for s in SPLITS:
         idx = [i for i, p in enumerate(plans) if p.split == s]
-        ids = [i for i in counts if split_of[i] == s]
+        per_id = Counter(i for i, p in accepted if where[p] == s)
+        if s == "prior_val" and not idx:
+            continue  # no holdout asked for: the manifest keeps its three splits
         splits[s] = {
-            "identities": len(ids),
-            "samples": sum(counts[i] for i in ids),
-            "labelled": sum(counts[i] for i in ids if i in cls_of),
+            "identities": len(per_id),
+            "samples": sum(per_id.values()),
+            "labelled": sum(n for i, n in per_id.items() if i in cls_of),
+            # labelled samples of its most common class: majority-class rate = largest_class / labelled
+            "largest_class": max((n for i, n in per_id.items() if i in cls_of), default=0),
             "shards": [{k: records[i][k] for k in ("name", "samples", "sha256", "bytes")} for i in idx],
         }
     return {
         "format": "facesr-shards",
         "version": FORMAT_VERSION,
         "software": _software(),
-        "source": {"root": os.path.abspath(cfg.src), "files": len(found.candidates), "accepted": len(accepted)},
+        "source": {**_roots(cfg.src), "files": len(found.candidates), "accepted": len(accepted)},
         "degrade": cfg.degrade.to_dict(),
         "encoding": {
             "members": ({f"{k}.png": f"{SIZES[k]}x{SIZES[k]} RGB PNG" for k in LEVELS} if cfg.members == "png" else
@@ -213,7 +235,7 @@ def _manifest(cfg, found, accepted, rejects, counts, split_of, classes, plans, r
         "classes": classes,
         "num_classes": len(classes),
         "identities": {i: {"split": split_of[i], "images": counts[i], "cls": cls_of.get(i, UNLABELLED)}
-                       for i in sorted(counts)},
+                       | ({"prior_val": held[i]} if held[i] else {}) for i in sorted(counts)},
         "splits": splits,
         "rejects": {"total": len(rejects), "file": "rejects.tsv",
                     "by_kind": dict(sorted(Counter(r.kind for r in rejects).items()))},

@@ -1,5 +1,10 @@
 """Reading a face folder: scan ``SRC/<identity>/<image>`` and accept or reject each file with a reason.
 
+Several folders can be combined (``facesr prep LFW CELEBA OUT``): each is
+named by its folder name, its identities become ``<name>/<identity>`` (two
+sources may both hold a "George_W_Bush" who is not the same person) and its
+paths ``<name>/<identity>/<file>``. One folder keeps plain names and paths.
+
 Every file a prep run cannot use becomes a ``Reject`` (path relative to SRC,
 kind, detail) instead of an exception, so one bad JPEG in 494,414 never stops
 a run. ``KINDS`` is the closed list of reasons; ``rejects.tsv`` and the closing
@@ -58,8 +63,48 @@ class Scan:
     rejects: list[Reject]  # what the scan alone can refuse (stray files, empty folders, ...)
 
 
-def scan(src: str | os.PathLike) -> Scan:
-    """List ``SRC/<identity>/<file>`` in a deterministic (sorted) order; refuse what is not a candidate."""
+Src = str | tuple[str, ...]  # one identity-folder root, or several combined
+
+
+def source_roots(src: Src) -> dict[str, str]:
+    """label -> root folder: ``{"": root}`` for one source, ``{folder name: root}`` for several."""
+    if isinstance(src, (str, os.PathLike)):
+        return {"": os.fspath(src)}
+    if len(src) == 1:
+        return {"": os.fspath(src[0])}
+    roots: dict[str, str] = {}
+    for root in src:
+        label = Path(root).resolve().name
+        if label in roots:
+            raise ValueError(f"sources {roots[label]} and {root} share the folder name {label!r}, which names "
+                             "their identities; rename or link one of them")
+        roots[label] = os.fspath(root)
+    return roots
+
+
+def source_file(src: Src, rel: str) -> str:
+    """The file behind a sample path (``scan``'s naming)."""
+    roots = source_roots(src)
+    if "" in roots:
+        return os.path.join(roots[""], rel)
+    label, rest = rel.split("/", 1)
+    return os.path.join(roots[label], rest)
+
+
+def scan(src: Src) -> Scan:
+    """List ``SRC/<identity>/<file>`` of every source in a deterministic (sorted) order; refuse what is not a candidate."""
+    roots = source_roots(src)
+    if "" in roots:
+        return _scan(roots[""])
+    candidates, rejects = [], []
+    for label, root in sorted(roots.items()):
+        one = _scan(root)
+        candidates += [(f"{label}/{i}", f"{label}/{p}") for i, p in one.candidates]
+        rejects += [Reject(f"{label}/{r.path}", r.kind, r.detail) for r in one.rejects]
+    return Scan(candidates, rejects)
+
+
+def _scan(src: str | os.PathLike) -> Scan:
     src = Path(src)
     candidates, rejects = [], []
     for top in sorted(os.scandir(src), key=lambda e: e.name):
@@ -117,12 +162,12 @@ def open_face(path: str | os.PathLike, cfg: DegradeConfig = DEFAULT) -> np.ndarr
     return np.asarray(img)  # (H, W, 3) uint8
 
 
-def check_chunk(src: str, paths: list[str], cfg: DegradeConfig = DEFAULT) -> list[tuple[str, str, str] | None]:
+def check_chunk(src: Src, paths: list[str], cfg: DegradeConfig = DEFAULT) -> list[tuple[str, str, str] | None]:
     """Ray/serial task: decode every path; ``None`` where accepted, else (path, kind, detail)."""
     out = []
     for rel in paths:
         try:
-            open_face(os.path.join(src, rel), cfg)
+            open_face(source_file(src, rel), cfg)
             out.append(None)
         except Rejected as r:
             out.append((rel, r.kind, r.detail))

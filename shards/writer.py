@@ -28,7 +28,7 @@ from facesr.degrade import DEFAULT, DegradeConfig, quadruplet, to_uint8
 from facesr.vocab import LEVELS
 
 from .plan import ShardPlan
-from .source import Rejected, open_face
+from .source import Rejected, open_face, source_file
 
 TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z, fixed for byte-identical shards (GNU tar warns on 0)
 PARTS = ".parts"  # per-shard completion records, under OUT
@@ -123,7 +123,7 @@ def _write_shard(src, out, plan, fingerprint, cfg, png_level, members_format="pn
             with tarfile.open(fileobj=hw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
                 for ref in plan.samples:
                     try:
-                        members = encode_face(os.path.join(src, ref.path), cfg, png_level, members_format)
+                        members = encode_face(source_file(src, ref.path), cfg, png_level, members_format)
                     except Rejected as r:  # it passed the check moments ago: the source changed under us
                         raise RuntimeError(f"{ref.path} changed since it was checked ({r}); rerun prep") from None
                     members["cls"] = str(ref.cls).encode()

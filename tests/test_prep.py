@@ -178,3 +178,53 @@ def test_import_boundaries():
             "bad = [m for m in ('ray', 'deepspeed', 'prometheus_client') if m in sys.modules]\n"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_combined_sources_and_prior_holdout(tmp_path):
+    """Two identity folders in one prep: names kept apart by source; each class's holdout lands in prior_val."""
+    faces = real_faces(60)
+    roots = {"lfw": tmp_path / "a" / "lfw", "celeb": tmp_path / "b" / "celeb"}
+    for k, root in enumerate(roots.values()):
+        for f in dict.fromkeys(faces[k * 30 : (k + 1) * 30] + faces[:6]):  # the first ones in both: not one person
+            (root / f.parent.name).mkdir(parents=True, exist_ok=True)
+            (root / f.parent.name / f.name).symlink_to(f)
+    out = tmp_path / "out"
+    args = ["prep", *map(str, roots.values()), str(out), "--no-ray", "--prior-holdout", "0.3", "--min-images", "3",
+            "--shard-size", "16", "--val", "0.1", "--test", "0.1", "--seed", "1", "--no-progress"]
+    assert main(args) == 0
+    m = read_manifest(out, verify=True)
+    assert set(m["source"]["roots"]) == {"lfw", "celeb"}
+    assert all(name.split("/")[0] in roots for name in m["identities"])
+    shared = faces[0].parent.name
+    assert {f"lfw/{shared}", f"celeb/{shared}"} <= set(m["identities"])  # same folder name, two identities
+    held = {}
+    for s in m["splits"]["prior_val"]["shards"]:
+        with tarfile.open(out / s["name"]) as tar:
+            for ti in tar:
+                if ti.name.endswith(".json"):
+                    rec = json.loads(tar.extractfile(ti).read())
+                    assert rec["cls"] >= 0 and m["classes"][rec["cls"]] == rec["identity"]
+                    label, rest = rec["path"].split("/", 1)
+                    assert (roots[label] / rest).exists()
+                    held[rec["identity"]] = held.get(rec["identity"], 0) + 1
+    assert held and all(m["identities"][i]["prior_val"] == n for i, n in held.items())
+    pv = m["splits"]["prior_val"]
+    assert pv["labelled"] == pv["samples"] == sum(held.values()) and pv["largest_class"] == max(held.values())
+    for name in m["classes"]:  # every class keeps training images, and gave some to prior_val
+        info = m["identities"][name]
+        assert info["split"] == "train" and 0 < info["prior_val"] < info["images"]
+    assert sum(d["samples"] for d in m["splits"].values()) == m["source"]["accepted"]
+    again = tmp_path / "again"
+    assert main(args[:3] + [str(again)] + args[4:]) == 0  # deterministic: same shards, byte for byte
+    for name in _files(out):
+        if name.endswith(".tar"):
+            assert (out / name).read_bytes() == (again / name).read_bytes()
+
+
+def test_combined_sources_with_one_folder_name_refused(tmp_path, capsys):
+    a, b = tmp_path / "x" / "faces", tmp_path / "y" / "faces"
+    for d in (a, b):
+        d.mkdir(parents=True)
+    assert main(["prep", str(a), str(b), str(tmp_path / "out"), "--no-ray", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "share the folder name 'faces'" in err and str(a) in err and str(b) in err
