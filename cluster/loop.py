@@ -158,7 +158,7 @@ def sample_flops(stage, model, device, precision) -> float:
 
 def peak_flops(device, precision) -> float:
     """FLOP/s of a large 3x3 convolution in the run's dtype, measured on this worker (a second at most)."""
-    from facesr.bench_step import conv_peak
+    from facesr.hardware import conv_peak
 
     return conv_peak(seconds=0.3, bf16=precision.bf16, device=str(device), batch=4)["gflops_per_s"] * 1e9
 

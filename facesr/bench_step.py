@@ -19,10 +19,9 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from .hardware import machine_info
+from .hardware import conv_peak, machine_info, synchronize
 from .losses import CSRIPLoss
 from .models import FrozenPrior, SRNet, build_prior, get_preset
 from .step import Precision, TermSums, resolve_precision, sr_forward, to_device
@@ -45,11 +44,6 @@ class StepBench:
 
 TARGETS_PAPER = {"speedup_min": 5.0, "mfu_min": 0.40}  # issue 2, for the paper preset (AMX-class CPUs)
 TARGET_OWN_PEAK = 0.60  # issue 13: the paper step's share of the chosen dtype's conv peak
-
-
-def _sync(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _batch(n: int, classes: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -125,7 +119,7 @@ def time_steps(cfg: StepBench, precision: Precision) -> dict:
     t0 = time.perf_counter()
     for _ in range(cfg.warmup):
         _step(model, loss_fn, opt, batch, precision, sums)
-    _sync(cfg.device)
+    synchronize(cfg.device)
     warm_s = time.perf_counter() - t0
     n, t0 = 0, time.perf_counter()
     while n < 2 or time.perf_counter() - t0 < cfg.seconds:
@@ -133,31 +127,13 @@ def time_steps(cfg: StepBench, precision: Precision) -> dict:
         n += 1
         if n % 10 == 0:
             sums.mean()  # a log step every 10, as in training
-    _sync(cfg.device)
+    synchronize(cfg.device)
     dt = (time.perf_counter() - t0) / n
     out = {"steps": n, "step_s": dt, "images_per_s": cfg.batch / dt, "warmup_s": warm_s}
     if torch.device(cfg.device).type == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated(cfg.device) / 2**30
     out["last_loss"] = sums.mean().get("loss", float("nan"))
     return out
-
-
-def conv_peak(seconds: float = 3.0, bf16: bool = True, device: str = "cpu", batch: int = 16) -> dict:
-    """Throughput of a large 3×3 convolution (forward), the machine's practical conv peak."""
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    x = torch.randn(batch, 256, 56, 56).to(device, dtype, memory_format=torch.channels_last)
-    w = torch.randn(256, 256, 3, 3).to(device, dtype, memory_format=torch.channels_last)
-    flops = 2 * batch * 256 * 256 * 9 * 56 * 56
-    for _ in range(2):
-        F.conv2d(x, w, padding=1)
-    _sync(device)
-    n, t0 = 0, time.perf_counter()
-    while n < 3 or time.perf_counter() - t0 < seconds:
-        F.conv2d(x, w, padding=1)
-        n += 1
-    _sync(device)
-    dt = (time.perf_counter() - t0) / n
-    return {"dtype": str(dtype), "gflops_per_s": flops / dt / 1e9, "shape": f"{batch}x256x56x56 * 256x256x3x3"}
 
 
 def run_bench(cfg: StepBench, log=print) -> dict:

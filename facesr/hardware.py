@@ -1,4 +1,5 @@
-"""What the machine computes natively, read at run time (never assumed): CPU model, ISA flags, GPU.
+"""What the machine computes natively, read at run time (never assumed): CPU model, ISA flags, GPU, and
+its practical conv peak (``conv_peak``, measured: the denominator of MFU in training and benchmarks).
 
 Precision ``auto`` is decided here: bf16 autocast only where the hardware has bf16 arithmetic
 (CUDA devices with bf16 tensor cores, i.e. compute capability ≥ 8.0; CPUs with AMX-BF16 or
@@ -9,10 +10,12 @@ AVX512-BF16). Elsewhere bf16 is emulated: on an AVX2-only EPYC a bf16 convolutio
 from __future__ import annotations
 
 import platform
+import time
 from functools import lru_cache
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # either gives native bf16 dot products to oneDNN
@@ -53,3 +56,27 @@ def native_bf16(device: str | torch.device) -> bool:
     if dev.type == "cpu":
         return any(f in cpu_flags() for f in BF16_CPU_FLAGS)
     return False
+
+
+def conv_peak(seconds: float = 3.0, bf16: bool = True, device: str = "cpu", batch: int = 16) -> dict:
+    """Throughput of a large 3×3 convolution (forward), the machine's practical conv peak."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    x = torch.randn(batch, 256, 56, 56).to(device, dtype, memory_format=torch.channels_last)
+    w = torch.randn(256, 256, 3, 3).to(device, dtype, memory_format=torch.channels_last)
+    flops = 2 * batch * 256 * 256 * 9 * 56 * 56
+    for _ in range(2):
+        F.conv2d(x, w, padding=1)
+    synchronize(device)
+    n, t0 = 0, time.perf_counter()
+    while n < 3 or time.perf_counter() - t0 < seconds:
+        F.conv2d(x, w, padding=1)
+        n += 1
+    synchronize(device)
+    dt = (time.perf_counter() - t0) / n
+    return {"dtype": str(dtype), "gflops_per_s": flops / dt / 1e9, "shape": f"{batch}x256x56x56 * 256x256x3x3"}
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for queued device work (timing); nothing to wait for on the CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
