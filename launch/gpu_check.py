@@ -53,9 +53,9 @@ def train_kill_resume(shards: str, out: Path, workers: int) -> dict:
     """A stage-2 run on GPUs killed (SIGKILL) after its first checkpoint, then resumed to the end."""
     storage = out / "runs"
     priors = out / "priors.safetensors"
-    from cluster.bench_train import _random_priors
+    from launch.bench.train import random_priors
 
-    shutil.copy(_random_priors(shards, "paper", out), priors)
+    shutil.copy(random_priors(shards, "paper", out), priors)
     args = [PY, "-m", "launch.train", "--config", "launch/configs/paper.yaml", f"data.shards={shards}",
             f"cluster.storage_path={storage}", "run.name=gpu-check", "run.stages=[2]", f"stage2.priors={priors}",
             f"cluster.num_workers={workers}", "cluster.cpus_per_worker=2", "data.loader_workers=2",

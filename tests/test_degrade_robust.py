@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from facesr.bench_degrade import bench_degradation
+from launch.bench.degrade import bench_degradation
 from facesr.degrade import crop_hr, degrade, quantize, to_uint8
 from facesr.degradations import (
     DEGRADATIONS,

@@ -8,19 +8,30 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ALLOWED = {  # third-party and sibling packages each package may import (the standard library is free)
+ALLOWED = {  # third-party and sibling packages each folder may import (the standard library is free)
     "facesr": {"torch", "torchvision", "timm", "torchmetrics", "numpy", "PIL", "safetensors",
                "onnx", "onnxruntime"},  # onnx*: only `facesr export`, imported there lazily (the export extra)
-    "shards": {"facesr", "torch", "numpy", "PIL", "webdataset", "tqdm"},
-    "launch": {"facesr", "shards", "cluster", "torch"},
-    "cluster": {"facesr", "shards", "torch", "ray", "deepspeed", "prometheus_client", "psutil", "yaml", "matplotlib"},
+    "shards": {"facesr", "shards", "torch", "numpy", "PIL", "webdataset", "tqdm"},
+    "launch": {"facesr", "shards", "cluster", "launch", "torch"},
+    # every benchmark: each layer, plus the libraries its naive baselines use; Ray and DeepSpeed only via cluster
+    "launch/bench": {"facesr", "shards", "cluster", "launch", "torch", "numpy", "PIL"},
+    "cluster": {"facesr", "shards", "cluster", "torch", "ray", "deepspeed", "prometheus_client", "psutil", "yaml",
+                "matplotlib"},
 }
 
 
-def imports(package: str) -> dict[str, set[str]]:
-    """Top-level module names imported anywhere in ``package`` -> files importing them."""
+def folder_of(f: Path) -> str:
+    """The most specific folder of ALLOWED holding file ``f``."""
+    rel = f.relative_to(ROOT).parent.as_posix()
+    return max((k for k in ALLOWED if rel == k or rel.startswith(k + "/")), key=len)
+
+
+def imports(folder: str) -> dict[str, set[str]]:
+    """Top-level module names imported anywhere in ``folder`` (not in a more specific one) -> files importing them."""
     found: dict[str, set[str]] = {}
-    for f in sorted((ROOT / package).rglob("*.py")):
+    for f in sorted((ROOT / folder).rglob("*.py")):
+        if folder_of(f) != folder:
+            continue
         for node in ast.walk(ast.parse(f.read_text(), str(f))):
             names = []
             if isinstance(node, ast.Import):
@@ -32,10 +43,20 @@ def imports(package: str) -> dict[str, set[str]]:
     return found
 
 
-@pytest.mark.parametrize("package", sorted(ALLOWED))
-def test_package_imports_stay_inside_its_boundary(package):
-    """No module outside the package's allowed set (e.g. ray, deepspeed or prometheus_client outside cluster/)."""
-    found = imports(package)
+@pytest.mark.parametrize("folder", sorted(ALLOWED))
+def test_package_imports_stay_inside_its_boundary(folder):
+    """No module outside the folder's allowed set (e.g. ray, deepspeed or prometheus_client outside cluster/)."""
+    found = imports(folder)
     foreign = {m: sorted(files) for m, files in found.items()
-               if m != package and m not in sys.stdlib_module_names and m not in ALLOWED[package]}
+               if m not in sys.stdlib_module_names and m not in ALLOWED[folder]}
     assert foreign == {}, foreign
+
+
+def test_benchmarks_live_in_one_place():
+    """Every benchmark module is in launch/bench/ (one per `facesr bench` kind), none beside the code it times."""
+    from launch.bench import KINDS
+
+    stray = sorted(str(f.relative_to(ROOT)) for pkg in ("facesr", "shards", "cluster", "launch")
+                   for f in (ROOT / pkg).rglob("*bench*.py") if "launch/bench/" not in f.as_posix())
+    assert stray == []
+    assert sorted(KINDS) == sorted(f.stem for f in (ROOT / "launch/bench").glob("*.py") if f.stem != "__init__")

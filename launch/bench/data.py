@@ -7,16 +7,39 @@ one process and compares with a map-style dataset that decodes JPEGs and
 degrades on the fly. Per-core figures extrapolate to CASIA-WebFace on a
 64-core node; the streaming rate is compared with the training step of
 ``facesr bench step`` (``--step-json``). Keep ``--images`` small on shared machines.
+
+The naive baselines do the same work the obvious way:
+
+* Naive prep: one process, one core, the obvious script — PIL open+convert,
+  ``facesr.degrade.quadruplet``, PIL's default PNG save, ``tarfile`` — for the
+  same quadruplet PNGs in a tar.
+* Naive streaming: a map-style ``Dataset`` that opens the JPEG and degrades on
+  the fly in ``__getitem__`` (what one writes without shards).
+
+Every rate is timed on one core (torch intra-op threads = 1), so per-core
+figures compare like with like and scale by core count.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import shutil
+import tarfile
 import tempfile
+import time
 from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from facesr.degrade import quadruplet, to_uint8
+from shards.writer import one_thread
+
 
 
 def configure(p) -> None:
@@ -49,7 +72,6 @@ def _link_src(files: list[Path], src: Path) -> None:
 
 def run(args) -> int:
     from cluster import shard_prep
-    from shards import bench
     from shards.manifest import read_manifest, shard_urls, split_samples
     from shards.plan import SplitConfig
     from shards.prep import PrepConfig, prepare, serial_map
@@ -74,7 +96,7 @@ def run(args) -> int:
         naive_rounds, serial_rounds, check_rounds = [], [], []
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}: naive single-process PIL script, then our prep in one process ...")
-            naive = bench.naive_prep(files, tmp / "naive.tar")
+            naive = naive_prep(files, tmp / "naive.tar")
             naive_rounds.append(naive["images_per_s_per_core"])
             shutil.rmtree(tmp / "serial", ignore_errors=True)
             serial = ours(tmp / "serial", serial_map)
@@ -102,10 +124,10 @@ def run(args) -> int:
         result["prep"] = prep
         # check pass: the one-process rate (on a few hundred images the Ray figure is mostly worker start-up);
         # write pass: the Ray rate, task overheads and this machine's contention included (conservative)
-        result["casia"] = bench.extrapolate(prep["serial"]["check_per_core"], prep["ray"]["write_per_core"],
+        result["casia"] = extrapolate(prep["serial"]["check_per_core"], prep["ray"]["write_per_core"],
                                             args.node_cores, 1000) | {
-            "output_gb": bench.CASIA_IMAGES * bytes_per_image / 1e9,
-            "total_min_at_one_process_rate": bench.extrapolate(
+            "output_gb": CASIA_IMAGES * bytes_per_image / 1e9,
+            "total_min_at_one_process_rate": extrapolate(
                 prep["serial"]["check_per_core"], prep["serial"]["write_per_core"], args.node_cores, 1000)["total_min"]}
 
         print("streaming: shards vs naive map-style JPEG dataset, alternated ...")
@@ -115,11 +137,11 @@ def run(args) -> int:
         cfg = StreamConfig(batch_size=args.batch, batches_per_epoch=10**9, workers=0, shuffle=200)
         streams = {
             "shards": build_loader(shard_urls(tmp / "ray", "train", manifest=m), cfg, rank=0, world_size=1, epoch=0),
-            "naive": bench.naive_batches(files, args.batch),
+            "naive": naive_batches(files, args.batch),
             "shards_png_level0": build_loader(shard_urls(tmp / "png0", "train"), cfg, rank=0, world_size=1, epoch=0),
             "shards_raw": build_loader(shard_urls(tmp / "raw", "train"), cfg, rank=0, world_size=1, epoch=0),
         }
-        rates = bench.interleaved_rates(streams, args.batch, args.batches, args.rounds)
+        rates = interleaved_rates(streams, args.batch, args.batches, args.rounds)
         for name, folder in (("shards_png_level0", "png0"), ("shards_raw", "raw")):
             rates[name]["bytes_per_image"] = sum(p.stat().st_size for p in (tmp / folder).glob("*.tar")) / parallel["accepted"]
         naive_rate = rates["naive"]["samples_per_s_per_worker"]
@@ -168,3 +190,83 @@ def _print(r: dict) -> None:
         print(f"training step ({st['file']}): {st['images_per_s']:.1f} images/s; one worker streams "
               f"x{st['stream_over_step_per_worker']:.0f} that; workers needed: {st['workers_to_keep_up']}")
     print(f"load average {r['load_average_start']} -> {r['load_average_end']} (shared machine: rates are lower bounds)")
+
+
+# ---------------------------------------------------------------- naive baselines and extrapolation
+
+
+CASIA_IMAGES = 494_414  # CASIA-WebFace (paper Sec. 3.1)
+
+
+def naive_prep(files: list[Path], out_tar: Path) -> dict:
+    """The single-process PIL script: source JPEGs -> quadruplet PNGs in one tar."""
+    with one_thread():
+        t0 = time.perf_counter()
+        with tarfile.open(out_tar, "w") as tar:
+            for n, f in enumerate(files):
+                img = Image.open(f).convert("RGB")
+                quad = quadruplet(torch.from_numpy(np.array(img)).permute(2, 0, 1))
+                for k, v in quad.items():
+                    buf = io.BytesIO()
+                    Image.fromarray(to_uint8(v).permute(1, 2, 0).numpy()).save(buf, format="PNG")
+                    ti = tarfile.TarInfo(f"{n:08d}.{k}.png")
+                    ti.size = buf.tell()
+                    buf.seek(0)
+                    tar.addfile(ti, buf)
+        s = time.perf_counter() - t0
+    return {"images": len(files), "seconds": s, "images_per_s_per_core": len(files) / s,
+            "bytes_per_image": out_tar.stat().st_size / len(files)}
+
+
+class NaiveFaces(Dataset):
+    """Map-style baseline: JPEG decode and degradation in ``__getitem__``, every epoch again."""
+
+    def __init__(self, files: list[Path]):
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict:
+        img = torch.from_numpy(np.array(Image.open(self.files[i]).convert("RGB"))).permute(2, 0, 1)
+        return quadruplet(img)  # {"lr","x2","x4","hr"}: float (3, S, S)
+
+
+def interleaved_rates(streams: dict[str, object], batch_size: int, batches: int, rounds: int,
+                      warmup: int = 3) -> dict[str, dict]:
+    """Samples/s per worker of each batch iterable, timed in alternation (``rounds`` × ``batches`` each).
+
+    On a shared machine load comes and goes; alternating variants and keeping each one's best round
+    compares them under the same conditions. All in this process, one core: the per-worker rate.
+    """
+    its = {k: iter(v) for k, v in streams.items()}
+    rates = {k: [] for k in its}
+    with one_thread():
+        for it in its.values():
+            for _ in range(warmup):
+                next(it)
+        for _ in range(rounds):
+            for k, it in its.items():
+                t0 = time.perf_counter()
+                for _ in range(batches):
+                    next(it)
+                rates[k].append(batches * batch_size / (time.perf_counter() - t0))
+    return {k: {"samples_per_s_per_worker": max(v), "rounds": v} for k, v in rates.items()}
+
+
+def naive_batches(files: list[Path], batch_size: int):
+    """Endless batches of the naive map-style dataset (shuffled, one process)."""
+    loader = DataLoader(NaiveFaces(files), batch_size=batch_size, shuffle=True, num_workers=0, drop_last=True)
+    while True:
+        yield from loader
+
+
+def extrapolate(check_per_core: float, write_per_core: float, cores: int, shard_size: int,
+                images: int = CASIA_IMAGES) -> dict:
+    """Time to shard ``images`` on ``cores``: check pass at full width, then waves of whole shard tasks."""
+    check_s = images / (check_per_core * cores)
+    shards = math.ceil(images / shard_size)
+    waves = math.ceil(shards / cores)
+    write_s = waves * shard_size / write_per_core  # the last wave is partly idle: counted in full
+    return {"images": images, "cores": cores, "shards": shards, "waves": waves, "check_s": check_s,
+            "write_s": write_s, "total_s": check_s + write_s, "total_min": (check_s + write_s) / 60}

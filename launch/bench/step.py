@@ -1,4 +1,4 @@
-"""Training-step benchmark: fp32 NCHW against bf16 autocast + channels_last, and the machine's conv peak.
+"""Training step: fp32 NCHW against bf16 autocast + channels_last, MFU against the machine's conv peak.
 
 A step is what stage 2 does per batch: SR forward, three frozen priors on the
 SR residuals, the loss of eq. (4), backward, Adam step. FLOPs per step are
@@ -15,18 +15,20 @@ a target above that bound cannot be met by any tuning of the bf16 step.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .hardware import conv_peak, machine_info, synchronize
-from .losses import CSRIPLoss
-from .models import FrozenPrior, SRNet, build_prior, get_preset
-from .step import Precision, TermSums, resolve_precision, sr_forward, to_device
-from .syncs import SyncCounter
-from .vocab import SIZES, TARGETS
+from facesr.hardware import conv_peak, machine_info, synchronize
+from facesr.losses import CSRIPLoss
+from facesr.models import PRESETS, FrozenPrior, SRNet, build_prior, get_preset
+from facesr.step import Precision, TermSums, resolve_precision, sr_forward, to_device
+from facesr.syncs import SyncCounter
+from facesr.vocab import SIZES, TARGETS
 
 
 @dataclass
@@ -193,3 +195,27 @@ def run_bench(cfg: StepBench, log=print) -> dict:
         "host_syncs_per_step": syncs, "speedup_bf16_cl_over_fp32": ratio, "speedup_bound_here": bound,
         "targets": targets,
     }
+
+
+def configure(p) -> None:
+    p.add_argument("--preset", default="paper", choices=sorted(PRESETS))
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=10.0, help="measuring time per variant")
+    p.add_argument("--compile", action="store_true", help="torch.compile the SR network")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda where a GPU is present")
+    p.add_argument("--peak-seconds", type=float, default=3.0, help="measuring time per conv peak")
+    p.add_argument("--out", default=None, help="JSON path (default bench/step-<preset>.json)")
+
+
+def run(args) -> int:
+    cfg = StepBench(preset=args.preset, batch=args.batch, seconds=args.seconds,
+                    compile=args.compile, threads=args.threads, device=args.device,
+                    peak_seconds=args.peak_seconds)
+    result = run_bench(cfg)
+    out = Path(args.out or f"bench/step-{args.preset}{'-compiled' if args.compile else ''}"
+                                f"{'' if args.device == 'cpu' else '-' + args.device}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return 0

@@ -1,5 +1,8 @@
 """Training throughput: images/s per worker through Ray Train + DeepSpeed, and the same work in a plain loop.
 
+``facesr bench train``: tiny and paper presets, fp32 against precision auto, ZeRO 0/1/2, and the overhead of
+Ray Train + DeepSpeed against a plain PyTorch loop; prints figures and writes JSON.
+
 What is timed is stage 2 (the SR cascade with three frozen priors, eq. 4), the
 stage that dominates training: the real ``cluster.trainer.train`` on real shards
 for a few steps, per-worker images/s read from the run's ``metrics.jsonl``
@@ -17,6 +20,7 @@ Overhead ratio = plain images/s ÷ Ray Train + DeepSpeed images/s of one worker
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import statistics
@@ -54,7 +58,7 @@ def _overrides(b: TrainBench, preset: str, workers: int, precision: str, priors:
     ]
 
 
-def _random_priors(shards: str, preset: str, folder: Path) -> Path:
+def random_priors(shards: str, preset: str, folder: Path) -> Path:
     from facesr.models import build_prior, get_preset
     from facesr.weights import save_priors
     from shards.manifest import read_manifest
@@ -69,8 +73,8 @@ def _random_priors(shards: str, preset: str, folder: Path) -> Path:
 def ray_images_per_s(b: TrainBench, preset: str, workers: int, precision: str, priors: Path, storage: Path,
                      steps: int, zero: int = 0) -> dict:
     """Median images/s per worker, step time and data-wait share of the logged steps after warm-up."""
-    from .config import load_config
-    from .trainer import train
+    from cluster.config import load_config
+    from cluster.trainer import train
 
     run_dir = train(load_config(None, _overrides(b, preset, workers, precision, priors, storage, steps, zero)))
     recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -90,8 +94,8 @@ def plain_images_per_s(b: TrainBench, preset: str, priors: Path, micro: int, ste
     from facesr.weights import load_priors
     from shards.manifest import read_manifest
 
-    from .config import load_config, resolve
-    from .data import build_loader
+    from cluster.config import load_config, resolve
+    from cluster.data import build_loader
 
     torch.set_num_threads(b.threads)
     cfg = resolve(load_config(None, [f"data.shards={b.shards}", "data.loader_workers=0"]))
@@ -121,21 +125,21 @@ def plain_images_per_s(b: TrainBench, preset: str, priors: Path, micro: int, ste
     return statistics.median(rates[b.warmup:])
 
 
-def run(b: TrainBench) -> dict:
-    from .config import accumulation
+def measure(b: TrainBench) -> dict:
+    from cluster.config import accumulation
 
     out: dict = {"config": dataclasses.asdict(b), "unit": "training images/s per worker (stage 2)", "results": []}
     with tempfile.TemporaryDirectory(prefix="facesr-bench-") as tmp:
         tmp = Path(tmp)
         b = dataclasses.replace(b, shards=str(Path(b.shards).resolve()))
         for preset in b.presets:
-            priors = _random_priors(b.shards, preset, tmp)
+            priors = random_priors(b.shards, preset, tmp)
             steps = b.paper_steps if preset == "paper" else b.steps
             for precision in b.precisions:
                 r = ray_images_per_s(b, preset, b.workers, precision, priors, tmp / "runs", steps)
                 out["results"].append({"preset": preset, "precision": precision, "workers": b.workers,
                                        "zero_stage": 0, "ray_deepspeed": r["images_per_s"], **r})
-        priors = _random_priors(b.shards, "tiny", tmp)
+        priors = random_priors(b.shards, "tiny", tmp)
         for zero in b.zero_stages:  # communication: plain data parallel against ZeRO-1/2, same work
             r = ray_images_per_s(b, "tiny", b.workers, "auto", priors, tmp / "runs", b.steps, zero)
             out.setdefault("zero", []).append({"zero_stage": zero, "workers": b.workers, **r})
@@ -161,3 +165,28 @@ def report(res: dict) -> str:
                  f"{o['plain_pytorch']:.2f} img/s, Ray Train + DeepSpeed 1 worker {o['ray_deepspeed_1_worker']:.2f} "
                  f"img/s, ratio {o['ratio_plain_over_ray']:.2f}")
     return "\n".join(lines)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shards", default="data/shards/demo", help="shards written by `facesr prep`")
+    parser.add_argument("--presets", nargs="+", default=["tiny", "paper"], help="model presets to time")
+    parser.add_argument("--workers", type=int, default=2, help="Ray Train workers")
+    parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per variant")
+    parser.add_argument("--paper-steps", type=int, default=4, help="timed steps for the paper preset")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker and in the plain loop")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "auto"], help="engine.precision values to time")
+    parser.add_argument("--zero-stages", nargs="+", type=int, default=[0, 1, 2], help="ZeRO stages to compare (tiny)")
+    parser.add_argument("--degradation", default="paper", help="data.degradation: paper | robust")
+    parser.add_argument("--out", default="bench/train.json", help="JSON results")
+
+
+def run(args: argparse.Namespace) -> int:
+    res = measure(TrainBench(shards=args.shards, presets=args.presets, workers=args.workers, steps=args.steps,
+                             paper_steps=args.paper_steps, threads=args.threads,
+                             precisions=args.precisions, zero_stages=args.zero_stages, degradation=args.degradation))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print(report(res))
+    print(f"wrote {out}")
+    return 0
