@@ -52,9 +52,9 @@ class Batching:
     accumulation: int  # micro-batches per optimizer step on one worker
 
 
-def batching(stage: StageConfig, world_size: int) -> Batching:
-    micro, accum = accumulation(stage.batch_size, world_size, stage.max_micro_batch)
-    return Batching(stage.batch_size, micro, accum)
+def batching(stage_cfg: StageConfig, world_size: int) -> Batching:
+    micro, accum = accumulation(stage_cfg.batch_size, world_size, stage_cfg.max_micro_batch)
+    return Batching(stage_cfg.batch_size, micro, accum)
 
 
 def ds_config(engine: EngineConfig, b: Batching) -> dict:
@@ -84,17 +84,18 @@ def set_accelerator_env(use_gpu: bool) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def initialize(model: nn.Module, stage: StageConfig, engine: EngineConfig, world_size: int):
+def initialize(model: nn.Module, stage_cfg: StageConfig, engine: EngineConfig, world_size: int):
     """(DeepSpeed engine, Batching) for ``model`` with Adam at the stage's epoch-0 LR."""
     import deepspeed
 
-    b = batching(stage, world_size)
+    b = batching(stage_cfg, world_size)
     if engine.batchnorm == "sync":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel for all parameters, and the step counter lives on the device (the for-each Adam
     # reads it back to the host with .item() every step); supported on CPU and CUDA.
-    opt = torch.optim.Adam(params, lr=stage.lr, betas=tuple(stage.betas), weight_decay=stage.weight_decay, fused=True)
+    opt = torch.optim.Adam(params, lr=stage_cfg.lr, betas=tuple(stage_cfg.betas), weight_decay=stage_cfg.weight_decay,
+                           fused=True)
     eng, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(engine, b))
     eng.checkpoint_engine = SafeCheckpointEngine(eng.checkpoint_engine)
     if engine.compile:

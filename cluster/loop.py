@@ -65,7 +65,7 @@ def worker_main(config: dict) -> None:
     precision = resolve_precision(cfg.engine.precision, device, cfg.engine.channels_last)
     classes = read_classes(cfg)
     stage = STAGES[number](cfg, classes, device, precision)
-    st = stage.stage
+    stage_cfg = stage.stage_cfg
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     # Weights stay NCHW: ZeRO 1-2 keep them as views of one flat buffer, which a channels_last copy would
     # detach from the optimizer. channels_last applies to the activations (inputs are NHWC), which is what
@@ -74,7 +74,7 @@ def worker_main(config: dict) -> None:
     flops = sample_flops(stage, model, device, precision)  # training FLOPs per sample, for MFU
     peak = peak_flops(device, precision)  # the device's conv peak in the dtype this run computes in
     t_built = time.perf_counter()
-    eng, b = initialize(model, st, cfg.engine, world)
+    eng, b = initialize(model, stage_cfg, cfg.engine, world)
     log.ready(t_built - t_start, time.perf_counter() - t_built, b, precision, device)
 
     state = TrainState()
@@ -88,8 +88,8 @@ def worker_main(config: dict) -> None:
 
     decode_errors = 0  # this process's cumulative count, over finished epochs
     try:
-        for epoch in range(state.epoch, st.epochs):
-            lr = st.lr_at(epoch)
+        for epoch in range(state.epoch, stage_cfg.epochs):
+            lr = stage_cfg.lr_at(epoch)
             set_lr(eng, lr)
             eng.train()
             skip = state.step_in_epoch * b.accumulation
@@ -107,8 +107,8 @@ def worker_main(config: dict) -> None:
                 t0 = time.perf_counter()
                 group = list(islice(batches, b.accumulation))  # the epoch's tail that cannot fill a step is dropped
                 wait += time.perf_counter() - t0
-                if state.global_step <= st.warmup_steps:  # the warm-up's per-step LR, then the epoch's again
-                    set_lr(eng, st.lr_at(epoch, state.global_step))
+                if state.global_step <= stage_cfg.warmup_steps:  # the warm-up's per-step LR, then the epoch's again
+                    set_lr(eng, stage_cfg.lr_at(epoch, state.global_step))
                 first = state.step_in_epoch * b.accumulation  # micro-batch index in the epoch: seeds augmentation
                 samples += train_step(eng, stage, group, sums, device, precision, (cfg.run.seed, epoch, rank, first))
                 state.step_in_epoch += 1

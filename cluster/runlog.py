@@ -22,34 +22,35 @@ import torch.distributed as dist
 from .config import TrainConfig
 
 
-def done_path(run_dir: str | Path, stage: int) -> Path:
-    """Written by rank 0 when a stage finished; the driver skips finished stages of a resumed run."""
-    return Path(run_dir) / f"stage{stage}.done.json"
+def done_path(run_dir: str | Path, number: int) -> Path:
+    """Written by rank 0 when stage ``number`` finished; the driver skips finished stages of a resumed run."""
+    return Path(run_dir) / f"stage{number}.done.json"
 
 
 class RunLog:
-    def __init__(self, cfg: TrainConfig, stage: int, telemetry_stage: str, rank: int, local_rank: int, world: int, node: str):
-        self.cfg, self.stage, self.rank, self.world = cfg, stage, rank, world
+    def __init__(self, cfg: TrainConfig, number: int, stage_label: str, rank: int, local_rank: int, world: int,
+                 node: str):
+        self.cfg, self.number, self.rank, self.world = cfg, number, rank, world
         self.is_main = rank == 0  # the one rank-0 gate
         self.run_dir = Path(cfg.run.run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        self.logger = logging.getLogger(f"facesr.train.stage{stage}.rank{rank}")
+        self.logger = logging.getLogger(f"facesr.train.stage{number}.rank{rank}")
         self.logger.setLevel(logging.INFO)
         self.logger.propagate = False
-        fh = logging.FileHandler(self.run_dir / "logs" / f"stage{stage}-rank{rank}.log")
+        fh = logging.FileHandler(self.run_dir / "logs" / f"stage{number}-rank{rank}.log")
         fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         self.logger.handlers = [fh]
         if self.is_main:  # rank 0 also speaks on stdout, which Ray forwards to the driver / job log
             sh = logging.StreamHandler()
-            sh.setFormatter(logging.Formatter(f"[stage {stage}] %(message)s"))
+            sh.setFormatter(logging.Formatter(f"[stage {number}] %(message)s"))
             self.logger.addHandler(sh)
         self.telemetry = None
         if cfg.run.telemetry_port is not None:
             from .telemetry import Telemetry, node_ip
 
             self.telemetry = Telemetry(
-                run=cfg.run.name, stage=telemetry_stage, rank=rank, node=node,
+                run=cfg.run.name, stage=stage_label, rank=rank, node=node,
                 port=cfg.run.telemetry_port + local_rank, host=node_ip(), sd_dir=cfg.run.telemetry_sd_dir,
             )
         self.logger.info("rank %d/%d on %s, pid %d, process up %.1fs", rank, world, node, os.getpid(), _uptime())
@@ -105,12 +106,12 @@ class RunLog:
         """Rank 0 writes the stage's weights and its done marker; the others wait for it."""
         if self.is_main:
             path = stage.finish(module, self.run_dir)
-            summary = {"stage": self.stage, "global_step": state.global_step, "epoch": state.epoch, "lr": lr,
+            summary = {"stage": self.number, "global_step": state.global_step, "epoch": state.epoch, "lr": lr,
                        "restarts": state.restarts, "weights": str(path), "world_size": self.world, "time": time.time()}
-            tmp = done_path(self.run_dir, self.stage).with_suffix(".tmp")
+            tmp = done_path(self.run_dir, self.number).with_suffix(".tmp")
             tmp.write_text(json.dumps(summary, indent=1))
-            os.replace(tmp, done_path(self.run_dir, self.stage))
-            self.logger.info("stage %d done: %s", self.stage, _fmt(summary))
+            os.replace(tmp, done_path(self.run_dir, self.number))
+            self.logger.info("stage %d done: %s", self.number, _fmt(summary))
         if dist.is_initialized():
             dist.barrier()
 
@@ -133,7 +134,7 @@ class RunLog:
         return {k: float(v) / self.world for k, v in zip(keys, vec.tolist())}
 
     def _append(self, split: str, epoch: int, step: int, record: dict) -> None:
-        line = {"stage": self.stage, "split": split, "epoch": epoch, "step": step, "time": time.time(), **record}
+        line = {"stage": self.number, "split": split, "epoch": epoch, "step": step, "time": time.time(), **record}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(line) + "\n")
 
@@ -146,7 +147,7 @@ class RunLog:
                 rec = json.loads(line)
             except ValueError:  # a line cut short by the crash
                 continue
-            if not (rec.get("stage") == self.stage and rec.get("step", 0) > step):
+            if not (rec.get("stage") == self.number and rec.get("step", 0) > step):
                 keep.append(line)
         tmp = self.metrics_path.with_suffix(".tmp")
         tmp.write_text("".join(l + "\n" for l in keep))

@@ -29,7 +29,7 @@ class Stage(Protocol):
 
     number: ClassVar[int]  # 1 = priors, 2 = cascade: run.stages, done markers, checkpoint folders
     telemetry_name: ClassVar[str]  # the `stage` label of its metrics
-    stage: StageConfig  # its optimiser and schedule (cfg.stage1 / cfg.stage2)
+    stage_cfg: StageConfig  # its optimiser and schedule (cfg.stage1 / cfg.stage2)
 
     def build_model(self) -> nn.Module: ...  # the trained module (DeepSpeed wraps it)
 
@@ -52,7 +52,7 @@ class PriorStage:
 
     def __init__(self, cfg: TrainConfig, classes: list[str], device: torch.device, precision: Precision):
         self.cfg, self.classes, self.device, self.precision = cfg, classes, device, precision
-        self.stage = cfg.stage1
+        self.stage_cfg = cfg.stage1
         self.loss_fn = PriorLoss()
 
     def build_model(self) -> nn.Module:
@@ -61,9 +61,9 @@ class PriorStage:
 
     def train_batch(self, batch: dict, generator: torch.Generator) -> dict:
         """The paper's random flips and crops, on the device (the loader only decodes)."""
-        if not self.stage.augment:
+        if not self.stage_cfg.augment:
             return batch
-        return flip_crop(batch, generator, flip=True, crop_pad=self.stage.crop_pad)
+        return flip_crop(batch, generator, flip=True, crop_pad=self.stage_cfg.crop_pad)
 
     def val_batch(self, batch: dict, generator: torch.Generator) -> dict:
         return batch  # validation images unaugmented
@@ -92,11 +92,11 @@ class SRStage:
 
     def __init__(self, cfg: TrainConfig, classes: list[str], device: torch.device, precision: Precision):
         self.cfg, self.classes, self.device, self.precision = cfg, classes, device, precision
-        self.stage = cfg.stage2
+        self.stage_cfg = cfg.stage2
         # Frozen on every worker, outside DeepSpeed: no optimizer state, not in its checkpoints.
         priors = load_priors(cfg.priors_path, device, classes=classes)
         priors = {k: precision.module(p) for k, p in priors.items()}
-        self.loss_fn = CSRIPLoss(priors, alpha=self.stage.alpha).to(device)
+        self.loss_fn = CSRIPLoss(priors, alpha=self.stage_cfg.alpha).to(device)
         self.degradation = cfg.data.degradation_model()
         self.fixed = self.degradation == PAPER  # the shards' lr is exactly the paper's cascade
 

@@ -46,7 +46,7 @@ def main(zero_stage: int) -> dict:
     out = {}
     for number in (1, 2):
         stage = STAGES[number](cfg, classes, device, precision)
-        eng, b = initialize(stage.build_model(), stage.stage, cfg.engine, 1)
+        eng, b = initialize(stage.build_model(), stage.stage_cfg, cfg.engine, 1)
         gen = torch.Generator().manual_seed(number)
 
         def micro():
