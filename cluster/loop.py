@@ -29,7 +29,7 @@ from facesr.step import TermSums, resolve_precision, to_device
 from .config import TrainConfig, from_dict
 from .data import build_loader, read_classes
 from .engine import average_buffers, get_lr, initialize, load, save, set_accelerator_env, set_lr
-from .runlog import RunLog
+from .recorder import Recorder
 
 
 @dataclass
@@ -53,7 +53,7 @@ def worker_main(config: dict) -> None:
     set_accelerator_env(cfg.cluster.use_gpu)
     from .stages import STAGES
 
-    log = RunLog(cfg, number, STAGES[number].telemetry_name, rank, local_rank, world, socket.gethostname())
+    recorder = Recorder(cfg, number, STAGES[number].telemetry_name, rank, local_rank, world, socket.gethostname())
     if cfg.cluster.use_gpu:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -75,7 +75,7 @@ def worker_main(config: dict) -> None:
     peak = peak_flops(device, precision)  # the device's conv peak in the dtype this run computes in
     t_built = time.perf_counter()
     eng, b = initialize(model, stage_cfg, cfg.engine, world)
-    log.ready(t_built - t_start, time.perf_counter() - t_built, b, precision, device)
+    recorder.ready(t_built - t_start, time.perf_counter() - t_built, b, precision, device)
 
     state = TrainState()
     ckpt = ray.train.get_checkpoint()
@@ -84,7 +84,7 @@ def worker_main(config: dict) -> None:
             client = load(eng, folder)
         state = TrainState(**client["train_state"])
         state.restarts += 1
-        log.resumed(state, folder)
+        recorder.resumed(state, folder)
 
     decode_errors = 0  # this process's cumulative count, over finished epochs
     try:
@@ -120,20 +120,20 @@ def worker_main(config: dict) -> None:
                              "data_wait_s": wait / cfg.run.log_every, "data_wait_fraction": wait / dt,
                              "mfu": samples / dt * flops / peak, "peak_memory_bytes": peak_memory(device),
                              "decode_errors": decode_errors + loader.decode_errors}
-                    log.train(terms, extra, epoch, state.global_step)
+                    recorder.train(terms, extra, epoch, state.global_step)
                     t_last, samples, wait = time.perf_counter(), 0, 0.0
                 mid_epoch = state.step_in_epoch < steps  # the epoch's last step is checkpointed after validation
                 if cfg.run.checkpoint_every and state.global_step % cfg.run.checkpoint_every == 0 and mid_epoch:
-                    _checkpoint(eng, state, log, {"epoch": epoch, "step": state.global_step, "lr": get_lr(eng)})
+                    _checkpoint(eng, state, recorder, {"epoch": epoch, "step": state.global_step, "lr": get_lr(eng)})
             decode_errors += loader.decode_errors
             average_buffers(eng.module)  # BatchNorm running stats: one model on every rank (see engine.py)
             val = _validate(stage, eng, cfg, b.micro_batch, rank, world, epoch, device, precision)
-            log.val(val, {"lr": get_lr(eng)}, epoch, state.global_step)
+            recorder.val(val, {"lr": get_lr(eng)}, epoch, state.global_step)
             state = TrainState(epoch=epoch + 1, step_in_epoch=0, global_step=state.global_step, restarts=state.restarts)
-            _checkpoint(eng, state, log, {"epoch": epoch, "step": state.global_step, "lr": get_lr(eng), **val})
-        log.finish(stage, eng.module, state, get_lr(eng))
+            _checkpoint(eng, state, recorder, {"epoch": epoch, "step": state.global_step, "lr": get_lr(eng), **val})
+        recorder.finish(stage, eng.module, state, get_lr(eng))
     finally:
-        log.close()
+        recorder.close()
 
 
 def sample_flops(stage, model, device, precision) -> float:
@@ -192,17 +192,17 @@ def train_step(eng, stage, group: list[dict], sums, device, precision, seed: tup
     return samples
 
 
-def _checkpoint(eng, state: TrainState, log: RunLog, metrics: dict) -> None:
+def _checkpoint(eng, state: TrainState, recorder: Recorder, metrics: dict) -> None:
     """Collective: every rank saves its DeepSpeed part and reports it; Ray merges the parts into one folder."""
     import ray.train
 
-    folder = tempfile.mkdtemp(prefix=f"facesr-ckpt-r{log.rank}-")
+    folder = tempfile.mkdtemp(prefix=f"facesr-ckpt-r{recorder.rank}-")
     try:
         save(eng, folder, {"train_state": dataclasses.asdict(state)})
-        log.checkpoint_written(folder, state)
+        recorder.checkpoint_written(folder, state)
         name = f"checkpoint_s{state.global_step:08d}_e{state.epoch:04d}"
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
-        log.checkpoint_saved()
+        recorder.checkpoint_saved()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

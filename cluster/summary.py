@@ -44,7 +44,7 @@ def read_metrics(path: Path) -> list[dict]:
             bad += 1
             continue
         if isinstance(row, dict) and "stage" in row and "split" in row:
-            row["stage"] = str(row["stage"])  # runlog writes 1 | 2; other writers may use names
+            row["stage"] = str(row["stage"])  # the Recorder writes 1 | 2; other writers may use names
             rows.append(row)
         else:
             bad += 1

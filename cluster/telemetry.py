@@ -1,6 +1,6 @@
 """Per-worker Prometheus exporter for facesr training, found by Prometheus via file_sd.
 
-Contract with the training loop (wired in cluster/runlog.py), one instance per worker and stage::
+Contract with the training loop (wired in cluster/recorder.py), one instance per worker and stage::
 
     from cluster.telemetry import Telemetry, node_ip
 

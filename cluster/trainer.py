@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, TrainConfig, _check_priors, _is_uri, check, resolve, to_yaml
-from .runlog import done_path
+from .recorder import done_path
 
 log = logging.getLogger("facesr.train")
 

@@ -14,7 +14,7 @@ FINAL_SSIM_VAL = {"x2": 0.9312, "x4": 0.8123, "x8": 0.6421}
 
 
 def generate(path, steps: int = 30) -> None:
-    """Two stages as cluster/runlog.py writes them (1 = priors: ce/acc; 2 = SR: ssim/ce/psnr),
+    """Two stages as cluster/recorder.py writes them (1 = priors: ce/acc; 2 = SR: ssim/ce/psnr),
     train every step, val every 10."""
     rows = []
     for stage in (1, 2):

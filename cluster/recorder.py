@@ -1,11 +1,19 @@
-"""Everything a worker records: metrics.jsonl, log files, Prometheus telemetry, final artefacts.
+"""``Recorder``: every effect a training worker has outside its model and optimizer, in one place.
+
+What it records: log lines (a file per rank; rank 0 also on stdout), train and
+val metrics in ``metrics.jsonl`` (cut back to the checkpoint on resume),
+Prometheus telemetry, and the stage's result (its final weights through
+``Stage.finish`` and ``stage<N>.done.json``). The two collectives this needs
+run here too: the all-reduce that averages train metrics over ranks before
+they are recorded, and the barrier that holds the other ranks until rank 0
+has written the result.
 
 Rank-0-only work is gated here and nowhere else, on ``self.is_main``
 (nanoGPT's ``master_process``): writing ``metrics.jsonl``, the stage's final
-weights and its ``stage<N>.done.json``. Collectives (the all-reduce of train
-metrics) run on every rank before the gate. Every rank keeps its own log file
-and, with ``run.telemetry_port`` set, its own Prometheus exporter (port + local
-rank), because stalls and memory are per worker.
+weights and its ``stage<N>.done.json``. Collectives run on every rank before
+the gate. Every rank keeps its own log file and, with ``run.telemetry_port``
+set, its own Prometheus exporter (port + local rank), because stalls and
+memory are per worker.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ def done_path(run_dir: str | Path, number: int) -> Path:
     return Path(run_dir) / f"stage{number}.done.json"
 
 
-class RunLog:
+class Recorder:
     def __init__(self, cfg: TrainConfig, number: int, stage_label: str, rank: int, local_rank: int, world: int,
                  node: str):
         self.cfg, self.number, self.rank, self.world = cfg, number, rank, world
