@@ -33,8 +33,10 @@ Decisions made here, and why:
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -79,9 +81,29 @@ def ds_config(engine: EngineConfig, b: Batching) -> dict:
 
 
 def set_accelerator_env(use_gpu: bool) -> None:
-    """Before deepspeed is imported: CPU workers use DeepSpeed's CPU accelerator (gloo)."""
+    """Before deepspeed is imported: CPU workers use DeepSpeed's CPU accelerator (gloo).
+
+    On a CPU worker torch's extension builder warns "No CUDA runtime is found" when DeepSpeed loads its CPU
+    ops: true and expected there, so that logger speaks only of errors on CPU workers.
+    """
     if not use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
+def ops_to_build() -> tuple[list[str], str]:
+    """DeepSpeed ops that ``deepspeed.initialize`` will compile here because torch's extension cache lacks
+    them, and that cache's folder. On the CPU accelerator that is the shared-memory comm op: 20-60 s on a
+    machine's first start, then loaded from the cache. Call after ``set_accelerator_env``."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory  # torch's own rule for where it builds
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return [], ""
+    folder = Path(_get_build_directory(builder.name, verbose=False))
+    return ([] if (folder / f"{builder.name}.so").exists() else [builder.absolute_name()]), str(folder.parent)
 
 
 def initialize(model: nn.Module, stage_cfg: StageConfig, engine: EngineConfig, world_size: int):

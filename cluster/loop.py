@@ -13,6 +13,7 @@ LR is recomputed from the epoch, so it is the one the uninterrupted run had.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 import socket
 import tempfile
@@ -28,7 +29,7 @@ from facesr.step import TermSums, resolve_precision, to_device
 
 from .config import TrainConfig, from_dict
 from .data import build_loader, read_classes
-from .engine import average_buffers, get_lr, initialize, load, save, set_accelerator_env, set_lr
+from .engine import average_buffers, get_lr, initialize, load, ops_to_build, save, set_accelerator_env, set_lr
 from .recorder import Recorder
 
 
@@ -50,6 +51,7 @@ def worker_main(config: dict) -> None:
     rank, world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
 
     t_start = time.perf_counter()
+    _quiet_report_lines()
     set_accelerator_env(cfg.cluster.use_gpu)
     from .stages import STAGES
 
@@ -74,6 +76,9 @@ def worker_main(config: dict) -> None:
     flops = sample_flops(stage, model, device, precision)  # training FLOPs per sample, for MFU
     peak = peak_flops(device, precision)  # the device's conv peak in the dtype this run computes in
     t_built = time.perf_counter()
+    ops, cache = ops_to_build()
+    if ops:
+        recorder.compiling(ops, cache)
     eng, b = initialize(model, stage_cfg, cfg.engine, world)
     recorder.ready(t_built - t_start, time.perf_counter() - t_built, b, precision, device)
 
@@ -134,6 +139,16 @@ def worker_main(config: dict) -> None:
         recorder.finish(stage, eng.module, state, get_lr(eng))
     finally:
         recorder.close()
+
+
+def _quiet_report_lines() -> None:
+    """Ray Train logs "Reporting training result …" (the whole metrics dict) at INFO on every rank for every
+    checkpoint, from a logger named by its file path rather than ``ray.train.…``, so ``RunConfig``'s
+    ``LoggingConfig(log_level="WARNING")`` misses it and the worker's root logger prints it. Its warnings
+    and errors still print."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def sample_flops(stage, model, device, precision) -> float:

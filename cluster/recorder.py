@@ -30,6 +30,13 @@ import torch.distributed as dist
 from .config import TrainConfig
 
 
+FILE_ONLY = {"file_only": True}  # ``extra=`` of a record that goes to the rank's log file, not to the console
+
+
+def _console_line(record: logging.LogRecord) -> bool:
+    return not getattr(record, "file_only", False)
+
+
 def done_path(run_dir: str | Path, number: int) -> Path:
     """Written by rank 0 when stage ``number`` finished; the driver skips finished stages of a resumed run."""
     return Path(run_dir) / f"stage{number}.done.json"
@@ -52,6 +59,9 @@ class Recorder:
         if self.is_main:  # rank 0 also speaks on stdout, which Ray forwards to the driver / job log
             sh = logging.StreamHandler()
             sh.setFormatter(logging.Formatter(f"[stage {number}] %(message)s"))
+            # start, setup and end only: step, validation and checkpoint lines stay in the file, and the driver
+            # draws one progress line from metrics.jsonl (cluster/progress.py)
+            sh.addFilter(_console_line)
             self.logger.addHandler(sh)
         self.telemetry = None
         if cfg.run.telemetry_port is not None:
@@ -76,6 +86,11 @@ class Recorder:
                          "workers = global batch %d", build_s, engine_s, batching.micro_batch, batching.accumulation,
                          self.world, batching.global_batch)
 
+    def compiling(self, ops: list[str], cache: str) -> None:
+        """Why a first start is slow: said before the build, so a silent minute has a reason."""
+        self.logger.info("first start on this machine: DeepSpeed compiles %s (20-60 s, once; cached in %s)",
+                         ", ".join(ops), cache)
+
     def resumed(self, state, folder: str) -> None:
         self.logger.info("resumed from %s at epoch %d, step %d (%d in epoch); restart %d of this stage", folder,
                          state.epoch, state.global_step, state.step_in_epoch, state.restarts)
@@ -90,7 +105,7 @@ class Recorder:
         record = {**terms, **extra}
         if self.telemetry is not None:
             self.telemetry.log({**record, "epoch": epoch, "step": step}, split="train")
-        self.logger.info("epoch %d step %d %s", epoch, step, _fmt(record))
+        self.logger.info("epoch %d step %d %s", epoch, step, _fmt(record), extra=FILE_ONLY)
         if self.is_main:
             self._append("train", epoch, step, record)
 
@@ -99,12 +114,13 @@ class Recorder:
         record = {**terms, **extra}
         if self.telemetry is not None:
             self.telemetry.log({**record, "epoch": epoch, "step": step}, split="val")
-        self.logger.info("epoch %d step %d val %s", epoch, step, _fmt(record))
+        self.logger.info("epoch %d step %d val %s", epoch, step, _fmt(record), extra=FILE_ONLY)
         if self.is_main:
             self._append("val", epoch, step, record)
 
     def checkpoint_written(self, folder: str, state) -> None:
-        self.logger.info("checkpoint part written at step %d (epoch %d)", state.global_step, state.epoch)
+        self.logger.info("checkpoint part written at step %d (epoch %d)", state.global_step, state.epoch,
+                         extra=FILE_ONLY)
 
     def checkpoint_saved(self) -> None:
         if self.telemetry is not None:

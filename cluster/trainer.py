@@ -21,8 +21,8 @@ checkpoints live at ``<storage_path>/<name>/stage<N>`` and the rest in the run f
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -46,7 +46,10 @@ def train(cfg: TrainConfig) -> Path:
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     log.info("run %s in %s (%d classes, stages %s)", cfg.run.name, run_dir, len(manifest["classes"]), cfg.run.stages)
 
-    _ray_init(cfg)
+    from .ray_connect import connect
+
+    log.info("connecting to Ray (a new local Ray starts in 10-30 s)")
+    log.info("on %s", connect(cfg.cluster.address, use_gpu=cfg.cluster.use_gpu))
     for number in cfg.run.stages:
         done = done_path(run_dir, number)
         if done.exists():
@@ -54,8 +57,8 @@ def train(cfg: TrainConfig) -> Path:
             continue
         if number == 2 and 1 in cfg.run.stages:  # check() already read a stage-2-only run's priors
             _check_priors(cfg, manifest)  # stage 1 of this run must have produced them
-        _fit(cfg, number)
-        log.info("stage %d finished: %s", number, done.read_text().strip() if done.exists() else "no marker")
+        _fit(cfg, number, manifest)
+        log.info("stage %d finished: %s", number, json.dumps(json.loads(done.read_text())) if done.exists() else "no marker")
     _summarise(run_dir)
     return run_dir
 
@@ -71,11 +74,12 @@ def _summarise(run_dir: Path) -> None:
         log.warning("no summary written: %s", e)
 
 
-def _fit(cfg: TrainConfig, number: int) -> None:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+def _fit(cfg: TrainConfig, number: int, manifest: dict) -> None:
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .loop import worker_main
+    from .progress import StageProgress, planned_steps
 
     c = cfg.cluster
     resources = {"CPU": c.cpus_per_worker}
@@ -94,9 +98,14 @@ def _fit(cfg: TrainConfig, number: int) -> None:
             storage_path=storage,
             failure_config=FailureConfig(max_failures=c.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            # Ray Train's own INFO lines (resources requested, worker group started, every checkpoint
+            # reported) stay in its session log files; its warnings and errors still reach the console
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
-    trainer.fit()
+    steps = planned_steps(cfg, number, manifest)
+    with StageProgress(cfg.run_path / "metrics.jsonl", number, steps, cfg.stage_cfg(number).epochs):
+        trainer.fit()
 
 
 def check_resume_world(stage_dir: Path, cfg: TrainConfig) -> None:
@@ -118,24 +127,6 @@ def check_resume_world(stage_dir: Path, cfg: TrainConfig) -> None:
             f"world size {parts}; resume with cluster.num_workers={parts} (nothing of the run is lost), or start "
             f"a new run.name. Elastic runs (cluster.min_workers) use engine.zero_stage=0, which resumes at any size",
         )
-
-
-def _ray_init(cfg: TrainConfig) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS") or None
-    if address:  # an existing cluster (ray job submit sets RAY_ADDRESS); its runtime env is the job's
-        ray.init(address=address, log_to_driver=True)
-        return
-    # A new local cluster: workers import this checkout even when it is not pip-installed.
-    root = str(Path(__file__).resolve().parents[1])
-    path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH", ""), root) if p)
-    env = {"PYTHONPATH": path}
-    if not cfg.cluster.use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"
-    ray.init(runtime_env={"env_vars": env}, include_dashboard=False)
 
 
 def _log_to(path: Path) -> None:

@@ -182,8 +182,11 @@ def run_quality(args) -> int:
         source = f"identity folder {args.data}: {len(faces)} of {len(everything)} faces, {n_ids} identities"
         source += f" (seeded draw, seed {args.seed})" if args.limit else ""
         batches = folder_batches(faces, args.batch_size, skipped=skipped)
-    by_degradation, n = score_degradations(models, batches, rows or ["paper"], limit=args.limit, device=args.device,
-                                           log=_log)
+    from cluster.progress import ConsoleLine
+
+    with ConsoleLine() as line:  # one line, redrawn in place (a terminal) or printed once a minute
+        by_degradation, n = score_degradations(models, batches, rows or ["paper"], limit=args.limit,
+                                               device=args.device, log=line.update)
     report = build_report(by_degradation["paper"], n, source, where, {"skipped": skipped, "identities": n_ids})
     print(format_table(report))
     if rows:

@@ -30,8 +30,8 @@ def configure(p) -> None:
     p.add_argument("--members", default="png", choices=("png", "raw"),
                    help="level encoding: png (small) or raw uint8 (2.3x larger, streams ~100x faster; docs/SHARDS.md)")
     p.add_argument("--address", default=None,
-                   help="Ray address; default: RAY_ADDRESS or a running cluster, else a new local Ray; "
-                        "'local' always starts a new local Ray")
+                   help="Ray address; default: RAY_ADDRESS (set by ray job submit), else a new local Ray; "
+                        "'auto': the cluster started on this machine with ray start; 'local': always a new local Ray")
     p.add_argument("--cpus", type=int, default=None, help="CPUs of a new local Ray (default: all)")
     p.add_argument("--no-ray", action="store_true", help="run every task in this process (debugging)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -57,10 +57,10 @@ def run(args) -> int:
         if args.no_ray:
             summary = prepare(cfg, serial_map)
         else:
-            from cluster import shard_prep
+            from cluster import ray_connect, shard_prep
 
             try:
-                where = shard_prep.connect(args.address, args.cpus)
+                where = ray_connect.connect(args.address, num_cpus=args.cpus)
             except ConnectionError as exn:
                 print(f"facesr prep: error: cannot reach the Ray cluster: {exn}", file=sys.stderr)
                 return 2
@@ -68,7 +68,7 @@ def run(args) -> int:
             try:
                 summary = prepare(cfg, shard_prep.ray_map)
             finally:
-                shard_prep.shutdown()
+                ray_connect.shutdown()
     except PrepError as exn:
         print(f"facesr prep: error: {exn}", file=sys.stderr)
         return 2

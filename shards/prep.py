@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import re
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -103,8 +104,9 @@ def _sweep(out: Path, keep: set[str]) -> None:
 
 
 def _bar(cfg: PrepConfig, total: int, desc: str, initial: int = 0) -> tqdm:
+    """A progress line with rate and ETA on stderr: redrawn in place on a terminal, else once a minute."""
     return tqdm(total=total, initial=initial, desc=desc, unit="img", disable=not cfg.progress,
-                dynamic_ncols=True, smoothing=0.1)
+                dynamic_ncols=True, smoothing=0.1, mininterval=0.1 if sys.stderr.isatty() else 60)
 
 
 def prepare(cfg: PrepConfig, mapper: Mapper = serial_map) -> dict:

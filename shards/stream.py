@@ -239,6 +239,9 @@ def _collate(batch: list[dict], cfg: StreamConfig, worker: int, errors: int) -> 
     return out
 
 
+_WARNED_SHARED: set[tuple] = set()  # shard sets already warned about in this process
+
+
 class ShardLoader:
     """One epoch of exactly ``len(self)`` batches for one rank; ``decode_errors`` counts this epoch's errors."""
 
@@ -246,7 +249,9 @@ class ShardLoader:
         self.cfg, self.n = cfg, cfg.epoch_batches(world_size)
         self.dataset = _WorkerStream(urls, cfg, rank, world_size, epoch)
         self._errors: dict[int, int] = {}
-        if len(urls) < world_size * max(1, cfg.workers):
+        shared = (tuple(urls), world_size, max(1, cfg.workers))
+        if len(urls) < world_size * max(1, cfg.workers) and shared not in _WARNED_SHARED:
+            _WARNED_SHARED.add(shared)  # once per process and shard set, not once per epoch's loader
             log.warning("%d shards for %d ranks x %d workers: some workers share shards, so samples can repeat "
                         "within an epoch; write smaller shards", len(urls), world_size, max(1, cfg.workers))
 

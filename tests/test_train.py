@@ -346,3 +346,23 @@ def test_killed_stage2_resumes_to_the_same_step_and_lr(job_run, shards, scratch)
     assert got["lr"] == pytest.approx(ref["lr"])
     steps = [r["step"] for r in records(run_dir) if r["split"] == "train"]
     assert steps == sorted(set(steps)) == list(range(1, ref["global_step"] + 1))  # no step lost or repeated
+
+
+def test_console_shows_the_stage_line_and_none_of_rays_noise(shards, scratch):
+    """`python -m launch.train` on a new local Ray, as `make demo` trains: the stage ends with its progress
+    line, and none of the noise it used to print comes back (Ray Train's PlacementGroupCleaner failing to
+    reach the State API every second, its per-checkpoint reports, the per-step lines, torch's "No CUDA
+    runtime" warning on CPU workers, Ray's token-auth notice). One stage keeps it short; the line's other
+    fields are tested in test_console.py."""
+    res = subprocess.run(train_cmd(CPU, f"data.shards={shards}", f"cluster.storage_path={scratch / 'console'}",
+                                   "run.name=console", "run.stages=[1]", "stage1.epochs=1", "data.steps_per_epoch=2",
+                                   "data.val_batches=1", "run.log_every=1", "cluster.max_failures=0"),
+                         cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600,
+                         start_new_session=True)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    for noise in ("PlacementGroupCleaner", "Failed to query", "Reporting training result", "] epoch 0 step 1 ",
+                  "checkpoint part written", "No CUDA runtime", "Token authentication is enabled"):
+        assert noise not in out, out
+    assert re.search(r"^stage 1 \(priors\) +100% 2/2 steps +epoch 1/1 +loss \S+ +val acc/x8 .*ETA 0s", out, re.M), out
+    assert len(out.splitlines()) < 25, out

@@ -71,7 +71,7 @@ def _link_src(files: list[Path], src: Path) -> None:
 
 
 def run(args) -> int:
-    from cluster import shard_prep
+    from cluster import ray_connect, shard_prep
     from shards.manifest import read_manifest, shard_urls, split_samples
     from shards.plan import SplitConfig
     from shards.prep import PrepConfig, prepare, serial_map
@@ -103,11 +103,11 @@ def run(args) -> int:
             serial_rounds.append(serial["images_written"] / serial["write_s"])
             check_rounds.append(serial["images_checked"] / serial["check_s"])
         print(f"our prep on Ray ({args.cpus} CPUs) ...")
-        shard_prep.connect("local", args.cpus)
+        ray_connect.connect("local", num_cpus=args.cpus)
         try:
             parallel = ours(tmp / "ray", shard_prep.ray_map)
         finally:
-            shard_prep.shutdown()
+            ray_connect.shutdown()
         bytes_per_image = sum(p.stat().st_size for p in (tmp / "ray").glob("*.tar")) / parallel["accepted"]
         best_naive = max(naive_rounds)
         prep = {

@@ -1,0 +1,210 @@
+"""Progress on the console: one line per phase with ETA (``ConsoleLine``), and the driver's line per
+training stage (``StageProgress``).
+
+The workers' step lines go to their log files (``logs/stage<N>-rank<R>.log``) and rank 0's records to
+``metrics.jsonl``; the driver reads that file (it is on the shared run folder) and draws one line a stage::
+
+    stage 2 (SR cascade)   45% 864/1920 steps  epoch 14/32  loss 0.352  val psnr/x8 24.05  0.17 s/step, ETA 3m05s  elapsed 2m31s
+
+On a terminal the line is redrawn in place once a second, and whatever else reaches the console meanwhile
+(a worker's warning or traceback, forwarded by Ray) is printed above it, never lost. Not on a terminal
+(``ray job logs``, a file) it is printed as a new line at most every ``interval_s`` seconds, and once at the end.
+Before the first record it says what the workers are doing (starting Ray workers, building the model and the
+DeepSpeed engine), which is the slow part of a first start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .config import TrainConfig, accumulation
+
+TITLES = {1: "stage 1 (priors)", 2: "stage 2 (SR cascade)"}
+VAL_KEYS = {1: "acc/x8", 2: "psnr/x8"}  # the one validation figure the line shows
+TTY_REFRESH_S = 1.0
+
+
+def planned_steps(cfg: TrainConfig, number: int, manifest: dict, world: int | None = None) -> int:
+    """Optimizer steps the stage will take: epochs x steps per epoch, the worker loop's own arithmetic."""
+    from shards.manifest import split_samples
+
+    from .data import split_name
+
+    st = cfg.stage_cfg(number)
+    world = world or cfg.cluster.num_workers
+    micro, accum = accumulation(st.batch_size, world, st.max_micro_batch)
+    per_epoch = split_samples(manifest, split_name(cfg, number, "train"), labelled_only=number == 1) // (world * micro)
+    per_epoch //= accum
+    if cfg.data.steps_per_epoch:
+        per_epoch = min(per_epoch, cfg.data.steps_per_epoch)
+    return per_epoch * st.epochs
+
+
+def _duration(s: float) -> str:
+    s = int(round(s))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+class _Console:
+    """A stdout/stderr stand-in while a line is drawn in place: other text goes above the line."""
+
+    def __init__(self, inner, owner: "ConsoleLine"):
+        self._inner, self._owner = inner, owner
+
+    def write(self, text: str) -> int:
+        with self._owner.lock:
+            self._owner.clear()
+            n = self._inner.write(text)
+            self._inner.flush()
+            if text.endswith("\n"):
+                self._owner.draw()
+            return n
+
+    def flush(self) -> None:
+        self._inner.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding … stay the real stream's
+        return getattr(self._inner, name)
+
+
+class ConsoleLine:
+    """One status line. On a terminal it is redrawn in place and anything else printed meanwhile (through
+    ``sys.stdout``/``sys.stderr``, as Ray prints forwarded worker output) goes above it; otherwise a new line
+    is printed at most every ``interval_s``. The last text stays on the console when the block ends."""
+
+    def __init__(self, stream=None, interval_s: float = 60.0):
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interval_s = interval_s
+        self.lock = threading.RLock()
+        self.text, self._shown, self._printed_at = "", "", 0.0
+        self._saved: tuple | None = None
+
+    def __enter__(self) -> "ConsoleLine":
+        if self.tty:
+            self._saved = (sys.stdout, sys.stderr)
+            sys.stdout, sys.stderr = _Console(sys.stdout, self), _Console(sys.stderr, self)
+        self._printed_at = time.time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self.lock:
+            if self.tty:
+                self.clear()
+                sys.stdout, sys.stderr = self._saved
+            if self.text and (self.tty or self.text != self._shown):  # not printed twice off a terminal
+                self.stream.write(self.text + "\n")
+                self.stream.flush()
+
+    def update(self, text: str) -> None:
+        with self.lock:
+            self.text = text.strip()
+            if self.tty:
+                self.draw()
+            elif time.time() - self._printed_at >= self.interval_s and self.text != self._shown:
+                self.stream.write(self.text + "\n")
+                self.stream.flush()
+                self._shown, self._printed_at = self.text, time.time()
+
+    def clear(self) -> None:
+        if self.tty and self._shown:
+            self.stream.write("\r\x1b[K")
+            self._shown = ""
+
+    def draw(self) -> None:
+        if self.tty and self.text:
+            self.stream.write("\r\x1b[K" + self.text[: _width(self.stream) - 1])
+            self.stream.flush()
+            self._shown = self.text
+
+
+class StageProgress:
+    """Tails ``metrics_path`` for one stage's records and keeps its console line up to date (a thread)."""
+
+    def __init__(self, metrics_path: Path, number: int, total_steps: int, epochs: int, stream=None,
+                 interval_s: float = 60.0):
+        self.path, self.number, self.total, self.epochs = Path(metrics_path), number, total_steps, epochs
+        self.console = ConsoleLine(stream, interval_s)
+        self._offset, self._train, self._val, self._first = 0, None, None, None
+        self._t0 = time.time()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"progress-stage{number}", daemon=True)
+
+    def __enter__(self) -> "StageProgress":
+        self.console.__enter__()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()
+        self.console.text = self.line()
+        self.console.__exit__(*exc)
+
+    def _run(self) -> None:
+        while not self._stop.wait(TTY_REFRESH_S):
+            self.poll()
+            self.console.update(self.line())
+
+    def poll(self) -> None:
+        """Read the records appended since the last call (a resumed stage rewrites the file: start over)."""
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return
+        if size < self._offset:
+            self._offset = 0
+        with open(self.path, "rb") as f:
+            f.seek(self._offset)
+            chunk = f.read()
+        end = chunk.rfind(b"\n") + 1  # a line rank 0 is still writing is read next time
+        self._offset += end
+        for line in chunk[:end].decode(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("stage") != self.number:
+                continue
+            if rec.get("split") == "val":
+                self._val = rec
+            elif rec.get("split") == "train":
+                self._train = rec
+                if self._first is None or rec["step"] < self._first["step"]:
+                    self._first = rec
+
+    def line(self) -> str:
+        title = f"{TITLES.get(self.number, f'stage {self.number}'):<21}"
+        elapsed = _duration(time.time() - self._t0)
+        rec = self._train
+        if rec is None:
+            return (f"{title} starting Ray workers, model and DeepSpeed engine ({elapsed}; "
+                    f"a first start on a machine also compiles DeepSpeed's CPU comm op, ~1 min)")
+        step, total = rec["step"], max(self.total, rec["step"])
+        parts = [f"{title} {100 * step / total:3.0f}% {step}/{total} steps", f"epoch {rec['epoch'] + 1}/{self.epochs}"]
+        if "loss" in rec:
+            parts.append(f"loss {rec['loss']:.4g}")
+        key = VAL_KEYS.get(self.number)
+        if self._val is not None and key in self._val:
+            parts.append(f"val {key} {self._val[key]:.4g}")
+        first = self._first
+        if first is not None and step > first["step"] and rec["time"] > first["time"]:
+            per_step = (rec["time"] - first["time"]) / (step - first["step"])
+            parts.append(f"{per_step:.2f} s/step, ETA {_duration(per_step * (total - step))}")
+        parts.append(f"elapsed {elapsed}")
+        return "  ".join(parts)
+
+
+def _width(stream) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        return 200

@@ -1,0 +1,68 @@
+"""The console's progress lines (cluster/progress.py): in place on a terminal with other output kept above,
+rate-limited off a terminal, and the training stage's line read from metrics.jsonl with its ETA."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+from cluster.progress import ConsoleLine, StageProgress
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_terminal_line_is_redrawn_in_place_and_other_output_goes_above_it(monkeypatch):
+    """On a terminal the line is rewritten in place; a line printed meanwhile (as Ray prints a worker's
+    traceback through sys.stderr) appears whole, and the progress line is drawn again below it."""
+    term = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    monkeypatch.setattr(sys, "stdout", term)
+    with ConsoleLine(term) as line:
+        line.update("eval  10% 1/10 faces")
+        print("Traceback (most recent call last): worker error", file=sys.stderr)
+        line.update("eval  20% 2/10 faces")
+    assert sys.stderr is term  # the stand-in is removed at the end
+    screen = term.getvalue()
+    assert "\r\x1b[KTraceback (most recent call last): worker error\n" in screen  # the line cleared first
+    assert screen.index("worker error") < screen.rindex("20% 2/10")
+    assert screen.endswith("\r\x1b[Keval  20% 2/10 faces\n")  # the last state stays as a line of its own
+
+
+def test_off_a_terminal_the_line_is_printed_at_a_limited_rate():
+    """Not a terminal (a log file, `ray job logs`): no carriage returns, at most one line per interval, and
+    the final state once."""
+    out = io.StringIO()
+    with ConsoleLine(out, interval_s=3600) as line:
+        for i in range(100):
+            line.update(f"eval  {i}/100 faces")
+    assert out.getvalue() == "eval  99/100 faces\n"
+    out = io.StringIO()
+    with ConsoleLine(out, interval_s=0) as line:
+        line.update("a")
+        line.update("a")  # unchanged: not printed again
+        line.update("b")
+    assert out.getvalue() == "a\nb\n"
+
+
+def test_stage_line_reads_metrics_and_gives_an_eta(tmp_path):
+    """The stage's line comes from rank 0's metrics.jsonl: steps of the planned total, epoch, loss, the last
+    validation figure, s/step and ETA from the records' times; another stage's records are ignored; before the
+    first record it says what is starting."""
+    path = tmp_path / "metrics.jsonl"
+    out = io.StringIO()
+    progress = StageProgress(path, 2, total_steps=100, epochs=4, stream=out, interval_s=3600)
+    assert "starting Ray workers" in progress.line() and "DeepSpeed" in progress.line()
+    recs = [{"stage": 1, "split": "train", "epoch": 0, "step": 50, "time": 0.0, "loss": 9.0},
+            {"stage": 2, "split": "train", "epoch": 0, "step": 10, "time": 100.0, "loss": 0.5},
+            {"stage": 2, "split": "train", "epoch": 0, "step": 20, "time": 110.0, "loss": 0.4},
+            {"stage": 2, "split": "val", "epoch": 0, "step": 25, "time": 111.0, "psnr/x8": 23.5}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"stage": 2, "split": "tr')  # a line being written
+    with progress:
+        pass
+    line = out.getvalue()
+    assert line.startswith("stage 2 (SR cascade)") and " 20% 20/100 steps" in line and "epoch 1/4" in line
+    assert "loss 0.4" in line and "val psnr/x8 23.5" in line and "1.00 s/step, ETA 1m20s" in line
