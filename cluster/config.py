@@ -65,7 +65,9 @@ class DataConfig:
     shards: str = "data/shards"  # folder written by `facesr prep` (manifest + tars); a shared path on a cluster
     train_split: str = "train"  # manifest split trained on
     val_split: str = "val"  # split the SR cascade is validated on every epoch (identities unseen in training)
-    prior_val_split: str = "train"  # split the priors are scored on (top-1 needs identities they have a class for)
+    # split the priors are scored on; auto = prep's prior_val (held-out images of their classes) where the shards
+    # have it, else train (images they train on: a fit, not recognition). val/test hold identities with no class.
+    prior_val_split: str = "auto"
     loader_workers: int = 1  # decode processes per training worker
     shuffle_buffer: int = 256  # samples in each decode worker's shuffle buffer (shards already mix identities)
     steps_per_epoch: int = 0  # cap on optimizer steps per epoch; 0 = the whole split (caps serve smoke runs/benchmarks)
@@ -88,6 +90,12 @@ class DataConfig:
         except DegradationError as e:
             name, _, msg = str(e).partition(": ")
             raise ConfigError(name, msg) from None
+
+    def prior_split(self, manifest: dict) -> str:
+        """The split stage 1 is validated on (``prior_val_split``, with ``auto`` resolved against the shards)."""
+        if self.prior_val_split != "auto":
+            return self.prior_val_split
+        return "prior_val" if "prior_val" in manifest["splits"] else self.train_split
 
 
 @dataclass
@@ -178,6 +186,9 @@ class StageConfig:
 class PriorStageConfig(StageConfig):
     augment: bool = True  # the paper's random horizontal flips and random crops of the training images
     crop_pad: int = 2  # crop shift of up to ±crop_pad lr pixels (×2, ×4, ×8 at x2, x4, hr), reflect-padded
+    # Cross-entropy weighted by inverse class frequency, so a class with 500 images does not outvote one with 10
+    # (LFW's largest identity is 14% of its images); off = the paper's plain mean
+    class_balance: bool = False
 
     def validate(self, key: str = "stage1") -> None:
         super().validate(key)
@@ -474,7 +485,7 @@ def _manifest(cfg: TrainConfig) -> dict:
         raise ConfigError("data.shards", f"{root}: no readable shard manifest ({e})") from None
     keys = ["train_split"] + (["prior_val_split"] if 1 in cfg.run.stages else []) + (["val_split"] if 2 in cfg.run.stages else [])
     for key in keys:
-        split = getattr(cfg.data, key)
+        split = cfg.data.prior_split(manifest) if key == "prior_val_split" else getattr(cfg.data, key)
         try:
             urls = shard_urls(root, split, manifest=manifest)
         except Exception as e:

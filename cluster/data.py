@@ -6,9 +6,11 @@ hr (the paper's random flips and crops are applied on the device by the stage,
 streams every sample of all four levels; unlabelled identities still teach
 the cascade (their identity term is zero).
 
-Priors are validated on ``data.prior_val_split`` (default ``train``, without
-augmentation): prep splits by identity, so the ``val`` split holds identities
-the priors have no class for and top-1 there would be undefined.
+Priors are validated on ``data.prior_val_split``: by default prep's
+``prior_val`` split (``facesr prep --prior-holdout``: images of their classes
+they never train on), else the training images without augmentation. The
+``val`` split holds identities the priors have no class for, where top-1 would
+be undefined.
 """
 
 from __future__ import annotations
@@ -31,10 +33,17 @@ def _sr_levels(cfg: TrainConfig) -> tuple[str, ...]:
     return ("lr", "x2", "x4", "hr") if cfg.data.degradation_model() == PAPER else ("x2", "x4", "hr")
 
 
-def split_name(cfg: TrainConfig, stage: int, split: str) -> str:
+def split_name(cfg: TrainConfig, stage: int, split: str, manifest: dict | None = None) -> str:
+    """The manifest split behind (``stage``, ``train|val``); ``manifest`` resolves stage 1's ``auto``."""
     if split == "train":
         return cfg.data.train_split
-    return cfg.data.prior_val_split if stage == 1 else cfg.data.val_split
+    if stage != 1:
+        return cfg.data.val_split
+    if manifest is None:
+        from shards.manifest import read_manifest
+
+        manifest = read_manifest(cfg.data.shards, check_files=False)
+    return cfg.data.prior_split(manifest)
 
 
 def build_loader(cfg: TrainConfig, stage: int, split: str, micro_batch: int, rank: int, world_size: int, epoch: int):
@@ -45,8 +54,8 @@ def build_loader(cfg: TrainConfig, stage: int, split: str, micro_batch: int, ran
     from shards.stream import StreamConfig, build_loader as stream
 
     train = split == "train"
-    name = split_name(cfg, stage, split)
     manifest = read_manifest(cfg.data.shards, check_files=False)  # config.check() verified them before the start
+    name = split_name(cfg, stage, split, manifest)
     priors = stage == 1
     scfg = StreamConfig(
         batch_size=micro_batch,

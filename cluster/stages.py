@@ -20,6 +20,7 @@ from facesr.quality import finish, image_scores
 from facesr.step import Precision, prior_forward, sr_forward
 from facesr.vocab import SCALE_OF, TARGETS
 from facesr.weights import load_priors, save_priors, save_srnet
+from shards.manifest import class_counts, read_manifest
 
 from .config import StageConfig, TrainConfig
 
@@ -44,6 +45,13 @@ class Stage(Protocol):
     def finish(self, model: nn.Module, run_dir: Path) -> Path: ...  # rank 0: the stage's artefact
 
 
+def prior_baselines(manifest: dict, split: str) -> dict[str, float]:
+    """What a prior that ignores its input scores on ``split``: chance (1/C) and always the largest class."""
+    counts = class_counts(manifest, split) if split in ("train", "prior_val") else []
+    c = manifest["num_classes"]
+    return {"acc_chance": 1 / max(c, 1), "acc_majority": max(counts, default=0) / max(sum(counts), 1)}
+
+
 class PriorStage:
     """Stage 1: three SqueezeNet priors on residual images of x2, x4, hr; cross-entropy."""
 
@@ -53,7 +61,14 @@ class PriorStage:
     def __init__(self, cfg: TrainConfig, classes: list[str], device: torch.device, precision: Precision):
         self.cfg, self.classes, self.device, self.precision = cfg, classes, device, precision
         self.stage_cfg = cfg.stage1
-        self.loss_fn = PriorLoss()
+        manifest = read_manifest(cfg.data.shards, check_files=False)
+        weight = None
+        if self.stage_cfg.class_balance:  # inverse frequency, mean 1 over the classes that have training images
+            n = torch.tensor(class_counts(manifest, cfg.data.train_split), dtype=torch.float32)
+            weight = torch.where(n > 0, 1 / n.clamp(min=1), torch.zeros_like(n))
+            weight = (weight * (n > 0).sum() / weight.sum()).to(device)
+        self.loss_fn = PriorLoss(weight)
+        self.baselines = prior_baselines(manifest, cfg.data.prior_split(manifest))
 
     def build_model(self) -> nn.Module:
         prior = get_preset(self.cfg.preset).prior
@@ -73,8 +88,9 @@ class PriorStage:
 
     @torch.no_grad()
     def validate_batch(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        """Loss, cross-entropy and top-1 accuracy per scale."""
-        return prior_forward(model, self.loss_fn, batch, self.precision)
+        """Loss, cross-entropy, top-1 and top-5 accuracy per scale, beside the split's chance and majority rates."""
+        terms = prior_forward(model, self.loss_fn, batch, self.precision)
+        return terms | {k: torch.tensor(v, device=self.device) for k, v in self.baselines.items()}
 
     def finish(self, model: nn.Module, run_dir: Path) -> Path:
         """The trained priors, frozen by stage 2: safetensors with class map and preset."""

@@ -30,7 +30,7 @@ from .degrade import DEFAULT, DegradeConfig, TooSmallError, crop_hr, degrade, qu
 from .imageio import ImageReadError, read_rgb
 from .models import SRNet
 from .quality import BASELINES, PAPER_DATA_RANGE, QualityMeter, baselines, finish
-from .vocab import KEY_OF, LEVELS, SCALES
+from .vocab import KEY_OF, LEVELS, SCALE_OF, SCALES
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -308,3 +308,27 @@ def write_json(report: dict, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     return path
+
+
+@torch.no_grad()
+def score_priors(priors: dict[str, torch.nn.Module], batches: Iterable[dict], device="cpu") -> dict:
+    """Top-1 and top-5 accuracy of each prior (key ``x2|x4|hr``) on its residual images of labelled batches
+    (``{level: float [0, 1], "cls"}``; cls = -1 skipped). Returns ``{"images", scale: {"top1", "top5"}}``."""
+    from .degrade import residual
+
+    hits = {k: torch.zeros(2, dtype=torch.long) for k in priors}
+    n = 0
+    for batch in batches:
+        keep = batch["cls"] >= 0
+        if not keep.any():
+            continue
+        cls = batch["cls"][keep].to(device)
+        n += len(cls)
+        for key, prior in priors.items():
+            logits = prior(residual(batch[key][keep].to(device).float(), key))  # (B, C)
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices == cls[:, None]  # (B, 5)
+            hits[key] += torch.stack([top[:, 0].sum(), top.any(1).sum()]).cpu()
+    out: dict = {"images": n}
+    for key, (h1, h5) in hits.items():
+        out[SCALE_OF[key]] = {"top1": h1.item() / max(n, 1), "top5": h5.item() / max(n, 1)}
+    return out

@@ -57,16 +57,20 @@ def ssim_loss(sr: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1.0 - ssim(sr, target))
 
 
-def identity_ce(logits: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+def identity_ce(logits: torch.Tensor, cls: torch.Tensor, class_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. (1) averaged over the labelled samples; cls = -1 (identity outside the class map) is ignored.
 
     Masked sum over a clamped count rather than ``ignore_index``'s mean, which is NaN on a batch with no
     labelled sample: testing for that case would cost a host synchronisation every step. Zero then,
-    with the graph kept.
+    with the graph kept. ``class_weight`` (C,): a weighted mean, as ``F.cross_entropy(weight=...)``.
     """
     keep = cls >= 0
-    ce = F.cross_entropy(logits.float(), cls.clamp(min=0), reduction="none")  # (B,)
-    return (ce * keep).sum() / keep.sum().clamp(min=1)
+    target = cls.clamp(min=0)
+    ce = F.cross_entropy(logits.float(), target, reduction="none")  # (B,)
+    if class_weight is None:
+        return (ce * keep).sum() / keep.sum().clamp(min=1)
+    w = class_weight[target] * keep
+    return (ce * w).sum() / w.sum().clamp(min=1e-12)
 
 
 class CSRIPLoss(nn.Module):
@@ -101,18 +105,29 @@ class CSRIPLoss(nn.Module):
 
 
 class PriorLoss(nn.Module):
-    """Stage 1: cross-entropy and top-1 accuracy of each prior on its residual images."""
+    """Stage 1: cross-entropy, top-1 (``acc``) and top-5 (``acc5``) accuracy of each prior on its residual images.
+
+    ``class_weight`` (C,) weights each class's cross-entropy (class-balanced training: inverse frequency);
+    ``None`` = the paper's plain mean.
+    """
+
+    def __init__(self, class_weight: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("class_weight", class_weight, persistent=False)
 
     def forward(self, logits: dict[str, torch.Tensor], cls: torch.Tensor) -> dict[str, torch.Tensor]:
         terms: dict[str, torch.Tensor] = {}
         total = 0.0
         keep = cls >= 0
+        n = keep.sum().clamp(min=1)
         for key, lg in logits.items():
             scale = SCALE_OF[key]
-            ce = identity_ce(lg, cls)
+            ce = identity_ce(lg, cls, self.class_weight)
             terms[f"ce/{scale}"] = ce.detach()
-            hit = (lg.argmax(1) == cls) & keep
-            terms[f"acc/{scale}"] = hit.sum().float() / keep.sum().clamp(min=1)
+            top = lg.detach().topk(min(5, lg.shape[1]), dim=1).indices  # (B, 5)
+            hit = top == cls[:, None]
+            terms[f"acc/{scale}"] = (hit[:, 0] & keep).sum().float() / n
+            terms[f"acc5/{scale}"] = (hit.any(1) & keep).sum().float() / n
             total = total + ce
         terms["loss"] = total
         return terms

@@ -80,7 +80,8 @@ def check_priors(path, classes: list[str] | None = None, preset: str | None = No
         )
     if preset is not None:
         want = dataclasses.asdict(get_preset(preset).prior)
-        if meta.get("prior") != want:
+        # fields added since a file was written take their defaults (priors from before `norm` had none)
+        if dataclasses.asdict(PriorConfig(**meta.get("prior", {}))) != want:
             raise ValueError(f"{path}: priors built as {meta.get('prior')}, preset {preset!r} wants {want}")
     return meta
 

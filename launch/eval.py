@@ -84,6 +84,11 @@ def configure(parser) -> None:
     e.add_argument("--lfw", default=str(DATA / "lfw"))
     e.add_argument("--pairs", default=str(DATA / "lfw-pairs.txt"), help="every person in these pairs is excluded")
     e.add_argument("--celeba", default=str(DATA / "celeba-ids"), help="extra identity folder ('' = none)")
+    from . import eval_priors
+
+    eval_priors.configure(sub.add_parser("priors", help="identity priors' top-1/top-5 on held-out images, "
+                                                        "beside chance and the majority class"))
+
     e.add_argument("--exclude-ids", help="file of further identities to exclude (e.g. the SR test split)")
     e.add_argument("--epochs", type=int, default=None)
     e.add_argument("--size", type=int, default=None, help="network input side")
@@ -91,7 +96,10 @@ def configure(parser) -> None:
 
 
 def run(args) -> int:
-    return {"quality": run_quality, "grid": run_grid, "identity": run_identity, "embedder": run_embedder}[args.what](args)
+    from . import eval_priors
+
+    return {"quality": run_quality, "grid": run_grid, "identity": run_identity, "embedder": run_embedder,
+            "priors": eval_priors.run}[args.what](args)
 
 
 # ---------------------------------------------------------------- selection and data

@@ -23,8 +23,8 @@ def configure(p) -> None:
     p.add_argument("--min-images", type=int, default=2,
                    help="train identities with fewer images get no prior class (cls = -1)")
     p.add_argument("--prior-holdout", type=float, default=0.0,
-                   help="share of each prior class's images held out (split prior_val) to score the priors on "
-                        "images they never trained on; 0 = none")
+                   help="images of each prior class held out (split prior_val) to score the priors on images "
+                        "they never trained on: a share under 1, a count per class from 1 (balanced); 0 = none")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--png-level", type=int, default=1, choices=range(10), metavar="0-9", help="PNG zlib level")
     p.add_argument("--members", default="png", choices=("png", "raw"),

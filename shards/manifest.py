@@ -112,3 +112,16 @@ def split_samples(manifest: dict, split: str, labelled_only: bool = False) -> in
     """Samples in a split (``labelled_only``: those with cls >= 0), for ``StreamConfig.num_samples``."""
     d = manifest["splits"][split]
     return d["labelled"] if labelled_only else d["samples"]
+
+
+def class_counts(manifest: dict, split: str) -> list[int]:
+    """Labelled samples of each class (index = ``cls``) in ``train`` or ``prior_val``: class-balanced weights,
+    the majority-class rate. A class identity's images are all in train except its ``prior_val`` holdout."""
+    if split not in ("train", "prior_val"):
+        raise ValueError(f"class counts are known for train and prior_val, not {split!r}")
+    counts = [0] * manifest["num_classes"]
+    for info in manifest["identities"].values():
+        if info.get("cls", -1) >= 0:
+            held = info.get("prior_val", 0)
+            counts[info["cls"]] = held if split == "prior_val" else info["images"] - held
+    return counts

@@ -13,10 +13,13 @@ a rerun can recognise finished shards by their plan fingerprint.
   in that list. Every other sample (val/test identities, and train identities
   under the threshold) has ``cls = -1``: the SR cascade trains on it, the
   priors must skip it (``StreamConfig.labelled_only``).
-* ``prior_holdout`` > 0 moves that share of each class identity's images (at
-  least one, chosen with the seed) into the ``prior_val`` split: images of
-  identities the priors know, which they never train on, so that recognition
-  is scored on unseen images. The SR cascade does not train on them either.
+* ``prior_holdout`` > 0 moves images of each class identity (chosen with the
+  seed) into the ``prior_val`` split: images of identities the priors know,
+  which they never train on, so that recognition is scored on unseen images.
+  Under 1 it is a share (at least one image); 1 or more, a count per class,
+  which makes prior_val class-balanced (majority-class rate = chance), where a
+  share keeps the source's imbalance (LFW's largest identity: 14%). The SR
+  cascade does not train on these images either.
 * Within a split, images are shuffled with the seed before cutting into shards,
   so every shard mixes many identities and a small shuffle buffer suffices.
 """
@@ -39,7 +42,7 @@ class SplitConfig:
     test: float = 0.05  # fraction of identities held out for testing (never seen in training)
     seed: int = 0  # seeds the identity split and the order of images in shards
     min_images: int = 2  # train identities with fewer accepted images get no class (cls = -1)
-    prior_holdout: float = 0.0  # share of each class identity's images held out for prior validation (prior_val)
+    prior_holdout: float = 0.0  # images of each class held out for prior validation (prior_val): < 1 share, >= 1 count
 
     def __post_init__(self):
         if self.by not in ("identity", "none"):
@@ -48,10 +51,14 @@ class SplitConfig:
             raise ValueError(f"need 0 <= val, test and val + test < 1, got val={self.val} test={self.test}")
         if self.min_images < 1:
             raise ValueError(f"min-images must be >= 1, got {self.min_images}")
-        if not 0 <= self.prior_holdout < 1:
-            raise ValueError(f"prior-holdout must be in [0, 1), got {self.prior_holdout}")
-        if self.prior_holdout > 0 and self.min_images < 2:
+        h = self.prior_holdout
+        if h < 0 or (h >= 1 and h != int(h)):
+            raise ValueError(f"prior-holdout must be a share in [0, 1) or a whole count >= 1, got {h}")
+        if h > 0 and self.min_images < 2:
             raise ValueError("prior-holdout needs min-images >= 2 (a class must keep a training image)")
+        if h >= 1 and h >= self.min_images:
+            raise ValueError(f"prior-holdout {int(h)} images per class needs min-images > {int(h)} "
+                             "(a class must keep a training image)")
 
 
 @dataclass(frozen=True)
@@ -110,7 +117,8 @@ def sample_splits(
         for ident, paths in by_class.items():
             paths = sorted(paths)
             random.Random(f"facesr-holdout:{cfg.seed}:{ident}").shuffle(paths)
-            n = min(len(paths) - 1, max(1, round(cfg.prior_holdout * len(paths))))
+            h = cfg.prior_holdout
+            n = min(len(paths) - 1, int(h) if h >= 1 else max(1, round(h * len(paths))))
             where.update({p: "prior_val" for p in paths[:n]})
     return where
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torchmetrics.functional.image import structural_similarity_index_measure as tm_ssim
 
 from facesr.losses import C1, C2, CSRIPLoss, PriorLoss, ssim, ssim_loss
@@ -109,4 +110,23 @@ def test_steps_fall_with_training(precision):
         t["loss"].backward()
         opt1.step()
         ce.append(t["loss"].item())
-    assert ce[-1] < ce[0] and set(t) == {"loss", "ce/x2", "ce/x4", "ce/x8", "acc/x2", "acc/x4", "acc/x8"}
+    assert ce[-1] < ce[0] and set(t) == {"loss", "ce/x2", "ce/x4", "ce/x8", "acc/x2", "acc/x4", "acc/x8",
+                                           "acc5/x2", "acc5/x4", "acc5/x8"}
+
+
+def test_prior_loss_top5_and_class_weights_match_torch():
+    """Top-1/top-5 against a direct count; the class-weighted CE is torch's weighted mean, unlabelled ignored."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(12, 9, generator=g)
+    cls = torch.randint(0, 9, (12,), generator=g)
+    cls[[2, 7]] = -1  # outside the class map
+    weight = torch.rand(9, generator=g) + 0.1
+    t = PriorLoss(weight)({"hr": logits}, cls)
+    keep = cls >= 0
+    want = F.cross_entropy(logits[keep], cls[keep], weight=weight)
+    assert torch.allclose(t["ce/x8"], want, atol=1e-6)
+    ranks = (logits > logits.gather(1, cls.clamp(min=0)[:, None])).sum(1)  # classes scored above the true one
+    assert t["acc/x8"].item() == pytest.approx(((ranks == 0) & keep).sum().item() / keep.sum().item())
+    assert t["acc5/x8"].item() == pytest.approx(((ranks < 5) & keep).sum().item() / keep.sum().item())
+    plain = PriorLoss()({"hr": logits}, cls)
+    assert torch.allclose(plain["ce/x8"], F.cross_entropy(logits[keep], cls[keep]), atol=1e-6)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -219,6 +220,21 @@ def test_combined_sources_and_prior_holdout(tmp_path):
     for name in _files(out):
         if name.endswith(".tar"):
             assert (out / name).read_bytes() == (again / name).read_bytes()
+
+
+def test_prior_holdout_count_per_class_is_balanced():
+    from shards.plan import sample_splits
+
+    accepted = [(f"id{i}", f"id{i}/{j}.jpg") for i in range(4) for j in range(3 + 5 * i)]
+    split_of = {f"id{i}": "train" for i in range(4)}
+    cfg = SplitConfig(min_images=3, prior_holdout=2)
+    where = sample_splits(accepted, split_of, [f"id{i}" for i in range(4)], cfg)
+    held = Counter(p.split("/")[0] for p, s in where.items() if s == "prior_val")
+    assert held == {f"id{i}": 2 for i in range(4)}  # 2 each, whatever the class size
+    assert where == sample_splits(accepted, split_of, [f"id{i}" for i in range(4)], cfg)
+    for bad in (2.5, -0.1, 3):  # not whole, negative, leaves no training image at min-images 3
+        with pytest.raises(ValueError, match="prior-holdout"):
+            SplitConfig(min_images=3, prior_holdout=bad)
 
 
 def test_combined_sources_with_one_folder_name_refused(tmp_path, capsys):

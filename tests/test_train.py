@@ -38,19 +38,20 @@ FAST = [
 ]
 
 
-def make_shards(tmp: Path) -> Path:
+def make_shards(tmp: Path, name: str = "shards", prior_holdout: float = 0) -> Path:
     """Real prep over symlinks to ``IDENTITIES`` CelebA identities (the ones with most images)."""
     from shards.plan import SplitConfig
     from shards.prep import PrepConfig, prepare
 
-    src, out = tmp / "src", tmp / "shards"
+    src, out = tmp / "src", tmp / name
     ids = sorted(os.listdir(CELEBA), key=lambda i: (-len(os.listdir(CELEBA / i)), i))[:IDENTITIES]
     for ident in ids:
-        (src / ident).mkdir(parents=True)
+        (src / ident).mkdir(parents=True, exist_ok=True)
         for f in sorted(os.listdir(CELEBA / ident))[:IMAGES]:
-            (src / ident / f).symlink_to(CELEBA / ident / f)
-    prepare(PrepConfig(src=str(src), out=str(out), split=SplitConfig(val=0.2, test=0.0, seed=0), shard_size=16,
-                       progress=False))
+            if not (src / ident / f).is_symlink():
+                (src / ident / f).symlink_to(CELEBA / ident / f)
+    split = SplitConfig(val=0.2, test=0.0, seed=0, prior_holdout=prior_holdout)
+    prepare(PrepConfig(src=str(src), out=str(out), split=split, shard_size=16, progress=False))
     return out
 
 
@@ -304,6 +305,38 @@ def test_losses_fall_and_metrics_are_recorded(job_run):
     assert {"acc/x2", "acc/x4", "acc/x8", "ce/x2", "ce/x4", "ce/x8", "loss"} <= set(val1[-1])
     assert {"ssim/x2", "ssim/x4", "ssim/x8", "psnr/x2", "psnr/x4", "psnr/x8", "loss"} <= set(val2[-1])
     assert val2[-1]["loss"] < val2[0]["loss"]
+
+
+def test_eval_priors_scores_held_out_images_beside_chance_and_majority(job_run, shards, scratch):
+    """`facesr eval priors`: top-1/top-5 per scale on prep's prior_val split equal a direct count with the
+    saved priors; chance and majority come from the manifest (2 held out per class: balanced, both 1/4)."""
+    import torch
+
+    from facesr.degrade import residual
+    from facesr.weights import load_priors
+    from shards.manifest import read_manifest, shard_urls
+    from shards.stream import read_in_order
+
+    held = make_shards(scratch / "data", "held", prior_holdout=2)  # same identities, same class map
+    out = scratch / "priors.json"
+    res = subprocess.run([str(BIN / "facesr"), "eval", "priors", str(job_run), "--shards", str(held),
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert rep["split"] == "prior_val" and rep["held_out"] and rep["images"] == 4 * 2
+    assert rep["acc_chance"] == rep["acc_majority"] == 0.25
+    priors = load_priors(job_run / "priors.safetensors", classes=read_manifest(held)["classes"])
+    batch = next(iter(read_in_order(shard_urls(held, "prior_val"), ("x2", "x4", "hr"), 64)))
+    with torch.no_grad():
+        for key, scale in (("x2", "x2"), ("x4", "x4"), ("hr", "x8")):
+            logits = priors[key](residual(batch[key].float() / 255, key))
+            rank = (logits > logits.gather(1, batch["cls"][:, None])).sum(1)
+            assert rep[scale]["top1"] == pytest.approx((rank == 0).float().mean().item())
+            assert rep[scale]["top5"] == pytest.approx((rank < 5).float().mean().item()) == 1.0  # 4 classes
+            assert f"{scale:<6} {rep[scale]['top1']:>7.4f}" in res.stdout
+    bad = subprocess.run([str(BIN / "facesr"), "eval", "priors", str(scratch / "nothing")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "no priors file" in bad.stderr
 
 
 def test_killed_stage2_resumes_to_the_same_step_and_lr(job_run, shards, scratch):

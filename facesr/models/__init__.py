@@ -23,7 +23,7 @@ PRESETS: dict[str, ModelPreset] = {
     # Small enough for CPU tests and the 2-core demo: same structure, 1 block per module.
     "tiny": ModelPreset(
         sr=SRNetConfig(widths=(32, 16, 8), blocks=1, branch_kernels=(5, 3)),
-        prior=PriorConfig(width=0.25, dropout=0.2),
+        prior=PriorConfig(width=0.25, dropout=0.2, norm=True),  # norm: tiny priors without BN never learn (prior.py)
     ),
 }
 
@@ -36,7 +36,7 @@ def get_preset(name: str) -> ModelPreset:
 
 def build_prior(cfg: PriorConfig, num_classes: int) -> nn.Module:
     """A fresh identity prior from timm's registry."""
-    return timm.create_model(cfg.name, num_classes=num_classes, width=cfg.width, dropout=cfg.dropout)
+    return timm.create_model(cfg.name, num_classes=num_classes, width=cfg.width, dropout=cfg.dropout, norm=cfg.norm)
 
 
 __all__ = [

@@ -10,6 +10,12 @@ both for residual-image input:
 * no ReLU on the logits (torchvision applies one before pooling), so
   cross-entropy sees signed logits.
 
+``norm=True`` adds a BatchNorm after every convolution (stem, squeeze and both
+expands). Measured on 101 LFW + CelebA identities (x4 residuals, tiny width):
+without it the class-balanced priors never left ln(C) in 8 epochs (every
+ReLU dead, output constant); with it held-out top-1 reached 5.6x chance.
+The paper's SqueezeNet 1.1 has none, so the paper preset keeps ``norm=False``.
+
 ``FrozenPrior`` is the one place a prior is frozen for stage 2.
 """
 
@@ -31,18 +37,24 @@ class PriorConfig:
     name: str = "squeezenet1_1_residual"  # timm registry name
     width: float = 1.0  # channel multiplier of every fire module (1.0 = SqueezeNet 1.1)
     dropout: float = 0.5  # dropout before the classifier, as in SqueezeNet
+    norm: bool = False  # BatchNorm after every conv (trains from scratch where plain SqueezeNet dies); paper: none
+
+
+def _normed(conv: nn.Conv2d, norm: bool) -> nn.Module:
+    return nn.Sequential(conv, nn.BatchNorm2d(conv.out_channels)) if norm else conv
 
 
 class SqueezeNetResidual(nn.Module):
     """Residual image (B, 3, S, S), any S ≥ 32 -> logits (B, K)."""
 
-    def __init__(self, num_classes: int = 1000, width: float = 1.0, dropout: float = 0.5, in_chans: int = 3, **_):
+    def __init__(self, num_classes: int = 1000, width: float = 1.0, dropout: float = 0.5, in_chans: int = 3,
+                 norm: bool = False, **_):
         super().__init__()
         self.num_classes = num_classes
         stem = max(8, int(64 * width))
         layers: list[nn.Module] = [
             nn.BatchNorm2d(in_chans),
-            nn.Conv2d(in_chans, stem, 3, stride=2),
+            _normed(nn.Conv2d(in_chans, stem, 3, stride=2), norm),
             nn.ReLU(inplace=True),
         ]
         c = stem
@@ -51,7 +63,12 @@ class SqueezeNetResidual(nn.Module):
                 layers.append(nn.MaxPool2d(3, stride=2, ceil_mode=True))
             else:
                 s, e = (max(4, int(v * width)) for v in spec)
-                layers.append(Fire(c, s, e, e))
+                fire = Fire(c, s, e, e)
+                if norm:
+                    fire.squeeze = _normed(fire.squeeze, norm)
+                    fire.expand1x1 = _normed(fire.expand1x1, norm)
+                    fire.expand3x3 = _normed(fire.expand3x3, norm)
+                layers.append(fire)
                 c = 2 * e
         self.features = nn.Sequential(*layers)
         self.num_features = c
