@@ -7,14 +7,14 @@ FACES   ?= ../shared/data/lfw
 
 SD_DIR  ?= runs/prometheus_sd
 
-.PHONY: test demo venv clean bench monitor train-cpu eval identity export gpu-check
+.PHONY: test demo venv clean bench monitor train-cpu eval identity identity-embedder export gpu-check
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,export]'
+	$(BIN)/pip install -q -e '.[test,export,dlib]'
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -43,11 +43,16 @@ train-cpu: $(STAMP)
 eval: $(STAMP)
 	$(BIN)/facesr eval quality $(RUN) --data $(FACES) --manifest $(SHARDS) --split test --limit 500 --grid 6 --out $(RUN)/eval
 
+# LFW verification judged by dlib's pretrained recognizer (the dlib extra, installed by `make venv`).
+identity: $(STAMP)
+	$(BIN)/facesr eval identity $(RUN) --judge dlib --manifest $(SHARDS) --split test --out $(RUN)/identity
+
+# The same judged by the ResNet facesr trains itself on identities outside the pairs.
 runs/embedder/embedder.safetensors: $(STAMP)
 	$(BIN)/facesr eval embedder $@
 
-identity: runs/embedder/embedder.safetensors
-	$(BIN)/facesr eval identity $(RUN) --embedder $< --manifest $(SHARDS) --split test --out $(RUN)/identity
+identity-embedder: runs/embedder/embedder.safetensors
+	$(BIN)/facesr eval identity $(RUN) --embedder $< --manifest $(SHARDS) --split test --out $(RUN)/identity-embedder
 
 export: $(STAMP)
 	$(BIN)/facesr export $(RUN) $(RUN)/export

@@ -1,7 +1,8 @@
 """facesr: C-SRIP face hallucination (24² -> 192²) — model, maths, evaluation.
 
 This package imports only torch/torchvision/timm/torchmetrics/numpy/PIL, safetensors for weights,
-and onnx/onnxruntime inside ``facesr.export`` (the ``export`` extra); tests/test_layout.py checks it.
+onnx/onnxruntime inside ``facesr.export`` (the ``export`` extra) and dlib inside
+``facesr.identity.dlib_judge`` (the ``dlib`` extra); tests/test_layout.py checks it.
 Orchestration lives in ``cluster/``, shards in ``shards/``, entry points in ``launch/``.
 """
 

@@ -18,7 +18,10 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, safe_open, save_file
 
-from .models import FrozenPrior, PriorConfig, SRNet, SRNetConfig, build_prior, get_preset
+from .models import (
+    EmbedderConfig, FaceEmbedder, FrozenPrior, PriorConfig, SRNet, SRNetConfig, build_prior, get_preset,
+)
+from .models.embedder import freeze
 
 
 def classes_digest(classes: list[str]) -> str:
@@ -115,6 +118,25 @@ def load_srnet(path, device: str | torch.device = "cpu") -> SRNet:
     net = SRNet(cfg)
     net.load_state_dict(load_file(str(path), device="cpu"))
     return net.to(device).eval()
+
+
+def save_embedder(path, model: FaceEmbedder, classes: list[str], extra: dict | None = None) -> Path:
+    """facesr's own verification judge with its architecture and the identities it was trained on."""
+    meta = {"kind": "embedder", "config": dataclasses.asdict(model.cfg), "classes": classes, **(extra or {})}
+    _save(path, model.net.state_dict(), meta)
+    return Path(path)
+
+
+def load_embedder(path, device: str | torch.device = "cpu") -> tuple[FaceEmbedder, dict]:
+    """A frozen embedder and its metadata (training identities, training settings, exclusions, …)."""
+    meta = read_meta(path)
+    if meta["kind"] != "embedder":
+        raise ValueError(f"{path}: holds {meta['kind']!r}, not a face embedder")
+    fields = {f.name for f in dataclasses.fields(EmbedderConfig)}  # files written before the split also held training settings
+    model = FaceEmbedder(EmbedderConfig(**{k: v for k, v in meta["config"].items() if k in fields}),
+                         num_classes=len(meta["classes"]))
+    model.net.load_state_dict(load_file(str(path), device="cpu"))
+    return freeze(model.to(device)), meta
 
 
 def _unwrap(m: nn.Module) -> nn.Module:

@@ -4,7 +4,7 @@
                       [--degradations paper,decimate0,bicubic_aa,area,bilinear_noise,jpeg50,heldout]
   facesr eval grid MODEL [...] --data ../shared/data/lfw [--rows 6] [--degradations ...] [--out DIR]
   facesr eval embedder runs/embedder.safetensors            # train the verification judge (CPU, minutes)
-  facesr eval identity [MODEL ...] --embedder runs/embedder.safetensors [--per-fold 100]
+  facesr eval identity [MODEL ...] [--judge dlib | --embedder runs/embedder.safetensors] [--per-fold 100]
 
 MODEL is a run folder (its srnet.safetensors) or an SR-net .safetensors file; several models
 (e.g. the alpha=0 and alpha=0.001 runs) become several columns/rows. --data is an identity folder
@@ -72,23 +72,28 @@ def configure(parser) -> None:
     g.add_argument("--faces", nargs="*", default=[], help="chosen faces as identity/file.jpg (overrides --rows)")
     _add_degradations(g)
 
-    i = sub.add_parser("identity", help="LFW verification with one face HR / bicubic / SR")
+    i = sub.add_parser("identity", help="LFW verification with one face HR / bicubic / SR, and identity drift")
     _common(i, data=False)
-    i.add_argument("--embedder", required=True, help="face-embedder weights from `facesr eval embedder`")
+    i.add_argument("--judge", choices=["auto", "dlib", "embedder"], default="auto",
+                   help="face recognizer: dlib's pretrained ResNet (the dlib extra) or an embedder trained by "
+                   "`facesr eval embedder`; auto = embedder when --embedder is given, else dlib")
+    i.add_argument("--embedder", help="face-embedder weights from `facesr eval embedder` (--judge embedder)")
+    i.add_argument("--workers", type=int, default=1, help="dlib judge: processes embedding faces in parallel "
+                   "(dlib's wheel uses one core)")
     i.add_argument("--lfw", default=str(DATA / "lfw"), help="LFW identity folder")
     i.add_argument("--pairs", default=str(DATA / "lfw-pairs.txt"), help="LFW View 2 pairs.txt")
     i.add_argument("--per-fold", type=int, default=0, help="at most N pairs per fold (half same); 0 = all")
+
+    from . import eval_priors
+
+    eval_priors.configure(sub.add_parser("priors", help="identity priors' top-1/top-5 on held-out images, "
+                                                        "beside chance and the majority class"))
 
     e = sub.add_parser("embedder", help="train the verification network on identities outside the LFW pairs")
     e.add_argument("out", help="weights file to write (.safetensors)")
     e.add_argument("--lfw", default=str(DATA / "lfw"))
     e.add_argument("--pairs", default=str(DATA / "lfw-pairs.txt"), help="every person in these pairs is excluded")
     e.add_argument("--celeba", default=str(DATA / "celeba-ids"), help="extra identity folder ('' = none)")
-    from . import eval_priors
-
-    eval_priors.configure(sub.add_parser("priors", help="identity priors' top-1/top-5 on held-out images, "
-                                                        "beside chance and the majority class"))
-
     e.add_argument("--exclude-ids", help="file of further identities to exclude (e.g. the SR test split)")
     e.add_argument("--epochs", type=int, default=None)
     e.add_argument("--size", type=int, default=None, help="network input side")
@@ -240,16 +245,35 @@ def run_grid(args) -> int:
     return 0
 
 
-def run_identity(args) -> int:
-    from facesr.evaluate import write_json
-    from facesr.identity import format_identity_table, load_embedder, read_pairs, usable_pairs, verify
+def _judge(args, pairs):
+    """The verification judge the flags ask for (see --judge), refusing an embedder trained on pair people."""
+    from facesr.identity import EmbedderJudge
+    from facesr.identity import dlib_judge
 
-    models, where = _load_models(args.models, args.device)
-    embedder, meta = load_embedder(args.embedder, args.device)
-    pairs = read_pairs(args.pairs)
+    kind = args.judge if args.judge != "auto" else ("embedder" if args.embedder else "dlib")
+    if kind == "dlib":
+        if not dlib_judge.available():
+            raise SystemExit("the dlib judge needs the dlib extra (pip install -e '.[dlib]'), "
+                             "or pass --embedder WEIGHTS from `facesr eval embedder`")
+        return dlib_judge.DlibJudge(workers=args.workers)
+    if not args.embedder:
+        raise SystemExit("--judge embedder needs --embedder WEIGHTS (train one with `facesr eval embedder`)")
+    from facesr.weights import load_embedder
+
+    model, meta = load_embedder(args.embedder, args.device)
     leaked = set(meta.get("classes", [])) & {f"lfw/{n}" for p in pairs for n in (p.a[0], p.b[0])}
     if leaked:
         raise SystemExit(f"{args.embedder} was trained on {len(leaked)} people of the pairs: not a fair judge")
+    return EmbedderJudge(model, meta, args.embedder, args.device)
+
+
+def run_identity(args) -> int:
+    from facesr.evaluate import write_json
+    from facesr.identity import format_identity_table, read_pairs, usable_pairs, verify
+
+    models, where = _load_models(args.models, args.device)
+    pairs = read_pairs(args.pairs)
+    judge = _judge(args, pairs)
     kept, counts = usable_pairs(pairs, args.lfw, _identities(args), args.per_fold)
     _log(f"{counts['used']} pairs used; {counts['absent']} skipped (image absent), "
          f"{counts['outside_selection']} with face B outside the chosen identities, "
@@ -257,12 +281,16 @@ def run_identity(args) -> int:
     if not kept:
         raise SystemExit("no usable pairs")
     upscalers = {name: net.deploy() for name, net in models.items()}
-    results = verify(embedder, kept, args.lfw, upscalers, batch_size=args.batch_size, device=args.device, log=_log)
+    try:
+        results = verify(judge, kept, args.lfw, upscalers, batch_size=args.batch_size, device=args.device, log=_log)
+    finally:
+        getattr(judge, "close", lambda: None)()
     report = {
         "protocol": "LFW View 2 pairs; face A = HR 192x192 crop, face B = HR | bicubic x8 | model x8 from B's "
-        "24x24 lr (facesr.degrade.quadruplet); cosine similarity of flip-averaged embeddings; "
-        "accuracy = 10-fold CV threshold (LFW protocol); accuracy_best = best single threshold; ROC AUC",
-        "embedder": {"path": args.embedder, "config": meta.get("config"), "identities": len(meta.get("classes", []))},
+        "24x24 lr (facesr.degrade.quadruplet); score = minus the judge's distance; "
+        "accuracy = 10-fold CV threshold (LFW protocol); accuracy_fixed = the judge's own threshold; "
+        "accuracy_best = best single threshold; ROC AUC; drift = judge distance of restored face B to its HR",
+        "judge": judge.describe(),
         "pair_counts": counts,
         "models": where,
         "results": results,
@@ -276,17 +304,19 @@ def run_embedder(args) -> int:
     import dataclasses
 
     from facesr.evaluate import read_identities
-    from facesr.identity import EmbedderConfig, pair_identities, read_pairs, save_embedder, train_embedder, training_faces
+    from facesr.identity import EmbedderTraining, pair_identities, read_pairs, train_embedder, training_faces
+    from facesr.models import EmbedderConfig
+    from facesr.weights import save_embedder
 
     exclude = pair_identities(read_pairs(args.pairs))
     if args.exclude_ids:
         exclude |= set(read_identities(args.exclude_ids))
-    cfg = EmbedderConfig()
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in (("epochs", args.epochs), ("size", args.size)) if v})
+    cfg = EmbedderConfig(**({"size": args.size} if args.size else {}))
+    train = EmbedderTraining(**({"epochs": args.epochs} if args.epochs else {}))
     sources = {"lfw": args.lfw, **({"celeba": args.celeba} if args.celeba else {})}
-    faces, classes, counts = training_faces(sources, exclude, cfg.min_images)
+    faces, classes, counts = training_faces(sources, exclude, train.min_images)
     _log(f"embedder training set: {counts}")
-    model = train_embedder(faces, classes, cfg, steps=args.steps, log=_log)
-    extra = {"excluded": len(exclude), "counts": counts, "sources": sources}
+    model = train_embedder(faces, classes, cfg, train, steps=args.steps, log=_log)
+    extra = {"training": dataclasses.asdict(train), "excluded": len(exclude), "counts": counts, "sources": sources}
     print(f"wrote {save_embedder(args.out, model, classes, extra)}")
     return 0

@@ -1,26 +1,31 @@
-"""LFW pairs parsing and skipping, verification accuracy/AUC, the embedder's training set and a tiny verify run."""
+"""LFW pairs parsing and skipping, verification accuracy/AUC, the embedder's training set, a tiny verify run,
+and dlib's pretrained judge on real LFW pairs."""
 
 import json
+import sys
 
 import pytest
 import torch
 
 from facesr.identity import (
-    EmbedderConfig,
+    EmbedderJudge,
+    EmbedderTraining,
     Pair,
     best_threshold,
     format_identity_table,
-    load_embedder,
     pair_identities,
     read_pairs,
-    save_embedder,
     train_embedder,
     training_faces,
     usable_pairs,
     verification_metrics,
     verify,
 )
-from facesr.models import PRESETS, SRNet
+from facesr.identity import dlib_judge
+from facesr.models import PRESETS, EmbedderConfig, FaceEmbedder, SRNet
+from facesr.models.embedder import freeze
+from facesr.quality import upscale
+from facesr.weights import load_embedder, save_embedder
 
 from .conftest import DATA, LFW
 
@@ -107,8 +112,9 @@ def test_tiny_embedder_train_save_load_verify(pairs, tmp_path):
             (root / name / f.name).symlink_to(f)
     faces, classes, _ = training_faces({"lfw": root}, pair_identities(pairs), min_images=3)
     assert len(classes) == len(OUTSIDE_PAIRS) and len(faces) == 14
-    cfg = EmbedderConfig(size=32, batch_size=8, lowres_p=0.5)
-    model = train_embedder(faces, classes, cfg, steps=2, log=lambda m: None)
+    cfg = EmbedderConfig(size=32)
+    model = train_embedder(faces, classes, cfg, EmbedderTraining(batch_size=8, lowres_p=0.5), steps=2,
+                           log=lambda m: None)
     path = save_embedder(tmp_path / "emb.safetensors", model, classes)
     loaded, meta = load_embedder(path)
     assert meta["classes"] == classes and meta["config"]["size"] == 32
@@ -121,10 +127,12 @@ def test_tiny_embedder_train_save_load_verify(pairs, tmp_path):
     kept, counts = usable_pairs(pairs, LFW, per_fold=2)  # 20 pairs, 10 same, 2 per fold
     torch.manual_seed(0)
     sr = SRNet(PRESETS["tiny"].sr).eval()
-    res = verify(loaded, kept, LFW, {"tiny": sr.deploy()}, batch_size=16)
+    res = verify(EmbedderJudge(loaded), kept, LFW, {"tiny": sr.deploy()}, batch_size=16)
     assert list(res) == ["hr", "bicubic", "tiny"]
     for m in res.values():
         assert m["pairs"] == 20 and 0 <= m["accuracy"] <= 1 and 0 <= m["auc"] <= 1
+        assert "accuracy_fixed" not in m  # a judge trained here has no published threshold
+    assert "drift" not in res["hr"] and res["bicubic"]["drift"]["faces"] == len({p.b for p in kept})
     text = format_identity_table({"pair_counts": counts, "results": res})
     assert "bicubic" in text and f"{counts['absent']} skipped" in text
     json.dumps(res)
@@ -156,9 +164,101 @@ def test_cli_embedder_and_identity(pairs, tmp_path, capsys):
     report = json.loads((tmp_path / "eval" / "identity.json").read_text())
     assert list(report["results"]) == ["hr", "bicubic", "a0", "a1e-3"]
     assert report["pair_counts"]["used"] == 20 and report["pair_counts"]["absent"] > 0
+    assert report["judge"]["name"] == "embedder"  # --embedder given: that judge, whatever is installed
 
 
 def test_pair_dataclass_is_hashable():
     """Pairs can key dictionaries (faces are embedded once however many pairs use them)."""
     p = Pair(0, True, ("A", 1), ("A", 2))
     assert {p: 1}[p] == 1
+
+
+def test_embedder_files_from_before_the_split_still_load(tmp_path):
+    """Weights whose config also held training settings (written before the split) load with the architecture."""
+    from facesr.weights import _save
+
+    net = FaceEmbedder(EmbedderConfig(size=32), num_classes=3)
+    old = {"kind": "embedder", "config": {"arch": "resnet10t", "size": 32, "epochs": 8, "lr": 2e-3},
+           "classes": list("abc")}
+    _save(tmp_path / "old.safetensors", net.net.state_dict(), old)
+    loaded, meta = load_embedder(tmp_path / "old.safetensors")
+    assert loaded.cfg == EmbedderConfig(size=32) and meta["config"]["epochs"] == 8
+    x = torch.rand(1, 3, 64, 64)
+    assert torch.allclose(loaded(x), freeze(net)(x))
+
+
+# ---------------------------------------------------------------- dlib's pretrained judge
+
+needs_dlib = pytest.mark.skipif(not dlib_judge.available(), reason="the dlib extra is not installed "
+                                "(pip install -e '.[dlib]'; `make venv` installs it)")
+
+
+@pytest.fixture(scope="module")
+def dlib():
+    return dlib_judge.DlibJudge()
+
+
+@needs_dlib
+def test_dlib_models_found_without_importing_their_package(dlib):
+    """The .dat files are located by find_spec: face_recognition_models (which needs pkg_resources) never runs."""
+    assert (dlib_judge.model_dir() / dlib_judge.MODEL_FILES["recognizer"]).is_file()
+    assert "face_recognition_models" not in sys.modules
+
+
+@pytest.fixture(scope="module")
+def dlib_report(dlib, pairs):
+    """dlib's verify on 20 real pairs, with bicubic given a second time as an 'upscaler' (the rows must agree)."""
+    kept, _ = usable_pairs(pairs, LFW, per_fold=2)  # 20 pairs: 10 same, 10 different, one of each kind per fold
+    start = dlib.fallbacks
+    res = verify(dlib, kept, LFW, {"bicubic_again": lambda lr: upscale(lr, 192, "bicubic")}, batch_size=64)
+    return kept, res, dlib.fallbacks - start
+
+
+@needs_dlib
+def test_dlib_judge_separates_real_lfw_pairs(dlib_report):
+    """At HR, dlib puts most same-person pairs under its 0.6 threshold and most different ones above, AUC ~1."""
+    kept, res, _ = dlib_report
+    hr = res["hr"]
+    assert hr["pairs"] == 20 and hr["folds"] == 10
+    assert hr["accuracy_fixed"] >= 0.9 and hr["auc"] >= 0.95
+    assert -hr["score_same_mean"] < 0.6 < -hr["score_diff_mean"]  # scores are minus distances
+    assert hr["fallbacks"] == 0  # the detector finds every HR face: the fixed box is never needed there
+
+
+@needs_dlib
+def test_dlib_judge_drift_and_consistency(dlib_report):
+    """Bicubic x8 faces drift from their HR faces, less than another person is away; the same pictures, given
+    again as an upscaler, give identical figures (every face is embedded deterministically)."""
+    kept, res, fallbacks = dlib_report
+    bic, again = res["bicubic"], res["bicubic_again"]
+    assert bic["drift"]["faces"] == len({p.b for p in kept})
+    assert 0.1 < bic["drift"]["mean"] < -res["hr"]["score_diff_mean"]
+    assert bic == again
+    assert fallbacks == sum(m["fallbacks"] for m in res.values())
+
+
+@needs_dlib
+def test_dlib_judge_without_a_face_falls_back_and_counts(dlib):
+    """A picture with no face is embedded from the fixed LFW box and counted as a fallback, not dropped."""
+    before = dlib.fallbacks
+    e = dlib.embed(torch.full((1, 3, 192, 192), 0.5))
+    assert e.shape == (1, 128) and torch.isfinite(e).all() and dlib.fallbacks == before + 1
+
+
+@needs_dlib
+def test_dlib_judge_workers_give_the_same_embeddings(dlib, pairs):
+    """Spreading a batch over worker processes changes nothing in the embeddings or the fallback count."""
+    from facesr.degrade import crop_hr
+    from facesr.identity import image_path
+    from facesr.imageio import read_rgb
+
+    kept, _ = usable_pairs(pairs, LFW, per_fold=2)
+    faces = torch.stack([crop_hr(read_rgb(image_path(LFW, p.a))) for p in kept[:3]])  # (3, 3, 192, 192)
+    faces = torch.cat([faces, torch.full((1, 3, 192, 192), 0.5)])  # and one without a face
+    two = dlib_judge.DlibJudge(workers=2)
+    try:
+        before = dlib.fallbacks
+        assert torch.equal(two.embed(faces), dlib.embed(faces))
+        assert two.fallbacks == dlib.fallbacks - before == 1
+    finally:
+        two.close()

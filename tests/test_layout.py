@@ -10,7 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ALLOWED = {  # third-party and sibling packages each folder may import (the standard library is free)
     "facesr": {"torch", "torchvision", "timm", "torchmetrics", "numpy", "PIL", "safetensors",
-               "onnx", "onnxruntime"},  # onnx*: only `facesr export`, imported there lazily (the export extra)
+               "onnx", "onnxruntime",  # onnx*: only `facesr export`, imported there lazily (the export extra)
+               "dlib"},  # only facesr/identity/dlib_judge.py, imported when that judge is built (the dlib extra)
     "shards": {"facesr", "shards", "torch", "numpy", "PIL", "webdataset", "tqdm"},
     "launch": {"facesr", "shards", "cluster", "launch", "torch"},
     # every benchmark: each layer, plus the libraries its naive baselines use; Ray and DeepSpeed only via cluster

@@ -8,6 +8,7 @@ import timm
 import torch.nn as nn
 
 from .csrnet import SRNet, SRNetConfig, SRNetDeploy, conv_depth
+from .embedder import EmbedderConfig, FaceEmbedder
 from .prior import FrozenPrior, PriorConfig, SqueezeNetResidual
 
 
@@ -43,4 +44,5 @@ __all__ = [
     "PRESETS", "ModelPreset", "get_preset", "build_prior",
     "SRNet", "SRNetConfig", "SRNetDeploy", "conv_depth",
     "FrozenPrior", "PriorConfig", "SqueezeNetResidual",
+    "EmbedderConfig", "FaceEmbedder",
 ]
