@@ -1,4 +1,4 @@
-"""What training takes from the shards: the class map and one loader per (stage, split, rank, epoch).
+"""What training takes from the shards: the class map and one loader per (stage number, split, rank, epoch).
 
 Stage 1 (priors) streams only labelled samples (``cls >= 0``) of levels x2, x4,
 hr (the paper's random flips and crops are applied on the device by the stage,
@@ -33,11 +33,11 @@ def _sr_levels(cfg: TrainConfig) -> tuple[str, ...]:
     return ("lr", "x2", "x4", "hr") if cfg.data.degradation_model() == PAPER else ("x2", "x4", "hr")
 
 
-def split_name(cfg: TrainConfig, stage: int, split: str, manifest: dict | None = None) -> str:
-    """The manifest split behind (``stage``, ``train|val``); ``manifest`` resolves stage 1's ``auto``."""
+def split_name(cfg: TrainConfig, number: int, split: str, manifest: dict | None = None) -> str:
+    """The manifest split behind (stage ``number``, ``train|val``); ``manifest`` resolves stage 1's ``auto``."""
     if split == "train":
         return cfg.data.train_split
-    if stage != 1:
+    if number != 1:
         return cfg.data.val_split
     if manifest is None:
         from shards.manifest import read_manifest
@@ -46,7 +46,7 @@ def split_name(cfg: TrainConfig, stage: int, split: str, manifest: dict | None =
     return cfg.data.prior_split(manifest)
 
 
-def build_loader(cfg: TrainConfig, stage: int, split: str, micro_batch: int, rank: int, world_size: int, epoch: int):
+def build_loader(cfg: TrainConfig, number: int, split: str, micro_batch: int, rank: int, world_size: int, epoch: int):
     """Exactly ``len(loader)`` batches of ``micro_batch`` on every rank; a function of ``epoch``, so a resumed
     run replays the same data epoch. ``split`` is ``train`` or ``val``; validation is not shuffled or augmented
     and always reads epoch 0's stream, so every epoch is scored on the same samples."""
@@ -55,8 +55,8 @@ def build_loader(cfg: TrainConfig, stage: int, split: str, micro_batch: int, ran
 
     train = split == "train"
     manifest = read_manifest(cfg.data.shards, check_files=False)  # config.check() verified them before the start
-    name = split_name(cfg, stage, split, manifest)
-    priors = stage == 1
+    name = split_name(cfg, number, split, manifest)
+    priors = number == 1
     scfg = StreamConfig(
         batch_size=micro_batch,
         num_samples=split_samples(manifest, name, labelled_only=priors),
