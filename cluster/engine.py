@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,9 +93,9 @@ def set_accelerator_env(use_gpu: bool) -> None:
 
 
 def ops_to_build() -> tuple[list[str], str]:
-    """DeepSpeed ops that ``deepspeed.initialize`` will compile here because torch's extension cache lacks
-    them, and that cache's folder. On the CPU accelerator that is the shared-memory comm op: 20-60 s on a
-    machine's first start, then loaded from the cache. Call after ``set_accelerator_env``."""
+    """DeepSpeed ops that ``deepspeed.initialize`` will compile here, and torch's extension cache folder. On the
+    CPU accelerator that is the shared-memory comm op: 20-60 s when the cache lacks it (a machine's first
+    start) or ninja finds it stale, else it loads at once. Call after ``set_accelerator_env``."""
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
     from torch.utils.cpp_extension import _get_build_directory  # torch's own rule for where it builds
@@ -103,7 +104,17 @@ def ops_to_build() -> tuple[list[str], str]:
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         return [], ""
     folder = Path(_get_build_directory(builder.name, verbose=False))
-    return ([] if (folder / f"{builder.name}.so").exists() else [builder.absolute_name()]), str(folder.parent)
+    built = (folder / f"{builder.name}.so").exists() and _up_to_date(folder)
+    return ([] if built else [builder.absolute_name()]), str(folder.parent)
+
+
+def _up_to_date(folder: Path) -> bool:
+    """Whether the ninja that torch will run (the first on PATH) has nothing to rebuild in ``folder``."""
+    try:
+        dry = subprocess.run(["ninja", "-C", str(folder), "-n"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "no work to do" in dry.stdout
 
 
 def initialize(model: nn.Module, stage_cfg: StageConfig, engine: EngineConfig, world_size: int):

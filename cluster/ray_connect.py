@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
 
 import ray
@@ -53,7 +54,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, use_gpu:
         return f"Ray cluster at {target} ({_cpus()} CPUs)"
     path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH", ""), str(ROOT)) if p)
     dashboard = _free_port()
-    env = {"PYTHONPATH": path, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}"}
+    env = {"PYTHONPATH": path, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}", "PATH": _venv_first()}
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, include_dashboard=True, dashboard_host="127.0.0.1",
@@ -68,6 +69,14 @@ def shutdown() -> None:
 
 def _cpus() -> int:
     return int(ray.cluster_resources().get("CPU", 0))
+
+
+def _venv_first() -> str:
+    """PATH with this interpreter's bin folder first, so workers build DeepSpeed's ops with the ``ninja`` of this
+    environment, as the tests (and an activated venv) do. With another ``ninja`` first (/usr/bin's) every
+    switch between the two rebuilt the cached shm op from scratch (20-90 s): each version finds the other's
+    build log stale."""
+    return os.pathsep.join(p for p in (str(Path(sys.executable).parent), os.environ.get("PATH", "")) if p)
 
 
 def _free_port() -> int:

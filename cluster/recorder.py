@@ -88,8 +88,8 @@ class Recorder:
 
     def compiling(self, ops: list[str], cache: str) -> None:
         """Why a first start is slow: said before the build, so a silent minute has a reason."""
-        self.logger.info("first start on this machine: DeepSpeed compiles %s (20-60 s, once; cached in %s)",
-                         ", ".join(ops), cache)
+        self.logger.info("DeepSpeed compiles %s: 20-60 s on a machine's first start (or when its cache in %s is "
+                         "stale), then it loads from there", ", ".join(ops), cache)
 
     def resumed(self, state, folder: str) -> None:
         self.logger.info("resumed from %s at epoch %d, step %d (%d in epoch); restart %d of this stage", folder,
