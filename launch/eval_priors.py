@@ -23,12 +23,12 @@ def configure(p) -> None:
 
 
 def _shards_of(run: Path) -> str:
-    import yaml
+    from cluster.config import load_config
 
     cfg = run / "config.yaml"
     if not cfg.is_file():
         raise SystemExit(f"{run}: no config.yaml to find the shards in; pass --shards")
-    return yaml.safe_load(cfg.read_text())["data"]["shards"]
+    return load_config(cfg).data.shards  # the run's resolved config: an absolute shard root
 
 
 def run(args) -> int:
