@@ -204,7 +204,9 @@ class StageProgress:
 
 
 def _width(stream) -> int:
+    """Columns of the terminal (a pseudo-terminal without a size reports 0: then no limit worth cutting at)."""
     try:
-        return os.get_terminal_size(stream.fileno()).columns
+        columns = os.get_terminal_size(stream.fileno()).columns
     except (OSError, ValueError, AttributeError):
-        return 200
+        columns = 0
+    return columns if columns > 1 else 400
