@@ -110,12 +110,18 @@ def run(args) -> int:
 # ---------------------------------------------------------------- selection and data
 
 
-def _manifest_identities(root: str, split: str) -> list[str]:
-    """Identity names of a manifest split (manifest ``identities``: name -> {split, images, cls})."""
+def _manifest_identities(root: str, split: str, folder: str | None = None) -> list[str]:
+    """Identity names of a manifest split (manifest ``identities``: name -> {split, images, cls}). A prep of
+    several folders names identities ``<folder name>/<identity>``: those of ``folder``, unprefixed, are kept."""
     from shards.manifest import read_manifest
 
     m = read_manifest(root)
     names = sorted(n for n, info in m["identities"].items() if info.get("split") == split)
+    roots = m.get("source", {}).get("roots")
+    if roots and folder is not None:
+        here = Path(folder).resolve()
+        label = next((k for k, r in roots.items() if Path(r).resolve() == here), here.name)
+        names = [n.split("/", 1)[1] for n in names if n.startswith(f"{label}/")]
     if not names:
         splits = sorted({info.get("split") for info in m["identities"].values()})
         raise SystemExit(f"{root}: manifest has no identity in split {split!r} (splits: {splits})")
@@ -128,7 +134,7 @@ def _identities(args) -> list[str] | None:
     if args.ids:
         return read_identities(args.ids)
     if args.manifest:
-        return _manifest_identities(args.manifest, args.split)
+        return _manifest_identities(args.manifest, args.split, getattr(args, "data", None) or getattr(args, "lfw", None))
     return None
 
 

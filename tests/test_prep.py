@@ -215,6 +215,11 @@ def test_combined_sources_and_prior_holdout(tmp_path):
         info = m["identities"][name]
         assert info["split"] == "train" and 0 < info["prior_val"] < info["images"]
     assert sum(d["samples"] for d in m["splits"].values()) == m["source"]["accepted"]
+    from launch.eval import _manifest_identities  # eval's --manifest selection, against one of the folders
+
+    mine = _manifest_identities(str(out), "train", str(roots["celeb"]))
+    assert mine and all((roots["celeb"] / name).is_dir() for name in mine)
+    assert len(mine) == sum(1 for n, d in m["identities"].items() if n.startswith("celeb/") and d["split"] == "train")
     again = tmp_path / "again"
     assert main(args[:3] + [str(again)] + args[4:]) == 0  # deterministic: same shards, byte for byte
     for name in _files(out):
