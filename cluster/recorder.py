@@ -101,22 +101,20 @@ class Recorder:
 
     def train(self, terms: dict[str, float], extra: dict, epoch: int, step: int) -> None:
         """Train metrics averaged over ranks (collective), then recorded by rank 0."""
-        terms = self._mean_over_ranks(terms)
-        record = {**terms, **extra}
-        if self.telemetry is not None:
-            self.telemetry.log({**record, "epoch": epoch, "step": step}, split="train")
-        self.logger.info("epoch %d step %d %s", epoch, step, _fmt(record), extra=FILE_ONLY)
-        if self.is_main:
-            self._append("train", epoch, step, record)
+        self._record("train", self._mean_over_ranks(terms), extra, epoch, step)
 
     def val(self, terms: dict[str, float], extra: dict, epoch: int, step: int) -> None:
         """Validation metrics (already reduced over ranks)."""
+        self._record("val", terms, extra, epoch, step)
+
+    def _record(self, split: str, terms: dict[str, float], extra: dict, epoch: int, step: int) -> None:
         record = {**terms, **extra}
         if self.telemetry is not None:
-            self.telemetry.log({**record, "epoch": epoch, "step": step}, split="val")
-        self.logger.info("epoch %d step %d val %s", epoch, step, _fmt(record), extra=FILE_ONLY)
+            self.telemetry.log({**record, "epoch": epoch, "step": step}, split=split)
+        label = "" if split == "train" else f"{split} "
+        self.logger.info("epoch %d step %d %s%s", epoch, step, label, _fmt(record), extra=FILE_ONLY)
         if self.is_main:
-            self._append("val", epoch, step, record)
+            self._append(split, epoch, step, record)
 
     def checkpoint_written(self, folder: str, state) -> None:
         self.logger.info("checkpoint part written at step %d (epoch %d)", state.global_step, state.epoch,
