@@ -35,19 +35,18 @@ from ray._raylet import Config
 ROOT = Path(__file__).resolve().parents[1]  # this checkout: workers of a new local Ray import it from here
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None, use_gpu: bool = False,
-            log_to_driver: bool = True) -> str:
+def connect(address: str | None = None, *, num_cpus: int | None = None, use_gpu: bool = False) -> str:
     """Initialise Ray by the rules above; returns a phrase saying what it connected to (for the log).
 
-    ``use_gpu``: False makes a new local Ray's workers use DeepSpeed's CPU accelerator. ``log_to_driver``:
-    workers' stdout/stderr on this console (their warnings and tracebacks; facesr's workers print little).
+    ``use_gpu``: False makes a new local Ray's workers use DeepSpeed's CPU accelerator. Workers' stdout and
+    stderr reach this console (log_to_driver): their warnings and tracebacks; facesr's workers print little.
     """
     if ray.is_initialized():
         return "the Ray instance this process already uses"
     if "RAY_AUTH_MODE" not in os.environ:
         os.environ["RAY_AUTH_MODE"] = "token"
         Config.initialize("")  # Ray read its config at import; re-read it, as Ray does when it turns auth on itself
-    quiet = {"logging_level": logging.WARNING, "log_to_driver": log_to_driver}  # Ray's INFO start-up lines
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": True}  # Ray's INFO start-up lines stay out
     target = None if address == "local" else (address or os.environ.get("RAY_ADDRESS") or None)
     if target:  # an existing cluster; under `ray job submit` its runtime env is the job's
         ray.init(address=target, **quiet)
