@@ -262,3 +262,32 @@ def test_dlib_judge_workers_give_the_same_embeddings(dlib, pairs):
         assert two.fallbacks == dlib.fallbacks - before == 1
     finally:
         two.close()
+
+
+@needs_dlib
+def test_cli_identity_judges_with_dlib_by_default(dlib_report, tiny_run, tmp_path, capsys):
+    """Without --embedder, `facesr eval identity` judges with dlib (here over 2 worker processes): the table names
+    it, and the JSON's HR figures are those of the same 20 pairs verified directly."""
+    from launch.cli import main
+
+    capsys.readouterr()
+    assert main(["eval", "identity", str(tiny_run), "--per-fold", "2", "--workers", "2", "--out", str(tmp_path),
+                 "--device", "cpu"]) == 0
+    assert "judge: dlib" in capsys.readouterr().out
+    report = json.loads((tmp_path / "identity.json").read_text())
+    assert report["judge"]["name"] == "dlib" and report["judge"]["threshold"] == 0.6
+    _, res, _ = dlib_report
+    assert list(report["results"]) == ["hr", "bicubic", tiny_run.name]
+    assert report["results"]["hr"] == res["hr"] and report["results"]["bicubic"] == res["bicubic"]
+    sr = report["results"][tiny_run.name]
+    assert 0 < sr["drift"]["mean"] < 2 and 0 <= sr["accuracy_fixed"] <= 1
+
+
+def test_cli_judge_embedder_needs_its_weights():
+    """--judge embedder without --embedder is refused with a message saying how to get weights."""
+    from argparse import Namespace
+
+    from launch.eval import _judge
+
+    with pytest.raises(SystemExit, match="facesr eval embedder"):
+        _judge(Namespace(judge="embedder", embedder=None, workers=1, device="cpu"), [])
