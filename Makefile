@@ -7,7 +7,7 @@ FACES   ?= ../shared/data/lfw
 
 SD_DIR  ?= runs/prometheus_sd
 
-.PHONY: test demo venv clean bench monitor train-cpu eval identity identity-embedder export gpu-check
+.PHONY: test demo venv clean bench monitor train-cpu shards-id eval identity identity-embedder export gpu-check
 
 venv: $(STAMP)
 
@@ -39,6 +39,11 @@ gpu-check: $(STAMP)
 train-cpu: $(STAMP)
 	$(BIN)/facesr prep ../shared/data/celeba-ids data/shards/demo --shard-size 200
 	$(BIN)/facesr train --config launch/configs/cpu.yaml
+
+# Shards for priors that recognize (cpu-2h.yaml): LFW + CelebA identities with >= 10 images are prior
+# classes, 3 images of each held out (split prior_val) to score them on (`facesr eval priors RUN`).
+shards-id: $(STAMP)
+	$(BIN)/facesr prep $(FACES) ../shared/data/celeba-ids runs/id/shards --min-images 10 --prior-holdout 3
 
 eval: $(STAMP)
 	$(BIN)/facesr eval quality $(RUN) --data $(FACES) --manifest $(SHARDS) --split test --limit 500 --grid 6 --out $(RUN)/eval
