@@ -61,14 +61,15 @@ class PriorStage:
     def __init__(self, cfg: TrainConfig, classes: list[str], device: torch.device, precision: Precision):
         self.cfg, self.classes, self.device, self.precision = cfg, classes, device, precision
         self.stage_cfg = cfg.stage1
-        manifest = read_manifest(cfg.data.shards, check_files=False)
-        weight = None
-        if self.stage_cfg.class_balance:  # inverse frequency, mean 1 over the classes that have training images
-            n = torch.tensor(class_counts(manifest, cfg.data.train_split), dtype=torch.float32)
-            weight = torch.where(n > 0, 1 / n.clamp(min=1), torch.zeros_like(n))
-            weight = (weight * (n > 0).sum() / weight.sum()).to(device)
-        self.loss_fn = PriorLoss(weight)
-        self.baselines = prior_baselines(manifest, cfg.data.prior_split(manifest))
+        self.loss_fn = PriorLoss(self._class_weight() if self.stage_cfg.class_balance else None)
+        self.baselines: dict[str, float] | None = None  # chance and majority rates, read at the first validation
+
+    def _class_weight(self) -> torch.Tensor:
+        """Inverse class frequency in the training split, mean 1 over the classes that have training images."""
+        manifest = read_manifest(self.cfg.data.shards, check_files=False)
+        n = torch.tensor(class_counts(manifest, self.cfg.data.train_split), dtype=torch.float32)
+        weight = torch.where(n > 0, 1 / n.clamp(min=1), torch.zeros_like(n))
+        return (weight * (n > 0).sum() / weight.sum()).to(self.device)
 
     def build_model(self) -> nn.Module:
         prior = get_preset(self.cfg.preset).prior
@@ -89,6 +90,9 @@ class PriorStage:
     @torch.no_grad()
     def validate_batch(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         """Loss, cross-entropy, top-1 and top-5 accuracy per scale, beside the split's chance and majority rates."""
+        if self.baselines is None:
+            manifest = read_manifest(self.cfg.data.shards, check_files=False)
+            self.baselines = prior_baselines(manifest, self.cfg.data.prior_split(manifest))
         terms = prior_forward(model, self.loss_fn, batch, self.precision)
         return terms | {k: torch.tensor(v, device=self.device) for k, v in self.baselines.items()}
 
