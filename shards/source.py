@@ -13,6 +13,7 @@ summary count by it.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,8 +67,9 @@ class Scan:
 Src = str | tuple[str, ...]  # one identity-folder root, or several combined
 
 
+@functools.lru_cache(maxsize=16)  # source_file asks once per image: resolve each root once per process
 def source_roots(src: Src) -> dict[str, str]:
-    """label -> root folder: ``{"": root}`` for one source, ``{folder name: root}`` for several."""
+    """label -> root folder: ``{"": root}`` for one source, ``{folder name: root}`` for several (do not mutate)."""
     if isinstance(src, (str, os.PathLike)):
         return {"": os.fspath(src)}
     if len(src) == 1:
