@@ -26,7 +26,7 @@ HEADER = 22  # px of label strip above the columns
 GAP = 2  # px between cells
 
 
-def _show(x: torch.Tensor) -> torch.Tensor:
+def show(x: torch.Tensor) -> torch.Tensor:
     """(B, 3, s, s) -> (B, 3, 192, 192) by nearest neighbour (display only)."""
     return x if x.shape[-1] == CELL else F.interpolate(x, size=(CELL, CELL), mode="nearest-exact")
 
@@ -35,11 +35,11 @@ def _show(x: torch.Tensor) -> torch.Tensor:
 def grid_columns(batch: dict, models: dict[str, SRNet], device: str | torch.device = "cpu") -> list[tuple[str, torch.Tensor]]:
     """[(label, (N, 3, 192, 192))] in display order for the quadruplets in ``batch``."""
     lr = batch["lr"].float()
-    cols = [("LR 24x24", _show(lr)), ("bicubic x8", upscale(lr, CELL, "bicubic"))]
+    cols = [("LR 24x24", show(lr)), ("bicubic x8", upscale(lr, CELL, "bicubic"))]
     for name, net in models.items():
         sr = net.to(device).eval()(lr.to(device))
         prefix = f"{name} " if len(models) > 1 else "SR "
-        cols += [(f"{prefix}{SCALE_OF[k]}", _show(finish(sr[k]).cpu())) for k in TARGETS]
+        cols += [(f"{prefix}{SCALE_OF[k]}", show(finish(sr[k]).cpu())) for k in TARGETS]
     cols.append(("HR 192x192", batch["hr"].float()))
     return cols
 

@@ -15,6 +15,10 @@ was trained on, so it is brought to 24×24 one of two ways:
   feeds the network. No warning, since this is the intended use for large
   photos. Sources under 192 px fall back to the resize, with a warning.
 
+``compare=True`` writes, instead of the bare 192×192 output, a before/after panel per input: the
+24×24 face the network was given (shown enlarged, pixels visible), bicubic ×8 of it, and the
+network's ×8 — what a user looks at to judge the model on their own photos.
+
 Inputs are read by ``facesr.imageio`` (formats by content from an allowlist, a
 pixel limit, EXIF orientation, modes to RGB); what it refuses is reported with
 the reason and skipped; the run goes on.
@@ -33,8 +37,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .degrade import TooSmallError, quadruplet, quantize, to_uint8
+from .grid import render, show
 from .imageio import ImageReadError, read_rgb
 from .models import SRNet
+from .quality import upscale
 from .vocab import SIZES
 from .weights import load_srnet, read_meta
 
@@ -175,6 +181,30 @@ def _out_path(src_root: Path, file: Path, out: Path, single: bool) -> Path:
     return (out / file.relative_to(src_root)).with_suffix(".png")
 
 
+def reference(img: torch.Tensor, fit: bool = False) -> torch.Tensor | None:
+    """The source at 192x192 for a before/after panel: what ``to_lr`` shrank (its central 192 crop with
+    ``fit``, else the centre square resized), None for a 24x24 input (there is nothing larger to show)."""
+    h, w = img.shape[-2:]
+    if (h, w) == (LR, LR):
+        return None
+    if fit and min(h, w) >= HR:
+        top, left = (h - HR) // 2, (w - HR) // 2
+        return img[:, top : top + HR, left : left + HR].float() / 255
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    sq = img[:, top : top + side, left : left + side].float().unsqueeze(0) / 255
+    return F.interpolate(sq, size=(HR, HR), mode="bicubic", align_corners=False, antialias=True)[0].clamp(0, 1)
+
+
+def comparison_panel(lr: torch.Tensor, sr: torch.Tensor, ref: torch.Tensor | None = None) -> Image.Image:
+    """One row: the (1, 3, 24, 24) input enlarged by nearest neighbour, its bicubic x8, the model's x8, and
+    the source photo at 192 (``reference``) when there is one."""
+    cols = [("input 24x24", show(lr.float())), ("bicubic x8", upscale(lr, HR, "bicubic")), ("facesr x8", sr.float())]
+    if ref is not None:
+        cols.append(("source photo", ref.unsqueeze(0)))
+    return render(cols)
+
+
 @torch.inference_mode()
 def super_resolve(
     model: Callable[[torch.Tensor], torch.Tensor],
@@ -182,6 +212,7 @@ def super_resolve(
     out: str | Path,
     *,
     fit: bool = False,
+    compare: bool = False,
     batch_size: int = 16,
     device: str | torch.device = "cpu",
     log: Callable[[str], None] = print,
@@ -191,16 +222,20 @@ def super_resolve(
     files = list_inputs(src)
     single = src.is_file()
     report = SRReport()
-    pending: list[tuple[Path, torch.Tensor]] = []
+    pending: list[tuple[Path, torch.Tensor, torch.Tensor | None]] = []  # (file, lr, reference)
 
     def flush() -> None:
         if not pending:
             return
-        lr = torch.stack([x for _, x in pending]).to(device)  # (B, 3, 24, 24)
+        lr = torch.stack([x for _, x, _ in pending]).to(device)  # (B, 3, 24, 24)
         hr = model(lr).float().clamp(0, 1)  # (B, 3, 192, 192)
-        for (f, _), img in zip(pending, hr):
+        for i, ((f, _, ref), img) in enumerate(zip(pending, hr)):
             dst = _out_path(src, f, out, single)
-            write_png(img, dst)
+            if compare:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                comparison_panel(lr[i : i + 1].cpu(), img.unsqueeze(0).cpu(), ref).save(dst)
+            else:
+                write_png(img, dst)
             report.written.append(dst)
         pending.clear()
 
@@ -215,7 +250,7 @@ def super_resolve(
         if note:
             report.resized.append((f, note))
             log(f"warning: {f}: {note}; use --fit for face photos framed like LFW")
-        pending.append((f, lr))
+        pending.append((f, lr, reference(img, fit) if compare else None))
         if len(pending) >= batch_size:
             flush()
     flush()

@@ -19,6 +19,8 @@ def configure(p) -> None:
     p.add_argument("src", metavar="IN", help="image file or folder (searched recursively)")
     p.add_argument("out", metavar="OUT", help="output folder (or a .png path when IN is one image)")
     p.add_argument("--fit", action="store_true", help="inputs are LFW-framed face photos: crop 192 and degrade to 24")
+    p.add_argument("--compare", action="store_true",
+                   help="write a before/after panel per input: the 24x24 input, bicubic x8, facesr x8")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -29,7 +31,7 @@ def run(args) -> int:
     device = "cpu" if args.model.endswith(".onnx") else args.device  # ONNX runs on the CPU runtime
     model = load_upscaler(args.model, device)
     report = super_resolve(
-        model, args.src, args.out, fit=args.fit, batch_size=args.batch_size, device=device,
+        model, args.src, args.out, fit=args.fit, compare=args.compare, batch_size=args.batch_size, device=device,
         log=lambda m: print(m, file=sys.stderr),
     )
     print(f"wrote {len(report.written)} PNGs to {args.out}; {len(report.resized)} resized, "

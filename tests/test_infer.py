@@ -103,3 +103,22 @@ def test_cli_sr(tiny_run, inputs, tmp_path, capsys):
     cap = capsys.readouterr()
     assert "wrote 3 PNGs" in cap.out and "1 resized, 2 skipped" in cap.out
     assert "broken.jpg" in cap.err
+
+
+def test_compare_panels(tiny_run, inputs, tmp_path):
+    """--compare: per input one row of 192² cells (input, bicubic, facesr, and the source photo where the input
+    was larger than 24²); its facesr cell is the plain output, pixel for pixel."""
+    from launch.cli import main
+
+    plain, panels = tmp_path / "plain", tmp_path / "panels"
+    assert main(["sr", str(tiny_run), str(inputs), str(plain), "--device", "cpu"]) == 0
+    assert main(["sr", str(tiny_run), str(inputs), str(panels), "--device", "cpu", "--compare"]) == 0
+    cell, gap, header = 192, 2, 22
+    for name, cols in [("face0.png", 3), ("sub/face1.png", 3), ("photo.png", 4)]:
+        panel = np.asarray(Image.open(panels / name).convert("RGB"))
+        assert panel.shape == (header + cell, cols * (cell + gap) - gap, 3), name
+        x0 = 2 * (cell + gap)
+        assert np.array_equal(panel[header:, x0 : x0 + cell], np.asarray(Image.open(plain / name))), name
+    photo = np.asarray(Image.open(panels / "photo.png").convert("RGB"))[header:, 3 * (cell + gap):].astype(float)
+    src = np.asarray(Image.open(faces()[2]).convert("RGB").resize((cell, cell), Image.BICUBIC)).astype(float)
+    assert np.abs(photo - src).mean() < 3  # the source photo, resized (torch's antialiased bicubic vs PIL's)
