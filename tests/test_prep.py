@@ -242,6 +242,35 @@ def test_prior_holdout_count_per_class_is_balanced():
             SplitConfig(min_images=3, prior_holdout=bad)
 
 
+def test_prior_holdout_is_stable_under_resharding():
+    """The held-out images depend only on (seed, identity, its files): not on shard size, the order the images
+    were found in (Ray tasks finish in any order), or other identities; and no held-out image is trained on."""
+    import random
+
+    from shards.plan import plan_shards, sample_splits
+
+    accepted = [(f"id{i}", f"id{i}/{j:03d}.jpg") for i in range(6) for j in range(4 + 3 * i)]
+    split_of = {f"id{i}": "train" for i in range(6)}
+    classes = sorted(split_of)
+    cfg = SplitConfig(min_images=4, prior_holdout=0.25)
+
+    def held(acc, shard_size):
+        where = sample_splits(acc, split_of, classes, cfg)
+        by_split = {}
+        for plan in plan_shards(acc, where, classes, shard_size, seed=0):
+            by_split.setdefault(plan.split, set()).update(r.path for r in plan.samples)
+        assert not by_split["prior_val"] & by_split["train"]  # disjoint from the images the priors train on
+        return by_split["prior_val"]
+
+    base = held(accepted, 5)
+    shuffled = accepted[:]
+    random.Random(3).shuffle(shuffled)
+    assert held(shuffled, 7) == base and held(accepted, 1000) == base
+    fewer = [(i, p) for i, p in accepted if i != "id5"]  # one identity fewer: the others keep their holdout
+    assert held(fewer, 5) == {p for p in base if not p.startswith("id5/")}
+    assert len(base) == sum(max(1, round(0.25 * (4 + 3 * i))) for i in range(6))
+
+
 def test_combined_sources_with_one_folder_name_refused(tmp_path, capsys):
     a, b = tmp_path / "x" / "faces", tmp_path / "y" / "faces"
     for d in (a, b):
