@@ -62,7 +62,9 @@ identity-embedder: runs/embedder/embedder.safetensors
 export: $(STAMP)
 	$(BIN)/facesr export $(RUN) $(RUN)/export
 
-# Prometheus on loopback, scraping every exporter listed in $(SD_DIR) (file_sd).
+# Prometheus on loopback, scraping every exporter of every run: those registered with the Ray cluster's target
+# registry (HTTP SD; the cluster at $RAY_ADDRESS, else one started here with `ray start`, e.g. on the head: no
+# shared folder needed) and those listed in $(SD_DIR) (file_sd: one machine or a shared mount).
 monitor: $(STAMP)
 	$(BIN)/python -m cluster.monitor --sd-dir $(SD_DIR) --install
 

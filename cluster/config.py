@@ -51,13 +51,22 @@ class RunConfig:
     checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints; 0 = only at the end of each epoch
     keep_checkpoints: int = 2  # checkpoints kept per stage by Ray Train (latest ones)
     telemetry_port: int | None = None  # first Prometheus exporter port (+ local rank); None = no exporter
-    telemetry_sd_dir: str = ""  # Prometheus file_sd folder shared by all runs; "" = <cluster.storage_path>/prometheus_sd
+    # Prometheus file_sd folder shared by all runs; "" = <cluster.storage_path>/prometheus_sd when storage is a
+    # folder, none with an object-store URI (nothing every node could write and Prometheus read)
+    telemetry_sd_dir: str = ""
+    # head port of the HTTP discovery registry (cluster/discovery.py) the driver starts unless the cluster has one;
+    # exporters register with it, so Prometheus finds them without a shared folder. None = file_sd only
+    telemetry_sd_port: int | None = 9095
 
     def validate(self, key: str = "run") -> None:
         if not self.stages or sorted(set(self.stages)) != self.stages or not set(self.stages) <= {1, 2}:
             raise ConfigError(f"{key}.stages", f"expected [1], [2] or [1, 2], got {self.stages}")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
             raise ConfigError(f"{key}.name", f"use letters, digits, '_', '-', '.' only, got {self.name!r}")
+        for name in ("telemetry_port", "telemetry_sd_port"):
+            port = getattr(self, name)
+            if port is not None and not 0 <= port <= 65535:
+                raise ConfigError(f"{key}.{name}", f"expected a TCP port 0-65535 or null, got {port}")
 
 
 @dataclass
@@ -456,7 +465,7 @@ def resolve(cfg: TrainConfig, base: str | Path | None = None) -> TrainConfig:
     )
     run_dir = absolute(run_dir)
     storage = cfg.cluster.storage_path
-    sd_default = str(Path(storage if not _is_uri(storage) else Path(run_dir).parent) / "prometheus_sd")
+    sd_default = "" if _is_uri(storage) else str(Path(storage) / "prometheus_sd")
     sd_dir = absolute(cfg.run.telemetry_sd_dir) if cfg.run.telemetry_sd_dir else sd_default
     cfg.run = dataclasses.replace(cfg.run, run_dir=run_dir, telemetry_sd_dir=sd_dir)
     cfg.stage2 = dataclasses.replace(cfg.stage2, priors=absolute(cfg.stage2.priors))

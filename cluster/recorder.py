@@ -69,7 +69,8 @@ class Recorder:
 
             self.telemetry = Telemetry(
                 run=cfg.run.name, stage=stage_label, rank=rank, node=node,
-                port=cfg.run.telemetry_port + local_rank, host=node_ip(), sd_dir=cfg.run.telemetry_sd_dir,
+                port=cfg.run.telemetry_port + local_rank, host=node_ip(), sd_dir=cfg.run.telemetry_sd_dir or None,
+                registry=cfg.run.telemetry_sd_port is not None,
             )
         self.logger.info("rank %d/%d on %s, pid %d, process up %.1fs", rank, world, node, os.getpid(), _uptime())
 

@@ -1,4 +1,4 @@
-"""Per-worker Prometheus exporter for facesr training, found by Prometheus via file_sd.
+"""Per-worker Prometheus exporter for facesr training, found by Prometheus via HTTP SD or file_sd.
 
 Contract with the training loop (wired in cluster/recorder.py), one instance per worker and stage::
 
@@ -7,14 +7,16 @@ Contract with the training loop (wired in cluster/recorder.py), one instance per
     tel = Telemetry(run=cfg.run.name, stage="prior" | "sr", rank=world_rank, node=socket.gethostname(),
                     port=cfg.run.telemetry_port + local_rank,  # pass None for no exporter
                     host=node_ip(),                             # node IP inside Ray, else loopback
-                    sd_dir=cfg.run.telemetry_sd_dir, restarts=restarts_so_far)
+                    sd_dir=cfg.run.telemetry_sd_dir,              # file_sd folder, or None
+                    registry=True,                                # HTTP SD registry on the Ray head
+                    restarts=restarts_so_far)
     tel.log(loss_terms | {"lr": lr, "samples_per_s": sps, "step_time_s": dt, "data_wait_s": wait,
                           "epoch": epoch, "step": step, "decode_errors": n_skipped}, split="train")
     tel.log(val_terms | {"epoch": epoch, "step": step}, split="val")  # after each validation
     tel.checkpoint_saved()  # once the checkpoint is durably written (at least on rank 0)
     tel.restart()           # when resuming, if restarts_so_far was not known at construction
     tel.set_stage("sr")     # only if one process runs both stages with one exporter
-    tel.close()             # in a finally: withdraws the discovery file, stops the server
+    tel.close()             # in a finally: withdraws from discovery, stops the server
 
 ``log`` keys follow the loss-dict vocabulary: ``"<name>/<scale>"`` (``ssim/x8``, ``ce/x2``,
 ``acc/x4``, ``psnr/x8``) becomes ``facesr_<name>{scale="x8"}``; plain keys map through
@@ -34,13 +36,20 @@ Ports and discovery. ``port`` is tried first (convention: base port + local rank
 busy the OS picks a free one; with ``port=None`` or if binding fails there is no exporter at
 all. None of these stop training: they are logged. The exporter binds to ``host`` only
 (loopback by default; on a cluster the node's IP, see ``node_ip``). Because the real port can
-differ from the requested one, every exporter advertises itself in ``sd_dir`` as a Prometheus
-file_sd file ``<run>-<node>-r<rank>.json`` written atomically (tmp + rename) and removed by
-``close()``. ``sd_dir`` is one dir for all runs, ``<cluster.storage_path>/prometheus_sd``,
-which Prometheus watches (cluster/prometheus/prometheus.yml, ``make monitor``); on a
-multi-node cluster it must be on the shared filesystem that holds ``storage_path``. A worker
-killed hard leaves its file behind: Prometheus then shows that target as ``up == 0`` until
-the same run/node/rank rewrites it or the file is deleted.
+differ from the requested one, every exporter advertises itself, in one or both of two ways:
+
+* ``registry=True`` (inside Ray): with the cluster's target registry on the Ray head
+  (cluster/discovery.py), which Prometheus polls over HTTP (``http_sd_configs``). Needs no
+  shared folder; the entry is renewed while the exporter lives and withdrawn by ``close()``,
+  and one of a worker killed hard expires after ``discovery.TTL_S``.
+* ``sd_dir``: a Prometheus file_sd file ``<run>-<node>-r<rank>.json`` written atomically
+  (tmp + rename) and removed by ``close()``. ``sd_dir`` is one dir for all runs,
+  ``<cluster.storage_path>/prometheus_sd`` when storage is a folder; on a multi-node cluster
+  it must be on the shared filesystem that holds ``storage_path``. A worker killed hard
+  leaves its file behind: Prometheus then shows that target as ``up == 0`` until the same
+  run/node/rank rewrites it or the file is deleted.
+
+``make monitor`` renders cluster/prometheus/prometheus.yml with both.
 
 Why prometheus_client and not ``ray.util.metrics``: Ray re-exports application metrics through
 each node's metrics agent with a ``ray_`` prefix and its own reporting delay, only while the
@@ -176,11 +185,13 @@ class Telemetry:
         host: str = "127.0.0.1",
         sd_dir: str | None = None,
         restarts: int = 0,
+        registry: bool = False,
     ):
         self.run, self.stage, self.rank, self.node, self.host = run, stage, int(rank), node, host
         self.restarts = int(restarts)
         self.port: int | None = None  # the bound port, None without exporter
         self.sd_file: str | None = None
+        self.registration = None  # discovery.Registration while advertised in the Ray cluster's registry
         self._lock = threading.Lock()
         # (name, scale, split) -> value; cleared by set_stage
         self._values: dict[tuple[str, str | None, str], float] = {}
@@ -194,6 +205,8 @@ class Telemetry:
         self._serve(port)
         if self.port is not None and sd_dir:
             self._advertise(sd_dir)
+        if self.port is not None and registry:
+            self._register()
         atexit.register(_close_ref, weakref.ref(self))
 
     # --- what the training loop calls -------------------------------------------------
@@ -233,6 +246,9 @@ class Telemetry:
 
     def close(self) -> None:
         """Withdraw from discovery and stop serving. Safe to call twice."""
+        if self.registration is not None:
+            self.registration.close()
+            self.registration = None
         if self.sd_file:
             try:
                 os.unlink(self.sd_file)
@@ -286,12 +302,21 @@ class Telemetry:
             log.info("telemetry: rank %d serving http://%s/metrics", self.rank, self.target)
             return
 
+    @property
+    def sd_labels(self) -> dict[str, str]:
+        """Labels every discovery way attaches to the target (also on ``up`` and ``facesr_process_*``)."""
+        return {"run": self.run, "node": self.node, "rank": str(self.rank)}
+
+    def _register(self) -> None:
+        from .discovery import Registration
+
+        self.registration = Registration.join(f"{self.run}/{self.node}/r{self.rank}", self.target, self.sd_labels)
+
     def _advertise(self, sd_dir: str) -> None:
         safe = lambda s: re.sub(r"[^A-Za-z0-9_.-]", "_", str(s))  # noqa: E731
         path = os.path.join(sd_dir, f"{safe(self.run)}-{safe(self.node)}-r{self.rank}.json")
-        labels = {"run": self.run, "node": self.node, "rank": str(self.rank)}
         try:
-            write_sd_file(path, [self.target], labels)
+            write_sd_file(path, [self.target], self.sd_labels)
             self.sd_file = path
         except OSError as e:
             log.error("telemetry: cannot write discovery file %s: %s", path, e)

@@ -50,6 +50,7 @@ def train(cfg: TrainConfig) -> Path:
 
     log.info("connecting to Ray (a new local Ray starts in 10-30 s)")
     log.info("on %s", connect(cfg.cluster.address, use_gpu=cfg.cluster.use_gpu))
+    _discovery(cfg)
     for number in cfg.run.stages:
         done = done_path(run_dir, number)
         if done.exists():
@@ -61,6 +62,18 @@ def train(cfg: TrainConfig) -> Path:
         log.info("stage %d finished: %s", number, json.dumps(json.loads(done.read_text())) if done.exists() else "no marker")
     _summarise(run_dir)
     return run_dir
+
+
+def _discovery(cfg: TrainConfig) -> None:
+    """Start (or find) the cluster's Prometheus target registry, which the workers' exporters join."""
+    if cfg.run.telemetry_port is None or cfg.run.telemetry_sd_port is None:
+        return
+    from .discovery import ensure_registry
+
+    try:
+        log.info("Prometheus discovery: %s (make monitor polls it)", ensure_registry(cfg.run.telemetry_sd_port))
+    except Exception as e:  # monitoring never stops training
+        log.warning("no Prometheus discovery registry (%s); exporters are found through file_sd only", e)
 
 
 def _summarise(run_dir: Path) -> None:

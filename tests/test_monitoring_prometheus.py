@@ -84,7 +84,10 @@ def api(url: str, path: str, **params) -> dict:
 
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory):
-    """A real Prometheus on 127.0.0.1 watching a temporary file_sd dir; yields (url, sd_dir)."""
+    """A real Prometheus on 127.0.0.1 finding exporters through a temporary file_sd dir and an HTTP SD table
+    (cluster/discovery.py's, served on loopback); yields (url, sd_dir, sd_table)."""
+    from cluster.discovery import SDServer, TargetTable
+
     try:
         monitor.prometheus_binary(install=True)
     except (FileNotFoundError, subprocess.CalledProcessError) as e:
@@ -94,24 +97,27 @@ def prometheus(tmp_path_factory):
     sd_dir.mkdir()
     ray_sd = tmp / "ray_sd.json"
     ray_sd.write_text("[]")  # no Ray cluster in this test: an empty target list
+    table = TargetTable()
+    server = SDServer(table, "127.0.0.1", 0)
     port = monitor.free_port()
-    text = monitor.render_config(str(sd_dir), str(ray_sd), scrape_interval="1s")
+    text = monitor.render_config(str(sd_dir), str(ray_sd), scrape_interval="1s", sd_url=server.url)
     log = open(tmp / "prometheus.log", "w")
     proc = monitor.start(text, str(tmp / "data"), port=port, log_file=log)
     url = f"http://127.0.0.1:{port}"
     try:
         monitor.wait_ready(url, proc)
-        yield url, sd_dir
+        yield url, sd_dir, table
     finally:
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+        server.close()
 
 
 @pytest.fixture(scope="module")
 def run_window(prometheus):
     """Runs WORKLOAD to completion; yields (t_start, t_end, run_dir), removes its scratch after."""
-    _, sd_dir = prometheus
+    _, sd_dir, _ = prometheus
     from tests.test_train import FAST, make_shards
 
     scratch = Path(tempfile.mkdtemp(prefix="fsr-mon-"))  # private: pytest's basetemp is pruned by other sessions
@@ -145,7 +151,7 @@ def test_rendered_config_is_valid(prometheus, tmp_path):
 def test_dashboard_query_returns_series(prometheus, run_window, title, expr):
     """Each dashboard query returns series during the run: for every scale if per-scale, for
     every rank if per-rank (each worker's exporter was discovered)."""
-    url, _ = prometheus
+    url = prometheus[0]
     t_start, t_end, _ = run_window
     data = api(url, "query_range", query=substitute(expr, VARIABLES),
                start=f"{t_start:.3f}", end=f"{t_end:.3f}", step="1s")
@@ -161,7 +167,7 @@ def test_dashboard_query_returns_series(prometheus, run_window, title, expr):
 
 def test_dashboard_variables_resolve(prometheus, run_window):
     """Each template variable's label_values() lists this run's values (both stages, all ranks)."""
-    url, _ = prometheus
+    url = prometheus[0]
     t_start, t_end, _ = run_window
     dash = json.loads(DASHBOARD.read_text())
     expected = {"run": {RUN}, "stage": {"prior", "sr"}, "rank": {str(r) for r in range(WORKERS)}}
@@ -176,7 +182,7 @@ def test_dashboard_variables_resolve(prometheus, run_window):
 
 def test_exporters_withdraw_after_run(prometheus, run_window):
     """Closed exporters remove their file_sd files, so finished runs are not scraped forever."""
-    _, sd_dir = prometheus
+    _, sd_dir, _ = prometheus
     assert list(sd_dir.glob("*.json")) == []
 
 
@@ -187,3 +193,47 @@ def test_summary_of_monitored_run(run_window):
     text = md.read_text()
     assert all(f"| {s} |" in text for s in SCALES)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def facesr_targets(url: str, run: str) -> list[dict]:
+    """Prometheus' active targets of the facesr job that carry ``run``."""
+    return [t for t in api(url, "targets", state="active")["activeTargets"]
+            if t["labels"].get("job") == "facesr" and t["labels"].get("run") == run]
+
+
+def wait_until(ok, what: str, timeout: float = 30.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if value := ok():
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"{what}: not within {timeout:.0f}s")
+
+
+def test_http_sd_finds_exporters_without_a_shared_folder(prometheus):
+    """Exporters advertised only in the registry's HTTP SD table (cluster/discovery.py) are scraped with their
+    run/node/rank labels; one advertised both ways is one target; a withdrawn entry leaves Prometheus."""
+    from cluster.telemetry import Telemetry
+
+    url, sd_dir, table = prometheus
+    run = "http-sd"
+    # rank 0 only in the HTTP SD table (no folder); rank 1 also in the file_sd folder
+    tels = [Telemetry(run, "sr", rank, f"n{rank}", port=0, sd_dir=str(sd_dir) if rank else None) for rank in (0, 1)]
+    keys = [f"{run}/{t.node}/r{t.rank}" for t in tels]
+    try:
+        for t, key in zip(tels, keys):
+            t.log({"loss": 0.5 + t.rank, "step": 3}, split="train")
+            table.put(key, t.target, t.sd_labels)
+        loss = lambda: api(url, "query", query=f'facesr_loss{{run="{run}"}}')["result"]  # noqa: E731
+        series = wait_until(lambda: len(loss()) == 2 and loss(), "both exporters scraped")
+        assert {(s["metric"]["rank"], s["metric"]["node"], float(s["value"][1])) for s in series} == {
+            ("0", "n0", 0.5), ("1", "n1", 1.5)}
+        targets = facesr_targets(url, run)
+        assert len(targets) == 2 and all(t["health"] == "up" for t in targets), targets
+        assert {t["scrapeUrl"] for t in targets} == {f"http://{t.target}/metrics" for t in tels}
+        table.drop(keys[0])
+        wait_until(lambda: [t["labels"]["rank"] for t in facesr_targets(url, run)] == ["1"], "rank 0 withdrawn")
+    finally:
+        for t, key in zip(tels, keys):
+            table.drop(key)
+            t.close()

@@ -159,3 +159,32 @@ def test_discovery_file_written_atomically_and_removed(tel, tmp_path):
     tel.close()
     tel.close()
     assert list(sd.iterdir()) == []
+
+
+def test_http_sd_table_serves_groups_and_expires_stale_entries():
+    """The registry's table, served over HTTP as Prometheus' http_sd wants (JSON list of target groups): an
+    entry not renewed within its TTL is gone, a renewed one stays, other paths are 404."""
+    import urllib.error
+
+    from cluster.discovery import PATH, SDServer, TargetTable
+
+    table = TargetTable()
+    server = SDServer(table, "127.0.0.1", 0)
+    try:
+        table.put("r/n0/r0", "10.0.0.1:9400", {"run": "r", "node": "n0", "rank": 0}, ttl_s=0.5)
+        table.put("r/n1/r1", "10.0.0.2:9401", {"run": "r", "node": "n1", "rank": 1}, ttl_s=30)
+        get = lambda path=PATH: urllib.request.urlopen(server.url.replace(PATH, path), timeout=5)  # noqa: E731
+        with get() as r:
+            assert r.headers["Content-Type"] == "application/json"
+            assert json.load(r) == [{"targets": ["10.0.0.1:9400"], "labels": {"run": "r", "node": "n0", "rank": "0"}},
+                                    {"targets": ["10.0.0.2:9401"], "labels": {"run": "r", "node": "n1", "rank": "1"}}]
+        time.sleep(0.7)
+        with get() as r:
+            assert [g["targets"] for g in json.load(r)] == [["10.0.0.2:9401"]]
+        table.drop("r/n1/r1")
+        with get() as r:
+            assert json.load(r) == []
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            get("/metrics")
+    finally:
+        server.close()
