@@ -99,3 +99,52 @@ class QualityMeter:
                 row["n"] = v.numel()
             out.setdefault(method, {})[scale] = row
         return out
+
+
+def translate(x: torch.Tensor, dy: float, dx: float) -> torch.Tensor:
+    """(B, C, H, W) moved by (dy, dx) px (content goes down/right for positive values), bicubic, borders repeated."""
+    b, _, h, w = x.shape
+    ys = (torch.arange(h, dtype=torch.float32) - dy + 0.5) / h * 2 - 1
+    xs = (torch.arange(w, dtype=torch.float32) - dx + 0.5) / w * 2 - 1
+    grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij")[::-1], -1).to(x.device).expand(b, h, w, 2)
+    return F.grid_sample(x.float(), grid, mode="bicubic", padding_mode="border", align_corners=False)
+
+
+SHIFTS = tuple(s / 2 for s in range(-9, 10))  # -4.5 ... 4.5 px in half-pixel steps
+
+
+def shift_compensated_psnr(
+    pred: torch.Tensor, target: torch.Tensor, shifts: tuple[float, ...] = SHIFTS, border: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PSNR after undoing a global misregistration: per image, the best (dy, dx) from ``shifts`` on each axis
+    (coordinate search: dx at dy = 0, dy at that dx, dx again), scored on the image less ``border`` px each
+    side so that no shifted-in border is counted. Returns ((B,) PSNR [dB], (B, 2) shift found).
+
+    A downscaler whose sampling grid is offset from the target's (e.g. decimation keeping even pixels)
+    misregisters every upscaler's output by the same sub-pixel amount; plain PSNR then mostly measures that
+    offset, which no upscaler can see in its input. Real-world SR benchmarks (RealSR, NTIRE) align the same way.
+    """
+    c = slice(border, -border)
+    pred, target = pred.float(), target.float()
+
+    def psnr_at(dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+        moved = torch.stack([translate(p[None], float(y), float(x))[0] for p, y, x in zip(pred, dy, dx)])
+        moved = quantize(moved.clamp(0, 1))
+        mse = ((moved[..., c, c] - target[..., c, c]) ** 2).mean(dim=(1, 2, 3))
+        return (-10 * torch.log10(mse.clamp_min(1e-10))).clamp(max=PSNR_CAP)
+
+    n = pred.shape[0]
+    grid = torch.tensor(shifts)
+    dy, dx = torch.zeros(n), torch.zeros(n)
+    best = psnr_at(dy, dx)
+    for axis in ("x", "y", "x"):
+        scores = torch.stack([psnr_at(dy, torch.full((n,), s)) if axis == "x" else psnr_at(torch.full((n,), s), dx)
+                              for s in shifts])  # (S, B)
+        top, i = scores.max(0)
+        better = top > best
+        if axis == "x":
+            dx = torch.where(better, grid[i], dx)
+        else:
+            dy = torch.where(better, grid[i], dy)
+        best = torch.maximum(best, top)
+    return best, torch.stack([dy, dx], 1)
