@@ -51,6 +51,10 @@ def train(cfg: TrainConfig) -> Path:
     log.info("connecting to Ray (a new local Ray starts in 10-30 s)")
     log.info("on %s", connect(cfg.cluster.address, use_gpu=cfg.cluster.use_gpu))
     _discovery(cfg)
+    if cfg.cluster.use_gpu:  # refused here, naming the node and what is missing, not later inside NCCL
+        from .gpu_check import check_gpus
+
+        check_gpus(cfg)
     for number in cfg.run.stages:
         done = done_path(run_dir, number)
         if done.exists():

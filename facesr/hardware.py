@@ -80,3 +80,43 @@ def synchronize(device: str | torch.device) -> None:
     """Wait for queued device work (timing); nothing to wait for on the CPU."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def cuda_status(smi_timeout: float = 60.0) -> dict:
+    """Whether this machine can train on CUDA, checked the way training would use it: the NVIDIA driver answers
+    (``nvidia-smi``), this torch is built with CUDA and sees a device, and a tensor op runs there.
+
+    Returns ``{"problems": [...], "nvidia_smi": str, "torch": str, "cuda": str | None, "devices": int}``; each
+    problem names what is missing and what it means, and an empty list means CUDA works."""
+    import shutil
+    import subprocess
+
+    problems, smi_text = [], ""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        problems.append("nvidia-smi not found on PATH: no NVIDIA driver installed")
+    else:
+        try:
+            res = subprocess.run([smi, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=smi_timeout)
+            smi_text = (res.stdout or res.stderr).strip()
+            if res.returncode != 0:
+                first = smi_text.splitlines()[0] if smi_text else "no output"
+                problems.append(f"nvidia-smi failed (exit {res.returncode}: {first}): the NVIDIA driver does not answer")
+        except subprocess.TimeoutExpired:
+            problems.append(f"nvidia-smi hung for {smi_timeout:.0f}s: the NVIDIA driver does not answer")
+    devices = 0
+    if torch.version.cuda is None:
+        problems.append(f"torch {torch.__version__} is built without CUDA (install a CUDA build of torch)")
+    elif not torch.cuda.is_available():
+        problems.append(f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device")
+    else:
+        devices = torch.cuda.device_count()
+        try:
+            x = torch.ones(1024, device="cuda")
+            if float(x.sum()) != 1024.0:
+                problems.append("a CUDA tensor op returned a wrong result")
+        except RuntimeError as e:
+            problems.append(f"a CUDA tensor op failed: {str(e).splitlines()[0]}")
+    return {"problems": problems, "nvidia_smi": smi_text, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "devices": devices}

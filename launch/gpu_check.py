@@ -35,18 +35,14 @@ def sh(cmd: list[str], out: Path, timeout: int = 900, **kw) -> str:
 
 
 def check_driver(out: Path) -> dict:
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        sys.exit("nvidia-smi not found: no NVIDIA driver on this machine")
-    info = sh([smi, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"], out / "nvidia-smi.txt")
-    import torch
+    from facesr.hardware import cuda_status
 
-    if not torch.cuda.is_available():
-        sys.exit(f"the driver answers ({info.strip()}) but torch {torch.__version__} sees no CUDA device")
-    x = torch.ones(1024, device="cuda")
-    assert float(x.sum()) == 1024.0
-    return {"nvidia_smi": info.strip(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "devices": torch.cuda.device_count()}
+    status = cuda_status()
+    (out / "nvidia-smi.txt").write_text(status["nvidia_smi"] + "\n")
+    if status["problems"]:
+        sys.exit("CUDA does not work here: " + "; ".join(status["problems"]))
+    return {"nvidia_smi": status["nvidia_smi"], "torch": status["torch"], "cuda": status["cuda"],
+            "devices": status["devices"]}
 
 
 def train_kill_resume(shards: str, out: Path, workers: int) -> dict:

@@ -1,4 +1,5 @@
-"""ray_cluster.yaml: what `ray up` validates, token auth and a private dashboard, commands that name real things."""
+"""ray_cluster.yaml (shared EFS mount) and ray_cluster_gpu.yaml (8-GPU nodes, EFA, S3): what `ray up` validates,
+token auth and a private dashboard, commands that name real things; then what each file alone promises."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import copy
 import importlib.util
 import re
 import shlex
+from pathlib import Path
 
 import pytest
 import yaml
@@ -14,11 +16,22 @@ from launch.cli import COMMANDS
 from tests.conftest import ROOT
 
 PATH = ROOT / "ray_cluster.yaml"
+GPU_PATH = ROOT / "ray_cluster_gpu.yaml"
+
+
+@pytest.fixture(scope="module", params=[PATH, GPU_PATH], ids=lambda p: p.name)
+def cluster_file(request) -> Path:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def cfg() -> dict:
-    return yaml.safe_load(PATH.read_text())
+def cfg(cluster_file) -> dict:
+    return yaml.safe_load(cluster_file.read_text())
+
+
+@pytest.fixture(scope="module")
+def gpu_cfg() -> dict:
+    return yaml.safe_load(GPU_PATH.read_text())
 
 
 def _commands(cfg: dict) -> list[str]:
@@ -59,7 +72,7 @@ def test_paper_config_fits_the_gpu_workers(cfg):
     assert paper.cluster.use_gpu and slots >= paper.cluster.num_workers
 
 
-def test_token_auth_on_every_node_and_dashboard_on_loopback(cfg):
+def test_token_auth_on_every_node_and_dashboard_on_loopback(cfg, cluster_file):
     """Every `ray start` runs with RAY_AUTH_MODE=token; the head's dashboard binds to 127.0.0.1; the token file
     is shipped to every node and is not part of the repository."""
     starts = [c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"] if "ray start" in c]
@@ -67,19 +80,23 @@ def test_token_auth_on_every_node_and_dashboard_on_loopback(cfg):
     assert all("RAY_AUTH_MODE=token" in c for c in starts)
     head = next(c for c in cfg["head_start_ray_commands"] if "ray start" in c)
     assert "--dashboard-host=127.0.0.1" in head
-    assert "0.0.0.0" not in PATH.read_text()
+    assert "0.0.0.0" not in cluster_file.read_text()
     assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
     assert not (ROOT / ".ray").exists()
 
 
-def test_setup_installs_this_project_and_mounts_the_shared_path(cfg):
-    """This checkout is synced and pip-installed; the shared mount holds paper.yaml's shards and runs."""
+def test_setup_installs_this_project(cfg):
+    """This checkout is synced and pip-installed on every node."""
+    src = next(k for k, v in cfg["file_mounts"].items() if v == ".")
+    assert re.search(rf"pip install .*-e {re.escape(src)}\b", " && ".join(cfg["setup_commands"]))
+    assert (ROOT / "pyproject.toml").is_file()
+
+
+def test_setup_mounts_the_shared_path():
+    """ray_cluster.yaml: the shared mount holds paper.yaml's shards and runs."""
     from cluster.config import load_config
 
-    src = next(k for k, v in cfg["file_mounts"].items() if v == ".")
-    setup = " && ".join(cfg["setup_commands"])
-    assert re.search(rf"pip install .*-e {re.escape(src)}\b", setup)
-    assert (ROOT / "pyproject.toml").is_file()
+    cfg = yaml.safe_load(PATH.read_text())
     mount = re.search(r"mount -t nfs4 .* (/\S+)\)?$", next(c for c in cfg["setup_commands"] if "mount -t" in c))
     assert mount
     paper = load_config(ROOT / "launch/configs/paper.yaml")
@@ -87,13 +104,13 @@ def test_setup_installs_this_project_and_mounts_the_shared_path(cfg):
     assert paper.data.shards.startswith(shared) and paper.cluster.storage_path.startswith(shared)
 
 
-def test_commands_name_real_entry_points(cfg):
+def test_commands_name_real_entry_points(cfg, cluster_file):
     """Every `ray <sub>`, `facesr <sub>` and `python -m <module>` in the file (comments too) exists."""
     import ray.scripts.scripts as ray_cli
 
-    text = PATH.read_text()
+    text = cluster_file.read_text()
     ray_subs = set(re.findall(r"\bray ([a-z][a-z-]+)", text))
-    assert {"start", "stop", "up", "job", "get-auth-token", "dashboard"} <= ray_subs
+    assert {"start", "stop", "up", "job", "get-auth-token", "dashboard", "down"} <= ray_subs
     known = set(ray_cli.cli.commands)
     assert ray_subs <= known, ray_subs - known
     modules = re.findall(r"python -m ([\w.]+)", text)
@@ -105,3 +122,60 @@ def test_commands_name_real_entry_points(cfg):
         assert sub in COMMANDS, sub
     for c in _commands(cfg):
         shlex.split(c)  # every command is valid shell quoting
+
+
+# ---------------------------------------------------------------- ray_cluster_gpu.yaml alone
+
+EFA_CARDS = {"p4d.24xlarge": 4, "p4de.24xlarge": 4, "p5.48xlarge": 32, "p5e.48xlarge": 32, "p5en.48xlarge": 16}
+
+
+def _gpu_workers(cfg: dict) -> list[dict]:
+    return [t for n, t in cfg["available_node_types"].items() if n != cfg["head_node_type"]]
+
+
+def test_gpu_nodes_have_8_gpus_an_efa_interface_per_card_and_a_cluster_placement_group(gpu_cfg):
+    """p4d/p5-class 8-GPU workers: every network card carries an EFA interface (DeviceIndex 0 only on card 0),
+    the nodes share a placement group the file's instructions create with the cluster strategy, and a node
+    whose EFA device is missing fails its setup."""
+    text = GPU_PATH.read_text()
+    for t in _gpu_workers(gpu_cfg):
+        node = t["node_config"]
+        assert node["InstanceType"] in EFA_CARDS and t["resources"]["GPU"] == 8
+        nics = node["NetworkInterfaces"]
+        assert [n["NetworkCardIndex"] for n in nics] == list(range(EFA_CARDS[node["InstanceType"]]))
+        assert all(n["InterfaceType"] == "efa" for n in nics)
+        assert [n["DeviceIndex"] for n in nics] == [0] + [1] * (len(nics) - 1)
+        group = node["Placement"]["GroupName"]
+        assert re.search(rf"create-placement-group .*--group-name {group} --strategy cluster", text)
+    assert any("fi_info -p efa" in c for c in gpu_cfg["worker_setup_commands"])
+    assert all("FI_PROVIDER=efa" in c for c in gpu_cfg["worker_start_ray_commands"] if "ray start" in c)
+
+
+def test_gpu_file_pins_a_named_versioned_ami_and_says_how_to_refresh_it(gpu_cfg):
+    """Every node boots one explicit AMI id (no 'latest' lookup at launch), named with its dated version beside
+    each use, and the file gives the commands that check and refresh it."""
+    text = GPU_PATH.read_text()
+    ids = {t["node_config"]["ImageId"] for t in gpu_cfg["available_node_types"].values()}
+    assert len(ids) == 1 and re.fullmatch(r"ami-[0-9a-f]{17}", ami := ids.pop())
+    names = re.findall(rf"ImageId: {ami}  # (Deep Learning .*AMI .*) (\d{{8}})$", text, re.M)
+    assert len(names) == len(gpu_cfg["available_node_types"]) and len(set(names)) == 1
+    assert "resolve:ssm" not in "".join(yaml.safe_dump(gpu_cfg))
+    assert f"describe-images --region {gpu_cfg['provider']['region']} --image-ids {ami}" in text
+    assert "Name=name,Values=" + names[0][0] in text  # the refresh command lists the same image family
+
+
+def test_gpu_file_keeps_runs_and_shards_in_a_bucket_with_the_instance_role(gpu_cfg):
+    """No shared mount; workers get an instance profile (credentials from the instance role, none in the file);
+    the documented training job puts data.shards and cluster.storage_path in s3:// and is a valid config."""
+    from cluster.config import load_config
+
+    text = GPU_PATH.read_text()
+    assert not any("mount" in c or "nfs" in c for c in _commands(gpu_cfg))
+    assert all("IamInstanceProfile" in t["node_config"] for t in _gpu_workers(gpu_cfg))
+    assert not re.search(r"(?i)aws_(secret_)?access_key|AKIA[0-9A-Z]{16}", text)
+    job = re.search(r"python -m launch\.train --config (\S+) \\\n#\s+(.+)$", text, re.M)
+    overrides = job.group(2).split()
+    assert {o.split("=")[0] for o in overrides if "=s3://" in o} == {"data.shards", "cluster.storage_path"}
+    cfg = load_config(ROOT / job.group(1), overrides)
+    cfg.validate()
+    assert cfg.cluster.use_gpu and cfg.cluster.storage_path.startswith("s3://")
