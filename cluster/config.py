@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -71,7 +72,11 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    shards: str = "data/shards"  # folder written by `facesr prep` (manifest + tars); a shared path on a cluster
+    shards: str = "data/shards"  # `facesr prep`'s output (manifest + tars): a folder every node sees, or s3://bucket/prefix
+    # local folder on each node that keeps object-store shards once streamed (read from there next time);
+    # "" = stream from the bucket every epoch. Bounded by shard_cache_gb, least recently used shards dropped
+    shard_cache: str = ""
+    shard_cache_gb: float = 20.0
     train_split: str = "train"  # manifest split trained on
     val_split: str = "val"  # split the SR cascade is validated on every epoch (identities unseen in training)
     # split the priors are scored on; auto = prep's prior_val (held-out images of their classes) where the shards
@@ -120,7 +125,12 @@ class ClusterConfig:
     use_gpu: bool = False  # one GPU per worker, NCCL; False = CPU workers, DeepSpeed's CPU accelerator over gloo
     cpus_per_worker: float = 1.0  # CPUs reserved per worker; also its torch thread count
     gpus_per_worker: float = 1.0  # GPUs reserved per worker when use_gpu
-    storage_path: str = "runs"  # Ray Train storage (checkpoints): local folder, shared mount or s3:// URI
+    # where runs live (config, checkpoints, priors, metrics, logs, summary): a local folder, a shared mount, or an
+    # object-store URI (s3://bucket/prefix) that every node reaches with its own credentials (shards/store.py)
+    storage_path: str = "runs"
+    # S3-compatible endpoint (MinIO, Ceph, R2, ...) of s3:// URIs; "" = AWS_ENDPOINT_URL(_S3) if set, else AWS
+    s3_endpoint: str = ""
+    s3_region: str = ""  # region of the bucket; "" = AWS_REGION / AWS_DEFAULT_REGION if set (credentials: never here)
     max_failures: int = 2  # worker-group restarts from the latest checkpoint before the run fails
 
     def validate(self, key: str = "cluster") -> None:
@@ -229,12 +239,17 @@ class TrainConfig:
 
     # ---- derived paths (absolute once resolve() ran) ----
     @property
-    def run_path(self) -> Path:
-        return Path(self.run.run_dir)
+    def run_path(self):
+        """The run folder: a ``Path``, or a ``shards.store.ObjectPath`` for an object-store URI (same interface)."""
+        from shards.store import path
+
+        return path(self.run.run_dir)
 
     @property
-    def priors_path(self) -> Path:
-        return Path(self.stage2.priors) if self.stage2.priors else self.run_path / "priors.safetensors"
+    def priors_path(self):
+        from shards.store import path
+
+        return path(self.stage2.priors) if self.stage2.priors else self.run_path / "priors.safetensors"
 
     @property
     def elastic(self) -> bool:
@@ -447,7 +462,9 @@ def accumulation(batch_size: int, world_size: int, max_micro_batch: int, name: s
 
 
 def _is_uri(path: str) -> bool:
-    return "://" in path
+    from shards.store import is_uri
+
+    return is_uri(path)
 
 
 def resolve(cfg: TrainConfig, base: str | Path | None = None) -> TrainConfig:
@@ -461,7 +478,8 @@ def resolve(cfg: TrainConfig, base: str | Path | None = None) -> TrainConfig:
     cfg.data = dataclasses.replace(cfg.data, shards=absolute(cfg.data.shards))
     cfg.cluster = dataclasses.replace(cfg.cluster, storage_path=absolute(cfg.cluster.storage_path))
     run_dir = cfg.run.run_dir or (
-        str(Path(cfg.cluster.storage_path) / cfg.run.name) if not _is_uri(cfg.cluster.storage_path) else f"runs/{cfg.run.name}"
+        str(Path(cfg.cluster.storage_path) / cfg.run.name) if not _is_uri(cfg.cluster.storage_path)
+        else f"{cfg.cluster.storage_path.rstrip('/')}/{cfg.run.name}"
     )
     run_dir = absolute(run_dir)
     storage = cfg.cluster.storage_path
@@ -469,6 +487,13 @@ def resolve(cfg: TrainConfig, base: str | Path | None = None) -> TrainConfig:
     sd_dir = absolute(cfg.run.telemetry_sd_dir) if cfg.run.telemetry_sd_dir else sd_default
     cfg.run = dataclasses.replace(cfg.run, run_dir=run_dir, telemetry_sd_dir=sd_dir)
     cfg.stage2 = dataclasses.replace(cfg.stage2, priors=absolute(cfg.stage2.priors))
+    if any(_is_uri(p) for p in (cfg.cluster.storage_path, run_dir, cfg.data.shards, cfg.stage2.priors)):
+        from shards.store import ENDPOINT_ENV, REGION_ENV
+
+        # the driver's endpoint and region travel to every worker in the config (credentials do not)
+        env = lambda names: next((os.environ[n] for n in names if os.environ.get(n)), "")  # noqa: E731
+        cfg.cluster = dataclasses.replace(cfg.cluster, s3_endpoint=cfg.cluster.s3_endpoint or env(ENDPOINT_ENV),
+                                          s3_region=cfg.cluster.s3_region or env(REGION_ENV))
     return cfg
 
 
@@ -476,10 +501,25 @@ def check(cfg: TrainConfig) -> dict:
     """Everything that can be refused before a worker starts: the values, then the shards and priors on disk;
     returns the shard manifest."""
     cfg.validate()
+    _check_stores(cfg)
     manifest = _manifest(cfg)
     if 2 in cfg.run.stages and 1 not in cfg.run.stages:
         _check_priors(cfg, manifest)
     return manifest
+
+
+def _check_stores(cfg: TrainConfig) -> None:
+    """Object-store URIs answer, with their bucket, and accept this machine's credentials (run: also writes)."""
+    from shards.store import StoreError, check_reachable, configure
+
+    configure(cfg.cluster.s3_endpoint, cfg.cluster.s3_region)
+    for key, uri, write in (("run.run_dir", cfg.run.run_dir, True), ("data.shards", cfg.data.shards, False),
+                            ("stage2.priors", cfg.stage2.priors if 2 in cfg.run.stages else "", False)):
+        if _is_uri(uri):
+            try:
+                check_reachable(uri, "", write=write)
+            except StoreError as e:
+                raise ConfigError(key, str(e).strip()) from None
 
 
 def _manifest(cfg: TrainConfig) -> dict:
@@ -515,12 +555,13 @@ def _manifest(cfg: TrainConfig) -> dict:
 def _check_priors(cfg: TrainConfig, manifest: dict) -> None:
     """The stage-2 priors file against this run's class map and preset (facesr.weights.check_priors)."""
     from facesr.weights import check_priors
+    from shards.store import local_copy
 
     path = cfg.priors_path
     if not path.is_file():
         raise ConfigError("stage2.priors", f"{path}: no trained priors (run stage 1, or point stage2.priors at a "
                           "priors file)")
     try:
-        check_priors(path, list(manifest["classes"]), cfg.preset)
+        check_priors(local_copy(path), list(manifest["classes"]), cfg.preset)
     except ValueError as e:
         raise ConfigError("stage2.priors", str(e)) from None

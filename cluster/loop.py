@@ -53,6 +53,9 @@ def worker_main(config: dict) -> None:
     t_start = time.perf_counter()
     _quiet_report_lines()
     set_accelerator_env(cfg.cluster.use_gpu)
+    from shards.store import configure
+
+    configure(cfg.cluster.s3_endpoint, cfg.cluster.s3_region)  # this node's credentials, the run's endpoint
     from .stages import STAGES
 
     recorder = Recorder(cfg, number, STAGES[number].telemetry_name, rank, local_rank, world, socket.gethostname())

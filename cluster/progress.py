@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+from shards.store import ObjectPath, path as store_path
+
 from .config import TrainConfig, accumulation
 
 TITLES = {1: "stage 1 (priors)", 2: "stage 2 (SR cascade)"}
@@ -130,7 +132,7 @@ class StageProgress:
 
     def __init__(self, metrics_path: Path, number: int, total_steps: int, epochs: int, stream=None,
                  interval_s: float = 60.0):
-        self.path, self.number, self.total, self.epochs = Path(metrics_path), number, total_steps, epochs
+        self.path, self.number, self.total, self.epochs = store_path(metrics_path), number, total_steps, epochs
         self.console = ConsoleLine(stream, interval_s)
         self._offset, self._train, self._val, self._first = 0, None, None, None
         self._t0 = time.time()
@@ -157,14 +159,12 @@ class StageProgress:
     def poll(self) -> None:
         """Read the records appended since the last call (a resumed stage rewrites the file: start over)."""
         try:
-            size = self.path.stat().st_size
+            chunk = _read_from(self.path, self._offset)
         except FileNotFoundError:
             return
-        if size < self._offset:
+        if chunk is None:  # shorter than what was read: rewritten
             self._offset = 0
-        with open(self.path, "rb") as f:
-            f.seek(self._offset)
-            chunk = f.read()
+            chunk = _read_from(self.path, 0)
         end = chunk.rfind(b"\n") + 1  # a line rank 0 is still writing is read next time
         self._offset += end
         for line in chunk[:end].decode(errors="replace").splitlines():
@@ -201,6 +201,18 @@ class StageProgress:
             parts.append(f"{per_step:.2f} s/step, ETA {_duration(per_step * (total - step))}")
         parts.append(f"elapsed {elapsed}")
         return "  ".join(parts)
+
+
+def _read_from(path, offset: int) -> bytes | None:
+    """The bytes of ``path`` after ``offset`` (None: the file is now shorter); an object is fetched whole."""
+    if isinstance(path, ObjectPath):
+        data = path.read_bytes()
+        return data[offset:] if len(data) >= offset else None
+    if path.stat().st_size < offset:
+        return None
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read()
 
 
 def _width(stream) -> int:

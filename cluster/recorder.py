@@ -22,10 +22,11 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from shards.store import Mirror, MirrorHandler, ObjectPath, path as store_path
 
 from .config import TrainConfig
 
@@ -37,9 +38,9 @@ def _console_line(record: logging.LogRecord) -> bool:
     return not getattr(record, "file_only", False)
 
 
-def done_path(run_dir: str | Path, number: int) -> Path:
+def done_path(run_dir, number: int):
     """Written by rank 0 when stage ``number`` finished; the driver skips finished stages of a resumed run."""
-    return Path(run_dir) / f"stage{number}.done.json"
+    return store_path(run_dir) / f"stage{number}.done.json"
 
 
 class Recorder:
@@ -47,13 +48,15 @@ class Recorder:
                  node: str):
         self.cfg, self.number, self.rank, self.world = cfg, number, rank, world
         self.is_main = rank == 0  # the one rank-0 gate
-        self.run_dir = Path(cfg.run.run_dir)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.run_dir = cfg.run_path  # a folder, or an object-store URI (shards.store: files mirrored there)
+        # rank 0's metrics: a local file (the run folder's, or a copy uploaded every few seconds)
+        self.metrics = Mirror(self.run_dir / "metrics.jsonl", fetch=self.is_main) if self.is_main else None
+        self.metrics_path = self.metrics.local if self.is_main else None
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.logger = logging.getLogger(f"facesr.train.stage{number}.rank{rank}")
         self.logger.setLevel(logging.INFO)
         self.logger.propagate = False
-        fh = logging.FileHandler(self.run_dir / "logs" / f"stage{number}-rank{rank}.log")
+        fh = MirrorHandler(self.run_dir / "logs" / f"stage{number}-rank{rank}.log")
         fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         self.logger.handlers = [fh]
         if self.is_main:  # rank 0 also speaks on stdout, which Ray forwards to the driver / job log
@@ -122,6 +125,8 @@ class Recorder:
                          extra=FILE_ONLY)
 
     def checkpoint_saved(self) -> None:
+        if self.is_main:  # the records up to a checkpoint are in the run with it
+            self.metrics.sync(force=True)
         if self.telemetry is not None:
             self.telemetry.checkpoint_saved()
 
@@ -131,14 +136,21 @@ class Recorder:
             path = stage.finish(module, self.run_dir)
             summary = {"stage": self.number, "global_step": state.global_step, "epoch": state.epoch, "lr": lr,
                        "restarts": state.restarts, "weights": str(path), "world_size": self.world, "time": time.time()}
-            tmp = done_path(self.run_dir, self.number).with_suffix(".tmp")
-            tmp.write_text(json.dumps(summary, indent=1))
-            os.replace(tmp, done_path(self.run_dir, self.number))
+            self.metrics.sync(force=True)  # every record is in the run before the marker says it is done
+            done = done_path(self.run_dir, self.number)
+            if isinstance(done, ObjectPath):
+                done.write_text(json.dumps(summary, indent=1))  # one PUT: whole or absent
+            else:
+                tmp = done.with_suffix(".tmp")
+                tmp.write_text(json.dumps(summary, indent=1))
+                os.replace(tmp, done)
             self.logger.info("stage %d done: %s", self.number, _fmt(summary))
         if dist.is_initialized():
             dist.barrier()
 
     def close(self) -> None:
+        if self.is_main:
+            self.metrics.sync(force=True)
         if self.telemetry is not None:
             self.telemetry.close()
         for h in self.logger.handlers:
@@ -160,6 +172,7 @@ class Recorder:
         line = {"stage": self.number, "split": split, "epoch": epoch, "step": step, "time": time.time(), **record}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(line) + "\n")
+        self.metrics.sync()
 
     def _truncate(self, step: int) -> None:
         if not self.metrics_path.exists():
@@ -175,6 +188,7 @@ class Recorder:
         tmp = self.metrics_path.with_suffix(".tmp")
         tmp.write_text("".join(l + "\n" for l in keep))
         os.replace(tmp, self.metrics_path)
+        self.metrics.sync(force=True)
 
 
 def _uptime() -> float:

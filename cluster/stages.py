@@ -21,6 +21,7 @@ from facesr.step import Precision, prior_forward, sr_forward
 from facesr.vocab import SCALE_OF, TARGETS
 from facesr.weights import load_priors, save_priors, save_srnet
 from shards.manifest import class_counts, read_manifest
+from shards.store import local_copy, staged
 
 from .config import StageConfig, TrainConfig
 
@@ -99,8 +100,9 @@ class PriorStage:
     def finish(self, model: nn.Module, run_dir: Path) -> Path:
         """The trained priors, frozen by stage 2: safetensors with class map and preset."""
         path = self.cfg.priors_path
-        save_priors(path, dict(model.items()), get_preset(self.cfg.preset).prior, self.classes,
-                    extra={"preset": self.cfg.preset, "run": self.cfg.run.name})
+        with staged(path) as local:  # a run in an object store: written here, then uploaded
+            save_priors(local, dict(model.items()), get_preset(self.cfg.preset).prior, self.classes,
+                        extra={"preset": self.cfg.preset, "run": self.cfg.run.name})
         return path
 
 
@@ -114,7 +116,7 @@ class SRStage:
         self.cfg, self.classes, self.device, self.precision = cfg, classes, device, precision
         self.stage_cfg = cfg.stage2
         # Frozen on every worker, outside DeepSpeed: no optimizer state, not in its checkpoints.
-        priors = load_priors(cfg.priors_path, device, classes=classes)
+        priors = load_priors(local_copy(cfg.priors_path), device, classes=classes)
         priors = {k: precision.module(p) for k, p in priors.items()}
         self.loss_fn = CSRIPLoss(priors, alpha=self.stage_cfg.alpha).to(device)
         self.degradation = cfg.data.degradation_model()
@@ -156,7 +158,8 @@ class SRStage:
 
     def finish(self, model: nn.Module, run_dir: Path) -> Path:
         path = run_dir / "srnet.safetensors"
-        save_srnet(path, model, extra={"preset": self.cfg.preset, "run": self.cfg.run.name})
+        with staged(path) as local:
+            save_srnet(local, model, extra={"preset": self.cfg.preset, "run": self.cfg.run.name})
         return path
 
 

@@ -12,6 +12,7 @@ A truncated last line (a run killed mid-write) is skipped, not fatal.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import sys
@@ -22,6 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from facesr.vocab import SCALES
+from shards.store import ObjectPath, path as store_path
 
 log = logging.getLogger(__name__)
 
@@ -147,13 +149,18 @@ def plot(rows: list[dict], path: Path, title: str = "") -> dict[str, int]:
             axes[i][j].set_visible(False)
     if title:
         fig.suptitle(title)
-    fig.savefig(path, dpi=100)
+    if isinstance(path, ObjectPath):  # matplotlib writes files or streams: render, then one PUT
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        path.write_bytes(buf.getvalue())
+    else:
+        fig.savefig(path, dpi=100)
     return drawn
 
 
 def write_summary(run_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``summary.md`` and ``summary.png`` next to ``metrics.jsonl``; return their paths."""
-    run_dir = Path(run_dir)
+    """Write ``summary.md`` and ``summary.png`` next to ``metrics.jsonl``; return their paths (a run folder or URI)."""
+    run_dir = store_path(run_dir)
     rows = read_metrics(run_dir / "metrics.jsonl")
     if not rows:
         raise ValueError(f"no metrics in {run_dir / 'metrics.jsonl'}")
@@ -165,7 +172,7 @@ def write_summary(run_dir: str | Path) -> tuple[Path, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run_dir", help="runs/<name> holding metrics.jsonl")
+    p.add_argument("run_dir", help="runs/<name> (or s3://bucket/prefix/<name>) holding metrics.jsonl")
     args = p.parse_args(argv)
     md, png = write_summary(args.run_dir)
     print(f"{md}\n{png}")

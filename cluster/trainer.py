@@ -15,8 +15,10 @@ Run folder (``run.run_dir``, default ``<cluster.storage_path>/<run.name>``)::
 Resume: starting a run with a name whose folder exists skips the stages that
 have a ``done`` marker; a stage that was interrupted is restored by Ray Train
 from the latest checkpoint under ``stage<N>/`` (its run snapshot there), at the
-same step, learning rate and data epoch. With a storage URI (``s3://…``) the
-checkpoints live at ``<storage_path>/<name>/stage<N>`` and the rest in the run folder.
+same step, learning rate and data epoch. With a storage URI (``s3://bucket/prefix``) the
+whole run folder is the prefix ``<storage_path>/<name>/`` (``shards.store``): Ray Train writes
+checkpoints there through the same filesystem, and files written locally first (logs,
+metrics.jsonl, weights) are uploaded whole.
 """
 
 from __future__ import annotations
@@ -37,10 +39,9 @@ def train(cfg: TrainConfig) -> Path:
     cfg = resolve(cfg)
     manifest = check(cfg)
     run_dir = cfg.run_path
-    if not _is_uri(cfg.cluster.storage_path):  # checkpoints in a folder we can list (s3://… is not looked into)
-        for number in cfg.run.stages:
-            if not done_path(run_dir, number).exists():
-                check_resume_world(run_dir / f"stage{number}", cfg)
+    for number in cfg.run.stages:
+        if not done_path(run_dir, number).exists():
+            check_resume_world(run_dir / f"stage{number}", cfg)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     _log_to(run_dir / "logs" / "driver.log")
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -65,6 +66,7 @@ def train(cfg: TrainConfig) -> Path:
         _fit(cfg, number, manifest)
         log.info("stage %d finished: %s", number, json.dumps(json.loads(done.read_text())) if done.exists() else "no marker")
     _summarise(run_dir)
+    _sync_logs()
     return run_dir
 
 
@@ -102,7 +104,11 @@ def _fit(cfg: TrainConfig, number: int, manifest: dict) -> None:
     resources = {"CPU": c.cpus_per_worker}
     if c.use_gpu:
         resources["GPU"] = c.gpus_per_worker
-    storage = cfg.run.run_dir if not _is_uri(c.storage_path) else f"{c.storage_path.rstrip('/')}/{cfg.run.name}"
+    storage, filesystem = cfg.run.run_dir, None
+    if _is_uri(storage):  # Ray writes checkpoints through the same filesystem (endpoint, region) as everything else
+        from shards.store import filesystem as store_filesystem
+
+        filesystem, storage = store_filesystem(storage)
     workers = (c.min_workers, c.num_workers) if cfg.elastic else c.num_workers
     trainer = TorchTrainer(
         worker_main,
@@ -113,6 +119,7 @@ def _fit(cfg: TrainConfig, number: int, manifest: dict) -> None:
         run_config=RunConfig(
             name=f"stage{number}",
             storage_path=storage,
+            storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=c.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             # Ray Train's own INFO lines (resources requested, worker group started, every checkpoint
@@ -146,13 +153,23 @@ def check_resume_world(stage_dir: Path, cfg: TrainConfig) -> None:
         )
 
 
-def _log_to(path: Path) -> None:
+def _sync_logs() -> None:
+    """Upload the driver's log now (a run in an object store); it is uploaded again when the process ends."""
+    for h in logging.getLogger("facesr").handlers:
+        if hasattr(h, "mirror"):
+            h.flush()
+            h.mirror.sync(force=True)
+
+
+def _log_to(path) -> None:
+    from shards.store import MirrorHandler
+
     root = logging.getLogger("facesr")
     root.setLevel(logging.INFO)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
-    have = {getattr(h, "baseFilename", None) for h in root.handlers}
+    have = {getattr(h, "target", getattr(h, "baseFilename", None)) for h in root.handlers}
     if str(path) not in have:
-        fh = logging.FileHandler(path)
+        fh = MirrorHandler(path)
         fh.setFormatter(fmt)
         root.addHandler(fh)
     if not any(isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stderr for h in root.handlers):

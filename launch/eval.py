@@ -139,7 +139,9 @@ def _identities(args) -> list[str] | None:
 
 
 def _is_shard_root(path: str) -> bool:
-    return (Path(path) / "manifest.json").is_file()
+    from shards.store import path as store_path
+
+    return (store_path(path) / "manifest.json").is_file()
 
 
 def _shard_batches(root: str, split: str, batch_size: int):
@@ -169,11 +171,12 @@ def _faces(args, n: int = 0):
 def _load_models(paths: list[str], device: str):
     from facesr.evaluate import model_label
     from facesr.infer import load_cascade
+    from shards.store import local_model
 
     models, where = {}, {}
     for p in paths:
         name = model_label(p, models)
-        models[name] = load_cascade(p, device)
+        models[name] = load_cascade(local_model(p), device)  # a run in a bucket: its srnet downloaded
         where[name] = str(p)
     return models, where
 

@@ -6,7 +6,7 @@ import json
 
 
 def configure(p) -> None:
-    p.add_argument("model", metavar="MODEL", help="run folder or SR-net .safetensors")
+    p.add_argument("model", metavar="MODEL", help="run folder or SR-net .safetensors (or its s3:// URI)")
     p.add_argument("out", metavar="OUT_DIR", help="folder for srnet_deploy.pt / srnet_deploy.onnx")
     p.add_argument("--format", nargs="+", default=["torchscript", "onnx"], choices=["torchscript", "onnx"])
     p.add_argument("--no-check", action="store_true", help="skip the parity check against PyTorch")
@@ -17,8 +17,9 @@ def configure(p) -> None:
 def run(args) -> int:
     from facesr.export import TOLERANCE, export
     from facesr.infer import load_cascade
+    from shards.store import local_model
 
-    deploy = load_cascade(args.model, "cpu").deploy()
+    deploy = load_cascade(local_model(args.model), "cpu").deploy()
     result = export(deploy, args.out, tuple(args.format), check=not args.no_check, onnx_backend=args.onnx_backend)
     for fmt, r in result.items():
         parity = f", max |diff| vs PyTorch {r['max_abs_diff']:.2e} (tolerance {TOLERANCE:.0e}, {r['runtime']})" \

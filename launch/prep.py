@@ -14,7 +14,9 @@ import sys
 def configure(p) -> None:
     p.add_argument("src", nargs="+", help="folder of identity folders of images (CASIA-WebFace / LFW layout); "
                    "several are combined, their identities named <folder name>/<identity>")
-    p.add_argument("out", help="output folder for shards, manifest.json and rejects.tsv")
+    p.add_argument("out", help="output folder for shards, manifest.json and rejects.tsv, or an object-store URI "
+                   "(s3://bucket/prefix; endpoint and region from AWS_ENDPOINT_URL / AWS_REGION, credentials from "
+                   "the environment, ~/.aws profile or instance role)")
     p.add_argument("--split-by", default="identity", choices=["identity", "none"],
                    help="identity: identity-disjoint train/val/test (paper protocol); none: all in train")
     p.add_argument("--val", type=float, default=0.05, help="fraction of identities for validation")

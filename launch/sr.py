@@ -15,7 +15,8 @@ import torch
 
 
 def configure(p) -> None:
-    p.add_argument("model", metavar="MODEL", help="run folder, SR-net .safetensors, .pt (TorchScript) or .onnx")
+    p.add_argument("model", metavar="MODEL", help="run folder, SR-net .safetensors, .pt (TorchScript) or .onnx; "
+                   "or its s3:// URI")
     p.add_argument("src", metavar="IN", help="image file or folder (searched recursively)")
     p.add_argument("out", metavar="OUT", help="output folder (or a .png path when IN is one image)")
     p.add_argument("--fit", action="store_true", help="inputs are LFW-framed face photos: crop 192 and degrade to 24")
@@ -27,9 +28,10 @@ def configure(p) -> None:
 
 def run(args) -> int:
     from facesr.infer import load_upscaler, super_resolve
+    from shards.store import local_model
 
     device = "cpu" if args.model.endswith(".onnx") else args.device  # ONNX runs on the CPU runtime
-    model = load_upscaler(args.model, device)
+    model = load_upscaler(local_model(args.model), device)
     report = super_resolve(
         model, args.src, args.out, fit=args.fit, compare=args.compare, batch_size=args.batch_size, device=device,
         log=lambda m: print(m, file=sys.stderr),

@@ -13,6 +13,7 @@ import tarfile
 from pathlib import Path
 
 from .plan import SPLITS
+from .store import ObjectPath, StoreError, is_uri, path as store_path
 
 FORMAT = "facesr-shards"
 SUPPORTED_VERSIONS = (1,)
@@ -23,8 +24,12 @@ class ManifestError(ValueError):
     """The manifest or a shard it lists is missing, malformed or does not match."""
 
 
-def _load(path: Path) -> dict:
-    if not path.exists():
+def _load(path) -> dict:
+    try:
+        exists = path.exists()
+    except StoreError as exn:  # endpoint, bucket or credentials: say so rather than "no manifest"
+        raise ManifestError(str(exn)) from None
+    if not exists:
         hint = " (is this a folder written by `facesr prep`? an interrupted prep writes it last)"
         raise ManifestError(f"{path}: no manifest{hint}")
     try:
@@ -42,9 +47,18 @@ def _load(path: Path) -> dict:
     return m
 
 
-def _count_samples(path: Path) -> int:
+def _object_sizes(root: ObjectPath) -> dict[str, int]:
+    """Sizes of the objects directly under ``root``: one listing instead of a request per shard."""
+    try:
+        return root.sizes()
+    except StoreError as exn:
+        raise ManifestError(str(exn)) from None
+
+
+def _count_samples(path) -> int:
     keys = set()
-    with tarfile.open(path, "r|") as tar:  # streaming: no seeks, member data not read
+    with (path.open_input() if isinstance(path, ObjectPath) else open(path, "rb")) as f, \
+            tarfile.open(fileobj=f, mode="r|") as tar:  # streaming: no seeks, member data not read
         for ti in tar:
             keys.add(ti.name.split("/")[-1].split(".", 1)[0])
     return len(keys)
@@ -63,9 +77,10 @@ def read_manifest(root: str | Path, verify: bool = False, check_files: bool = Tr
     re-reads the manifest every epoch, and a shard damaged after the start must then be skipped
     and counted by the stream (decode errors), not stop the run.
     """
-    root = Path(root)
+    root = store_path(root)
     path = root / "manifest.json"
     m = _load(path)
+    objects = _object_sizes(root) if isinstance(root, ObjectPath) and (check_files or verify) else None
     if m["num_classes"] != len(m["classes"]):
         raise ManifestError(f"{path}: num_classes {m['num_classes']} != {len(m['classes'])} classes listed")
     for name, info in m["identities"].items():
@@ -80,11 +95,11 @@ def read_manifest(root: str | Path, verify: bool = False, check_files: bool = Tr
             raise ManifestError(f"{path}: split {split} says {d['samples']} samples, its shards hold {listed}")
         for s in d["shards"] if check_files or verify else ():
             shard = root / s["name"]
-            if not shard.is_file():
+            size = objects.get(s["name"]) if objects is not None else shard.stat().st_size if shard.is_file() else None
+            if size is None:
                 raise ManifestError(f"{shard}: shard listed in {path} is missing")
-            if shard.stat().st_size != s["bytes"]:
-                raise ManifestError(f"{shard}: {shard.stat().st_size} bytes, {path} says {s['bytes']} "
-                                    "(truncated or replaced?)")
+            if size != s["bytes"]:
+                raise ManifestError(f"{shard}: {size} bytes, {path} says {s['bytes']} (truncated or replaced?)")
             if verify:
                 if _sha256(shard) != s["sha256"]:
                     raise ManifestError(f"{shard}: sha256 does not match {path}")
@@ -101,10 +116,12 @@ def shard_urls(root: str | Path, split: str, url: str | None = None, manifest: d
     """
     m = manifest if manifest is not None else read_manifest(root)
     if split not in m["splits"]:
-        raise ManifestError(f"{Path(root) / 'manifest.json'}: no split {split!r} (has {sorted(m['splits'])})")
+        raise ManifestError(f"{store_path(root) / 'manifest.json'}: no split {split!r} (has {sorted(m['splits'])})")
     names = [s["name"] for s in m["splits"][split]["shards"]]
     if url is not None:
         return [url.format(name=n) for n in names]
+    if is_uri(root):  # workers stream these objects (shards.stream)
+        return [str(store_path(root) / n) for n in names]
     return [str((Path(root) / n).resolve()) for n in names]
 
 

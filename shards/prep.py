@@ -35,6 +35,7 @@ from facesr.vocab import LEVELS, SIZES
 
 from .plan import SPLITS, UNLABELLED, SplitConfig, label_set, plan_shards, sample_splits, split_identities
 from .source import KINDS, Reject, check_chunk, scan, source_roots, tsv_field
+from .store import StoreError, check_reachable, is_uri, path as store_path
 from .writer import PARTS, TMP_MARK, atomic_write, finished_record, write_shard
 
 FORMAT_VERSION = 1  # bump when the shard or manifest layout changes
@@ -49,7 +50,7 @@ class PrepError(Exception):
 @dataclass(frozen=True)
 class PrepConfig:
     src: str | tuple[str, ...]  # folder of identity folders (CASIA-WebFace layout), or several combined
-    out: str  # shard folder; must be shared by all nodes on a cluster
+    out: str  # shard folder shared by all nodes on a cluster, or an object-store URI (s3://bucket/prefix)
     split: SplitConfig = field(default_factory=SplitConfig)
     shard_size: int = 1000  # samples per shard: ~75 MB, ~12 core-seconds of work per task
     check_chunk: int = 500  # images per check task (~0.5 core-second: keeps the progress bar live)
@@ -82,6 +83,12 @@ def check_paths(cfg: PrepConfig) -> None:
             raise PrepError(f"SRC {src} does not exist")
         if not src.is_dir():
             raise PrepError(f"SRC {src} is not a folder (expected a folder of identity folders)")
+    if is_uri(cfg.out):  # endpoint, bucket and credentials, with a probe object written and deleted
+        try:
+            check_reachable(cfg.out, "OUT", write=True)
+        except StoreError as exn:
+            raise PrepError(str(exn)) from None
+        return
     try:
         os.makedirs(cfg.out, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=cfg.out, prefix=".write-probe"):
@@ -90,7 +97,7 @@ def check_paths(cfg: PrepConfig) -> None:
         raise PrepError(f"OUT {cfg.out} is not writable: {exn.strerror or exn}") from None
 
 
-def _sweep(out: Path, keep: set[str]) -> None:
+def _sweep(out, keep: set[str]) -> None:
     """Remove temporaries of killed runs, and our shards/records that the current plan no longer has."""
     for d in (out, out / PARTS):
         if d.is_dir():
@@ -113,7 +120,7 @@ def prepare(cfg: PrepConfig, mapper: Mapper = serial_map) -> dict:
     """Run (or finish) a prep; returns the summary. Raises PrepError when nothing can be produced."""
     t0 = time.perf_counter()
     check_paths(cfg)
-    out = Path(cfg.out)
+    out = store_path(cfg.out)
     found = scan(cfg.src)
     rejects = list(found.rejects)
     if not found.candidates:
@@ -188,7 +195,7 @@ def _roots(src) -> dict:
     return {"roots": {label: os.path.abspath(r) for label, r in roots.items()}}
 
 
-def _write_rejects(out: Path, rejects: list[Reject]) -> None:
+def _write_rejects(out, rejects: list[Reject]) -> None:
     lines = ["path\tkind\tdetail"] + [f"{tsv_field(r.path)}\t{r.kind}\t{tsv_field(r.detail)}" for r in sorted(rejects)]
     atomic_write(out / "rejects.tsv", ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))
 

@@ -8,14 +8,16 @@ every worker *resamples* shards from its slice forever; the loader stops after
 rank that has left the loop. Build a new loader per epoch: the epoch enters
 every seed, which derives from (seed, epoch, rank, worker).
 
-Shards can be local paths, ``http(s)://`` URLs or ``pipe:`` commands (object
-stores: ``pipe:aws s3 cp s3://bucket/train-000000.tar -``), all opened by
-WebDataset. Members are decoded by our own safe decoders only: PNG through
+Shards can be local paths, ``http(s)://`` URLs or ``pipe:`` commands, opened by
+WebDataset, or object-store URIs (``s3://bucket/prefix/train-000000.tar``),
+streamed through ``shards.store`` (no copy first). With ``cache_dir`` a streamed
+shard is also teed into a local file, read from there next time; the cache is
+kept under ``cache_bytes`` by dropping the least recently used shards. Members are decoded by our own safe decoders only: PNG through
 PIL, ``cls`` as an ASCII integer. A sample holding any other member is
 refused — ``.pyd``/``.pickle``/``.pth`` would otherwise be unpickled by
 WebDataset's default decoders, and unpickling runs arbitrary code.
 
-Decode errors (unreadable shard, corrupt PNG, refused member, wrong size) skip
+Decode errors (unreadable or unreachable shard, corrupt PNG, refused member, wrong size) skip
 the sample, are counted and logged at most once per ``log_interval_s`` per
 worker. The count is exposed as ``loader.decode_errors``: cumulative over the
 epoch for this rank (sum over its workers), updated with every batch, so
@@ -32,21 +34,25 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 import queue
 import random
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import tarfile_samples
+from webdataset.tariterators import group_by_keys, tar_file_expander, tarfile_samples
 
 from facesr.vocab import LEVELS, SIZES
+
+from .store import ObjectPath, is_uri
 
 log = logging.getLogger(__name__)
 # the only members a sample may hold: each level as PNG or as raw uint8 bytes (`facesr prep --members`)
@@ -68,6 +74,8 @@ class StreamConfig:
     meta: bool = False  # add "key" and "url" lists and "worker" to batches (tests, debugging)
     max_empty_reads: int = 50  # consecutive shard reads with no good sample before giving up
     pin_memory: bool = False  # page-locked batches, so a CUDA copy with non_blocking=True is asynchronous
+    cache_dir: str = ""  # local folder keeping object-store shards once streamed; "" = stream them every time
+    cache_bytes: int = 0  # bound on cache_dir (least recently used shards dropped); 0 = no bound
 
     def epoch_batches(self, world_size: int) -> int:
         n = self.batches_per_epoch or self.num_samples // (world_size * self.batch_size)
@@ -197,7 +205,7 @@ class _WorkerStream(IterableDataset):
         while True:
             url = rng.choice(shards)
             good = 0
-            for raw in tarfile_samples([{"url": url}], handler=errors):
+            for raw in shard_samples(url, errors, cfg.cache_dir, cfg.cache_bytes):
                 if self.stop is not None and self.stop.is_set():
                     return  # the prefetch thread's consumer is gone; don't read (or log) any further
                 try:
@@ -214,6 +222,111 @@ class _WorkerStream(IterableDataset):
                 raise RuntimeError(f"rank {self.rank}: {empty} shard reads in a row gave no usable sample "
                                    f"({errors.count} errors{', labelled_only' if cfg.labelled_only else ''}; "
                                    f"shards e.g. {shards[:3]})")
+
+
+def shard_samples(url: str, handler=None, cache_dir: str = "", cache_bytes: int = 0) -> Iterator[dict]:
+    """Raw samples of one shard; an object-store URI is streamed (through ``cache_dir`` when given). ``handler``
+    (an ``_ErrorCounter``) counts an unreachable object or damaged tar and the stream goes on; None raises."""
+    from webdataset.handlers import reraise_exception
+
+    handler = handler or reraise_exception
+    if not is_uri(url):
+        yield from tarfile_samples([{"url": url}], handler=handler)
+        return
+    try:
+        stream = ShardCache(cache_dir, cache_bytes).open(url) if cache_dir else ObjectPath(url).open_input()
+    except Exception as exn:  # unreachable endpoint, missing object, refused credentials
+        if handler(exn):
+            return
+        raise
+    try:
+        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}], handler=handler),
+                                 handler=handler)
+    finally:
+        stream.close()
+
+
+class ShardCache:
+    """Local copies of object-store shards, made while they stream (a tee), bounded by least-recent use."""
+
+    TAIL = 1 << 16  # a tar read to its end-of-archive marker has at most this much padding left unread
+
+    def __init__(self, folder: str, max_bytes: int = 0):
+        self.folder, self.max_bytes = Path(folder), max_bytes
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, url: str) -> Path:
+        digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+        return self.folder / f"{digest}-{url.rsplit('/', 1)[-1]}"
+
+    def open(self, url: str):
+        local = self.path(url)
+        try:
+            f = open(local, "rb")
+            os.utime(local)  # recently used: evicted last
+            return f
+        except FileNotFoundError:
+            return _Tee(ObjectPath(url).open_input(), local, self)
+
+    def evict(self, keep: Path) -> None:
+        if not self.max_bytes:
+            return
+        files = []
+        for p in self.folder.iterdir():
+            try:
+                if not p.name.startswith("."):
+                    files.append((p.stat().st_mtime, p.stat().st_size, p))
+            except FileNotFoundError:  # another worker evicted it
+                continue
+        total = sum(size for _, size, _ in files)
+        for _, size, p in sorted(files):
+            if total <= self.max_bytes:
+                break
+            if p != keep:
+                p.unlink(missing_ok=True)
+                total -= size
+
+
+class _Tee(io.RawIOBase):
+    """A remote shard's stream that also writes what it reads to a cache file, published only when whole."""
+
+    def __init__(self, remote, local: Path, cache: ShardCache):
+        self.remote, self.local, self.cache = remote, local, cache
+        self.tmp = local.with_name(f".{local.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        self.out, self.eof = open(self.tmp, "wb"), False
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.remote.read(n) if n is not None and n >= 0 else self.remote.read()
+        if not data and n != 0:
+            self.eof = True
+        self.out.write(data)
+        return data
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            if not self.eof:  # tarfile stops at the end-of-archive marker: read the padding after it
+                self.read(self.TAIL)
+                self.read(1) if not self.eof else None
+            self.out.close()
+            self.remote.close()
+            if self.eof:
+                os.replace(self.tmp, self.local)
+                self.cache.evict(keep=self.local)
+        finally:
+            Path(self.tmp).unlink(missing_ok=True)
+            super().close()
+
+    TAIL = ShardCache.TAIL
 
 
 def _shuffle(samples: Iterator[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
@@ -287,7 +400,7 @@ def read_in_order(urls: list[str], levels=LEVELS, batch_size: int = 32, errors: 
     the training stream resamples, evaluation must not). Batches ``{level: uint8, "cls", "key"}``; damaged
     samples are skipped and appended to ``errors`` as (key, reason)."""
     batch: list[dict] = []
-    for raw in tarfile_samples([{"url": u} for u in urls]):
+    for raw in (raw for u in urls for raw in shard_samples(u, None)):
         try:
             s = decode_sample(raw, levels)
         except DecodeError as exn:

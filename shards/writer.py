@@ -4,7 +4,8 @@ A shard's bytes depend only on its plan (and the PIL/zlib/torch versions): tar
 headers carry a fixed mtime, uid/gid 0, empty user names and mode 0444, and
 members are written in plan order. The tar is written under a temporary
 name in the same folder and renamed into place, so a shard under its final
-name is always complete. A small record ``.parts/<stem>.json`` (sample count,
+name is always complete (to an object store, ``OUT`` an ``s3://`` URI: written to a local temporary
+file, uploaded under a temporary key and moved into place, ``shards.store``). A small record ``.parts/<stem>.json`` (sample count,
 sha256, plan fingerprint) is written after the rename, again atomically;
 a rerun trusts a shard only when its record matches the plan and the file's
 sha256 matches the record.
@@ -17,6 +18,7 @@ import io
 import json
 import os
 import tarfile
+import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +31,7 @@ from facesr.vocab import LEVELS
 
 from .plan import ShardPlan
 from .source import Rejected, open_face, source_file
+from .store import ObjectPath, path as store_path
 
 TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z, fixed for byte-identical shards (GNU tar warns on 0)
 PARTS = ".parts"  # per-shard completion records, under OUT
@@ -85,8 +88,11 @@ def _member(name: str, size: int) -> tarfile.TarInfo:
     return ti
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary name in the same folder and a rename."""
+def atomic_write(path: Path | ObjectPath, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary name in the same folder and a rename (an object: one PUT)."""
+    if isinstance(path, ObjectPath):
+        path.write_bytes(data)
+        return
     tmp = path.with_name(f".{path.name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -114,9 +120,11 @@ def write_shard(src: str, out: str, plan: ShardPlan, fingerprint: str, cfg: Degr
 
 
 def _write_shard(src, out, plan, fingerprint, cfg, png_level, members_format="png") -> dict:
-    out_dir = Path(out)
+    out_dir = store_path(out)
     final = out_dir / plan.name
-    tmp = out_dir / f".{plan.name}{TMP_MARK}{uuid.uuid4().hex[:8]}"
+    remote = isinstance(final, ObjectPath)
+    tmp_dir = Path(tempfile.mkdtemp(prefix="facesr-shard-")) if remote else out_dir
+    tmp = tmp_dir / f".{plan.name}{TMP_MARK}{uuid.uuid4().hex[:8]}"
     try:
         with open(tmp, "wb") as f:
             hw = _HashingWriter(f)
@@ -135,10 +143,15 @@ def _write_shard(src, out, plan, fingerprint, cfg, png_level, members_format="pn
                         tar.addfile(_member(f"{ref.key}.{ext}", len(data)), io.BytesIO(data))
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, final)
+        if remote:
+            final.upload(tmp)
+        else:
+            os.replace(tmp, final)
     finally:
         if tmp.exists():
             tmp.unlink()
+        if remote:
+            tmp_dir.rmdir()
     record = {"name": plan.name, "split": plan.split, "samples": len(plan.samples), "bytes": hw.size,
               "sha256": hw.sha.hexdigest(), "fingerprint": fingerprint}
     (out_dir / PARTS).mkdir(exist_ok=True)
@@ -146,9 +159,9 @@ def _write_shard(src, out, plan, fingerprint, cfg, png_level, members_format="pn
     return record
 
 
-def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
+def sha256_file(path: str | os.PathLike | ObjectPath, bufsize: int = 1 << 20) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with path.open_input() if isinstance(path, ObjectPath) else open(path, "rb") as f:
         while chunk := f.read(bufsize):
             h.update(chunk)
     return h.hexdigest()
@@ -156,11 +169,12 @@ def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
 
 def finished_record(out: str, plan: ShardPlan, fingerprint: str) -> dict | None:
     """Ray/serial task: the shard's record if it is complete, matches the plan and its sha256; else None."""
-    out_dir = Path(out)
+    out_dir = store_path(out)
     rec_path, final = out_dir / PARTS / f"{Path(plan.name).stem}.json", out_dir / plan.name
     try:
         record = json.loads(rec_path.read_text())
-        if record.get("fingerprint") != fingerprint or final.stat().st_size != record["bytes"]:
+        size = final.size() if isinstance(final, ObjectPath) else final.stat().st_size
+        if record.get("fingerprint") != fingerprint or size != record["bytes"]:
             return None
         return record if sha256_file(final) == record["sha256"] else None
     except (OSError, ValueError, KeyError):

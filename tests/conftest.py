@@ -118,3 +118,70 @@ def tiny_net(seed: int = 0):
         for b in net.branches:
             b.body[-1].weight.normal_(0, 1e-3)
     return net.eval()
+
+
+class S3Server:
+    """moto's standalone S3 server on loopback, checking credentials like a real store: its first
+    ``INITIAL_NO_AUTH_ACTION_COUNT`` requests create an IAM user with an access key, every later request
+    must be signed with that key (moto accepts any key otherwise)."""
+
+    def __init__(self, log: Path):
+        import socket
+        import subprocess
+        import sys
+        import time
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{port}"
+        env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="3")
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                     env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 120
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.5).close()
+                break
+            except OSError:
+                assert self.proc.poll() is None and time.time() < deadline, log.read_text()[-2000:]
+                time.sleep(0.2)
+        iam = self.client("iam", "unused", "unused")  # the three unauthenticated actions
+        iam.create_user(UserName="facesr")
+        iam.put_user_policy(UserName="facesr", PolicyName="all", PolicyDocument=(
+            '{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}'))
+        key = iam.create_access_key(UserName="facesr")["AccessKey"]
+        self.key_id, self.secret = key["AccessKeyId"], key["SecretAccessKey"]
+
+    def env(self, **extra: str) -> dict:
+        """What a process on a cloud node has: credentials in the environment, endpoint and region too."""
+        return {"AWS_ACCESS_KEY_ID": self.key_id, "AWS_SECRET_ACCESS_KEY": self.secret,
+                "AWS_ENDPOINT_URL_S3": self.endpoint, "AWS_REGION": "us-east-1",
+                "AWS_EC2_METADATA_DISABLED": "true", **extra}
+
+    def client(self, service: str = "s3", key_id: str | None = None, secret: str | None = None):
+        import boto3
+
+        return boto3.client(service, endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id=key_id or self.key_id, aws_secret_access_key=secret or self.secret)
+
+    def bucket(self, name: str) -> str:
+        self.client().create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    def stop(self) -> None:
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One S3-compatible server for the session (tests/test_store.py)."""
+    server = S3Server(tmp_path_factory.mktemp("moto") / "moto.log")
+    yield server
+    server.stop()

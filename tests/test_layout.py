@@ -12,7 +12,8 @@ ALLOWED = {  # third-party and sibling packages each folder may import (the stan
     "facesr": {"torch", "torchvision", "timm", "torchmetrics", "numpy", "PIL", "safetensors",
                "onnx", "onnxruntime",  # onnx*: only `facesr export`, imported there lazily (the export extra)
                "dlib"},  # only facesr/identity/dlib_judge.py, imported when that judge is built (the dlib extra)
-    "shards": {"facesr", "shards", "torch", "numpy", "PIL", "webdataset", "tqdm"},
+    # pyarrow: shards/store.py, the one filesystem layer of runs and shards in an object store
+    "shards": {"facesr", "shards", "torch", "numpy", "PIL", "webdataset", "tqdm", "pyarrow"},
     "launch": {"facesr", "shards", "cluster", "launch", "torch"},
     # every benchmark: each layer, plus the libraries its naive baselines use; Ray and DeepSpeed only via cluster
     "launch/bench": {"facesr", "shards", "cluster", "launch", "torch", "numpy", "PIL"},

@@ -43,16 +43,22 @@ def make_shards(tmp: Path, name: str = "shards", prior_holdout: float = 0) -> Pa
     from shards.plan import SplitConfig
     from shards.prep import PrepConfig, prepare
 
-    src, out = tmp / "src", tmp / name
+    src, out = face_src(tmp), tmp / name
+    split = SplitConfig(val=0.2, test=0.0, seed=0, prior_holdout=prior_holdout, min_images=2 + int(prior_holdout))
+    prepare(PrepConfig(src=str(src), out=str(out), split=split, shard_size=16, progress=False))
+    return out
+
+
+def face_src(tmp: Path) -> Path:
+    """``tmp/src``: symlinks to the first ``IMAGES`` faces of the ``IDENTITIES`` largest CelebA identities."""
+    src = tmp / "src"
     ids = sorted(os.listdir(CELEBA), key=lambda i: (-len(os.listdir(CELEBA / i)), i))[:IDENTITIES]
     for ident in ids:
         (src / ident).mkdir(parents=True, exist_ok=True)
         for f in sorted(os.listdir(CELEBA / ident))[:IMAGES]:
             if not (src / ident / f).is_symlink():
                 (src / ident / f).symlink_to(CELEBA / ident / f)
-    split = SplitConfig(val=0.2, test=0.0, seed=0, prior_holdout=prior_holdout, min_images=2 + int(prior_holdout))
-    prepare(PrepConfig(src=str(src), out=str(out), split=split, shard_size=16, progress=False))
-    return out
+    return src
 
 
 def free_ports(n: int) -> list[int]:
