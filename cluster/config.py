@@ -215,10 +215,40 @@ class PriorStageConfig(StageConfig):
             raise ConfigError(f"{key}.crop_pad", f"must be 0 to 23 lr pixels, got {self.crop_pad}")
 
 
+SR_LOSSES = ("csrip", "perceptual", "mse")  # stage2.loss: eq. (4); ℓp on SqueezeNet fire2-4; SRCNN's and VDSR's pixel MSE
+
+
 @dataclass
 class SRStageConfig(StageConfig):
-    alpha: float = 0.001  # weight of the identity cross-entropy in eq. (4)
+    # The network stage 2 trains (facesr.models.SR_MODELS): cascade = C-SRIP's; srcnn, vdsr = the paper's Table 1
+    # peers on the bicubic-upsampled lr (one x8 output). Sized by the run's model preset (tiny | paper).
+    model: str = "cascade"
+    # What it is trained with: csrip = eq. (4), SSIM at every output + alpha * identity CE of the frozen priors;
+    # perceptual = ℓp, squared fire2-4 feature differences of an ImageNet SqueezeNet (no priors); mse = pixel MSE
+    loss: str = "csrip"
+    alpha: float = 0.001  # weight of the identity cross-entropy in eq. (4); 0 = SSIM only (no priors needed)
     priors: str = ""  # trained priors (safetensors) when stage 1 is not in this run; "" = <run_dir>/priors.safetensors
+    # ℓp's SqueezeNet weights: imagenet = torchvision's squeezenet1_1 ImageNet file (torch hub cache, downloaded
+    # when absent), or the path of that file (.pth) or of a .safetensors of the same state dict
+    perceptual_weights: str = "imagenet"
+
+    @property
+    def uses_priors(self) -> bool:
+        """Whether training needs the identity priors of stage 1 (eq. (4) with alpha > 0)."""
+        return self.loss == "csrip" and self.alpha > 0
+
+    def validate(self, key: str = "stage2") -> None:
+        super().validate(key)
+        from facesr.models import SR_MODELS
+
+        if self.model not in SR_MODELS:
+            raise ConfigError(f"{key}.model", f"unknown SR model {self.model!r}; choose one of {', '.join(SR_MODELS)}")
+        if self.loss not in SR_LOSSES:
+            raise ConfigError(f"{key}.loss", f"unknown loss {self.loss!r}; choose one of {', '.join(SR_LOSSES)}")
+        if self.alpha < 0:
+            raise ConfigError(f"{key}.alpha", f"must be 0 or more, got {self.alpha}")
+        if self.priors and not self.uses_priors:
+            raise ConfigError(f"{key}.priors", f"{key}.loss={self.loss} (alpha={self.alpha}) uses no identity priors")
 
 
 @dataclass
@@ -299,6 +329,9 @@ class TrainConfig:
                     raise ConfigError(e.field, f"{e.message}; an elastic run may train at any of "
                                       f"{self.world_sizes.start}..{self.world_sizes.stop - 1} workers, so the global "
                                       f"batch must be a multiple of {lcm} (or narrow cluster.min_workers)") from None
+        if 1 in self.run.stages and 2 in self.run.stages and not self.stage2.uses_priors:
+            raise ConfigError("run.stages", f"stage 1 trains the identity priors, which stage 2 does not use "
+                              f"(stage2.loss={self.stage2.loss}, alpha={self.stage2.alpha}): use run.stages=[2]")
         if self.stage2.priors and 1 in self.run.stages:
             raise ConfigError("stage2.priors", "set it only for a stage-2 run (run.stages=[2]); stage 1 writes "
                               "<run_dir>/priors.safetensors")
@@ -486,7 +519,9 @@ def resolve(cfg: TrainConfig, base: str | Path | None = None) -> TrainConfig:
     sd_default = "" if _is_uri(storage) else str(Path(storage) / "prometheus_sd")
     sd_dir = absolute(cfg.run.telemetry_sd_dir) if cfg.run.telemetry_sd_dir else sd_default
     cfg.run = dataclasses.replace(cfg.run, run_dir=run_dir, telemetry_sd_dir=sd_dir)
-    cfg.stage2 = dataclasses.replace(cfg.stage2, priors=absolute(cfg.stage2.priors))
+    weights = cfg.stage2.perceptual_weights
+    cfg.stage2 = dataclasses.replace(cfg.stage2, priors=absolute(cfg.stage2.priors),
+                                     perceptual_weights=weights if weights == "imagenet" else absolute(weights))
     if any(_is_uri(p) for p in (cfg.cluster.storage_path, run_dir, cfg.data.shards, cfg.stage2.priors)):
         from shards.store import ENDPOINT_ENV, REGION_ENV
 
@@ -503,8 +538,10 @@ def check(cfg: TrainConfig) -> dict:
     cfg.validate()
     _check_stores(cfg)
     manifest = _manifest(cfg)
-    if 2 in cfg.run.stages and 1 not in cfg.run.stages:
+    if 2 in cfg.run.stages and 1 not in cfg.run.stages and cfg.stage2.uses_priors:
         _check_priors(cfg, manifest)
+    if 2 in cfg.run.stages and cfg.stage2.loss == "perceptual":
+        _check_perceptual(cfg)
     return manifest
 
 
@@ -550,6 +587,16 @@ def _manifest(cfg: TrainConfig) -> dict:
         if n < batch_size:
             raise ConfigError(f"stage{stage_num}.batch_size", f"{batch_size} exceeds the {n} usable training samples")
     return manifest
+
+
+def _check_perceptual(cfg: TrainConfig) -> None:
+    """ℓp's SqueezeNet weights load (downloaded into torch hub's cache first when ``imagenet`` and absent)."""
+    from facesr.weights import load_squeezenet
+
+    try:
+        load_squeezenet(cfg.stage2.perceptual_weights)
+    except (OSError, ValueError) as e:
+        raise ConfigError("stage2.perceptual_weights", str(e)) from None
 
 
 def _check_priors(cfg: TrainConfig, manifest: dict) -> None:

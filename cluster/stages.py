@@ -14,12 +14,12 @@ import torch.nn as nn
 
 from facesr.augment import flip_crop
 from facesr.degradations import PAPER, degrade_lr
-from facesr.losses import CSRIPLoss, PriorLoss
-from facesr.models import SRNet, build_prior, get_preset
+from facesr.losses import CSRIPLoss, MSELoss, PerceptualLoss, PriorLoss
+from facesr.models import build_prior, build_sr, get_preset
 from facesr.quality import finish, image_scores
 from facesr.step import Precision, prior_forward, sr_forward
 from facesr.vocab import SCALE_OF, TARGETS
-from facesr.weights import load_priors, save_priors, save_srnet
+from facesr.weights import load_priors, load_squeezenet, save_priors, save_srnet
 from shards.manifest import class_counts, read_manifest
 from shards.store import local_copy, staged
 
@@ -106,8 +106,24 @@ class PriorStage:
         return path
 
 
+def sr_loss(cfg: TrainConfig, classes: list[str], device: torch.device, precision: Precision) -> nn.Module:
+    """Stage 2's loss (``stage2.loss``). Its frozen networks (identity priors, ℓp's SqueezeNet) are built on
+    every worker, outside DeepSpeed: no optimizer state, not in its checkpoints."""
+    stage_cfg = cfg.stage2
+    if stage_cfg.loss == "perceptual":
+        return PerceptualLoss(precision.module(load_squeezenet(stage_cfg.perceptual_weights, device)))
+    if stage_cfg.loss == "mse":
+        return MSELoss()
+    priors = None
+    if stage_cfg.uses_priors:
+        priors = load_priors(local_copy(cfg.priors_path), device, classes=classes)
+        priors = {k: precision.module(p) for k, p in priors.items()}
+    return CSRIPLoss(priors, alpha=stage_cfg.alpha).to(device)
+
+
 class SRStage:
-    """Stage 2: the cascade with the frozen priors, loss of eq. (4) at three scales."""
+    """Stage 2: the SR network (the cascade, or a Table 1 peer: ``stage2.model``) and its loss (``stage2.loss``:
+    eq. (4) with the frozen priors, ℓp, or MSE) at every output it has."""
 
     number = 2
     telemetry_name = "sr"
@@ -115,15 +131,12 @@ class SRStage:
     def __init__(self, cfg: TrainConfig, classes: list[str], device: torch.device, precision: Precision):
         self.cfg, self.classes, self.device, self.precision = cfg, classes, device, precision
         self.stage_cfg = cfg.stage2
-        # Frozen on every worker, outside DeepSpeed: no optimizer state, not in its checkpoints.
-        priors = load_priors(local_copy(cfg.priors_path), device, classes=classes)
-        priors = {k: precision.module(p) for k, p in priors.items()}
-        self.loss_fn = CSRIPLoss(priors, alpha=self.stage_cfg.alpha).to(device)
+        self.loss_fn = sr_loss(cfg, classes, device, precision)
         self.degradation = cfg.data.degradation_model()
         self.fixed = self.degradation == PAPER  # the shards' lr is exactly the paper's cascade
 
     def build_model(self) -> nn.Module:
-        return SRNet(get_preset(self.cfg.preset).sr)
+        return build_sr(self.stage_cfg.model, preset=self.cfg.preset)
 
     def train_batch(self, batch: dict, generator: torch.Generator) -> dict:
         """The network's input: the shards' lr, or hr degraded on the device by the configured model."""
@@ -139,18 +152,19 @@ class SRStage:
 
     @torch.no_grad()
     def validate_batch(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        """Loss of eq. (4), and PSNR and SSIM per scale exactly as `facesr eval quality` scores them
+        """The training loss, and PSNR and SSIM per output scale exactly as `facesr eval quality` scores them
         (facesr.quality: outputs clamped and rounded to 8 bit, torchmetrics, standard constants), so the
         dashboard's val ssim/x8 and the eval table's are the same number on the same images.
 
         Validation identities are outside the priors' class map (prep splits by identity), so their
-        identity term is zero and the loss is the SSIM part; ce/* is not reported here.
+        identity term is zero and eq. (4)'s loss is the SSIM part; ce/* is not reported here. A peer with
+        one output reports x8 only.
         """
         with self.precision.autocast(batch["lr"].device):
             sr = model(batch["lr"])
             terms = self.loss_fn(sr, batch)
         out = {"loss": terms["loss"].float()}
-        for key in TARGETS:
+        for key in (k for k in TARGETS if k in sr):
             scores = image_scores(finish(sr[key]), batch[key])  # {metric: (B,)}
             out[f"ssim/{SCALE_OF[key]}"] = scores["ssim"].mean()
             out[f"psnr/{SCALE_OF[key]}"] = scores["psnr"].mean()
@@ -159,7 +173,8 @@ class SRStage:
     def finish(self, model: nn.Module, run_dir: Path) -> Path:
         path = run_dir / "srnet.safetensors"
         with staged(path) as local:
-            save_srnet(local, model, extra={"preset": self.cfg.preset, "run": self.cfg.run.name})
+            save_srnet(local, model, extra={"preset": self.cfg.preset, "run": self.cfg.run.name,
+                                            "loss": self.stage_cfg.loss})
         return path
 
 

@@ -182,10 +182,11 @@ def _score_quad(meter: QualityMeter, models: dict[str, SRNet], quad: dict, devic
             meter.update(method, scale, img, quad[KEY_OF[scale]])
     lr = quad["lr"].to(device)
     for name, net in models.items():
-        sr = net(lr)  # {"x2": 48², "x4": 96², "hr": 192²}
+        sr = net(lr)  # the cascade {"x2": 48², "x4": 96², "hr": 192²}; a Table 1 peer {"hr": 192²}
         for scale in SCALES:
             key = KEY_OF[scale]
-            meter.update(name, scale, finish(sr[key]).cpu(), quad[key])
+            if key in sr:
+                meter.update(name, scale, finish(sr[key]).cpu(), quad[key])
 
 
 def protocol(source: str, cfg: DegradeConfig = DEFAULT) -> dict:
@@ -199,7 +200,8 @@ def protocol(source: str, cfg: DegradeConfig = DEFAULT) -> dict:
         "degradation_config": cfg.to_dict(),
         "colour_space": "RGB, all three channels (no Y-channel conversion, no border shave)",
         "data_range": "pixels in [0, 1] from 8-bit; outputs clamped to [0, 1] and rounded to 8 bit before scoring",
-        "scales": "x2: 24->48 vs the x2 level, x4: 24->96 vs x4, x8: 24->192 vs hr; model x2/x4 from its branches",
+        "scales": "x2: 24->48 vs the x2 level, x4: 24->96 vs x4, x8: 24->192 vs hr; model x2/x4 from its branches "
+        "(models with an x8 output only, the Table 1 peers, are scored at x8)",
         "psnr": "torchmetrics peak_signal_noise_ratio, data_range=1, per image (capped at 100 dB), mean over images",
         "ssim": "torchmetrics structural_similarity_index_measure, Gaussian 11x11 sigma=1.5, K1=0.01, K2=0.03, "
         "data_range=1, per image, mean over images",
@@ -211,14 +213,20 @@ def protocol(source: str, cfg: DegradeConfig = DEFAULT) -> dict:
 
 
 def _gains(results: dict, models: Iterable[str]) -> dict:
-    """{model: {scale: {metric: model minus bicubic}}}."""
+    """{model: {scale: {metric: model minus bicubic}}}, at the scales the model has (a peer: x8 only)."""
     return {
         name: {
             s: {m: results[name][s][m] - results["bicubic"][s][m] for m in ("psnr", "ssim", "ssim_paper")}
-            for s in SCALES
+            for s in SCALES if s in results[name]
         }
         for name in models
     }
+
+
+def _cell(table: dict, method: str, scale: str, key: str, fmt: str, width: int, sign: str = "") -> str:
+    """One right-aligned figure (``sign="+"``: signed), or a dash where ``method`` has no output at ``scale``."""
+    row = table.get(method, {}).get(scale)
+    return f"{row[key]:>{sign}{width}{fmt}}" if row is not None else f"{'—':>{width}}"
 
 
 def build_report(results: dict, n_images: int, source: str, models: dict[str, str], extra: dict | None = None) -> dict:
@@ -235,7 +243,8 @@ def build_report(results: dict, n_images: int, source: str, models: dict[str, st
 
 
 def format_table(report: dict) -> str:
-    """Table 1 style: methods as columns, PSNR / SSIM / SSIM with the paper's constants as rows, per scale."""
+    """Table 1 style: methods as columns, PSNR / SSIM / SSIM with the paper's constants as rows, per scale; a
+    model without an output at a scale (a peer's x2, x4) shows a dash there."""
     res = report["results"]
     methods = [*BASELINES, *report["models"]]
     gains = [f"Δ {n}" for n in report["models"]]  # each model's gain column, named after it
@@ -250,10 +259,8 @@ def format_table(report: dict) -> str:
     rows = (("psnr", "PSNR [dB]", ".3f"), ("ssim", "SSIM", ".4f"), ("ssim_paper", "SSIM*", ".4f"))
     for s in SCALES:
         for i, (key, label, fmt) in enumerate(rows):
-            cells = "".join(f"{res[m][s][key]:>{width}{fmt}}" for m in methods)
-            cells += "".join(
-                f"{report['gain_over_bicubic'][n][s][key]:>+{width}{fmt}}" for n in report["models"]
-            )
+            cells = "".join(_cell(res, m, s, key, fmt, width) for m in methods)
+            cells += "".join(_cell(report["gain_over_bicubic"], n, s, key, fmt, width, "+") for n in report["models"])
             lines.append(f"{s if i == 0 else '':<6}{label:<13}{cells}")
     p = report["paper_table1"]["x8"]
     lines.append(

@@ -1,4 +1,5 @@
-"""Comparison grid like the paper's Fig. 3: one row per face, LR | bicubic | SR x2, x4, x8 | HR.
+"""Comparison grid like the paper's Fig. 3: one row per face, LR | bicubic | SR x2, x4, x8 | HR; with several
+models (the cascade and its Table 1 peers) their columns side by side, each at the scales it has.
 
 Every cell is shown at 192² so columns line up: the 24² input and the model's
 48²/96² intermediate outputs are enlarged with nearest neighbour (their pixels
@@ -12,14 +13,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from .degradations import lr_under
 from .degrade import to_uint8
-from .models import SRNet
 from .quality import finish, upscale
-from .vocab import SIZES, TARGETS, SCALE_OF
+from .vocab import SCALES, SIZES, TARGETS, SCALE_OF
 
 CELL = SIZES["hr"]
 HEADER = 22  # px of label strip above the columns
@@ -32,14 +33,18 @@ def show(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def grid_columns(batch: dict, models: dict[str, SRNet], device: str | torch.device = "cpu") -> list[tuple[str, torch.Tensor]]:
-    """[(label, (N, 3, 192, 192))] in display order for the quadruplets in ``batch``."""
+def grid_columns(
+    batch: dict, models: dict[str, nn.Module], device: str | torch.device = "cpu", scales: tuple[str, ...] = SCALES
+) -> list[tuple[str, torch.Tensor]]:
+    """[(label, (N, 3, 192, 192))] in display order for the quadruplets in ``batch``: each model's outputs at
+    ``scales`` that it has (a Table 1 peer has x8 only; ``scales=("x8",)`` gives one column per model, Fig. 3)."""
     lr = batch["lr"].float()
     cols = [("LR 24x24", show(lr)), ("bicubic x8", upscale(lr, CELL, "bicubic"))]
     for name, net in models.items():
         sr = net.to(device).eval()(lr.to(device))
         prefix = f"{name} " if len(models) > 1 else "SR "
-        cols += [(f"{prefix}{SCALE_OF[k]}", show(finish(sr[k]).cpu())) for k in TARGETS]
+        cols += [(f"{prefix}{SCALE_OF[k]}", show(finish(sr[k]).cpu())) for k in TARGETS
+                 if k in sr and SCALE_OF[k] in scales]
     cols.append(("HR 192x192", batch["hr"].float()))
     return cols
 
@@ -77,12 +82,13 @@ def per_degradation(batch: dict, degradations: list[str]) -> dict:
 
 
 def comparison_grid(
-    batch: dict, models: dict[str, SRNet], path: str | Path, device: str | torch.device = "cpu"
+    batch: dict, models: dict[str, nn.Module], path: str | Path, device: str | torch.device = "cpu",
+    scales: tuple[str, ...] = SCALES,
 ) -> Path:
     """Write the grid for ``batch`` (quadruplets, optional ``name`` list) to ``path`` (PNG)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     names = batch.get("name")
     labels = batch.get("label") or ([n.split("/")[0][:28] for n in names] if names else None)
-    render(grid_columns(batch, models, device), labels).save(path)
+    render(grid_columns(batch, models, device, scales), labels).save(path)
     return path

@@ -1,4 +1,6 @@
-"""Losses of C-SRIP (paper Sec. 2.3): SSIM loss (eqs. 2-3), identity cross-entropy (eq. 1), total (eq. 4).
+"""Losses of C-SRIP (paper Sec. 2.3): SSIM loss (eqs. 2-3), identity cross-entropy (eq. 1), total (eq. 4);
+and those of the Table 1 peers: the perceptual loss ℓp on SqueezeNet fire2-4 features, and the MSE that
+SRCNN and VDSR train with. SR losses score the outputs a network has (the cascade x2, x4, hr; a peer hr).
 
 Every loss returns named terms keyed in the shared vocabulary
 (``loss``, ``ssim/x2``, ``ce/x8``, ``acc/x4`` …) so the same names reach logs,
@@ -88,7 +90,7 @@ class CSRIPLoss(nn.Module):
     def forward(self, sr: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         terms: dict[str, torch.Tensor] = {}
         total = 0.0
-        for key in TARGETS:
+        for key in outputs(sr):
             scale = SCALE_OF[key]
             s = ssim(sr[key], batch[key])  # once per scale: the term and the loss share it
             terms[f"ssim/{scale}"] = s.detach()
@@ -102,6 +104,56 @@ class CSRIPLoss(nn.Module):
                 total = total + self.alpha * ce
         terms["loss"] = total
         return terms
+
+
+class PerceptualLoss(nn.Module):
+    """ℓp (Johnson et al. 2016, as the paper trains it): Σ_outputs Σ_{fire2, fire3, fire4} mean((φ(sr) − φ(target))²).
+
+    Johnson's feature reconstruction loss ‖φ(ŷ) − φ(y)‖² / (C·H·W) per layer, i.e. the mean squared feature
+    difference, summed over the layers with equal weights and over the network's outputs. ``features`` is
+    the frozen SqueezeNet (``facesr.models.perceptual.SqueezeFeatures``); it runs in the caller's autocast
+    (a convnet, as fast in bf16 as the SR network), the differences in fp32.
+    """
+
+    def __init__(self, features: nn.Module):
+        super().__init__()
+        self.features = features
+
+    def forward(self, sr: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        terms: dict[str, torch.Tensor] = {}
+        total = 0.0
+        for key in outputs(sr):
+            with torch.no_grad():
+                want = self.features(batch[key])
+            got = self.features(sr[key])
+            term = sum(F.mse_loss(g.float(), w.float()) for g, w in zip(got, want))
+            terms[f"perceptual/{SCALE_OF[key]}"] = term.detach()
+            total = total + term
+        terms["loss"] = total
+        return terms
+
+
+class MSELoss(nn.Module):
+    """The pixel MSE SRCNN and VDSR train with, on [0, 1] pixels, summed over the network's outputs."""
+
+    def forward(self, sr: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        terms: dict[str, torch.Tensor] = {}
+        total = 0.0
+        for key in outputs(sr):
+            with torch.autocast(sr[key].device.type, enabled=False):
+                term = F.mse_loss(sr[key].float(), batch[key].float())
+            terms[f"mse/{SCALE_OF[key]}"] = term.detach()
+            total = total + term
+        terms["loss"] = total
+        return terms
+
+
+def outputs(sr: dict[str, torch.Tensor]) -> tuple[str, ...]:
+    """The targets a network's output dict has, coarse to fine (the cascade: x2, x4, hr; a peer: hr)."""
+    keys = tuple(k for k in TARGETS if k in sr)
+    if not keys or len(keys) != len(sr):
+        raise ValueError(f"SR outputs must be keyed by targets {TARGETS}, got {sorted(sr)}")
+    return keys
 
 
 class PriorLoss(nn.Module):

@@ -19,9 +19,11 @@ import torch.nn as nn
 from safetensors.torch import load_file, safe_open, save_file
 
 from .models import (
-    EmbedderConfig, FaceEmbedder, FrozenPrior, PriorConfig, SRNet, SRNetConfig, build_prior, get_preset,
+    SR_MODELS, EmbedderConfig, FaceEmbedder, FrozenPrior, PriorConfig, build_prior, build_sr, get_preset,
+    sr_config, sr_model_name,
 )
 from .models.embedder import freeze
+from .models.perceptual import SqueezeFeatures
 
 
 def classes_digest(classes: list[str]) -> str:
@@ -104,20 +106,79 @@ def load_priors(path, device: str | torch.device = "cpu", classes: list[str] | N
 
 
 def save_srnet(path, net: nn.Module, extra: dict | None = None) -> None:
-    """The SR cascade (all branches) with its config."""
+    """An SR network of ``SR_MODELS`` (the cascade with all branches, or a Table 1 peer) with its name and config."""
     net = _unwrap(net)
-    _save(path, net.state_dict(), {"kind": "srnet", "sr": dataclasses.asdict(net.cfg), **(extra or {})})
+    meta = {"kind": "srnet", "model": sr_model_name(net), "sr": dataclasses.asdict(net.cfg), **(extra or {})}
+    _save(path, net.state_dict(), meta)
 
 
-def load_srnet(path, device: str | torch.device = "cpu") -> SRNet:
+def load_srnet(path, device: str | torch.device = "cpu") -> nn.Module:
+    """The SR network of a ``save_srnet`` file, in eval mode: ``model(lr)`` gives its outputs by target."""
     meta = read_meta(path)
     if meta["kind"] != "srnet":
         raise ValueError(f"{path}: holds {meta['kind']!r}, not an SR network")
-    sr = {"branch_act": "relu", **meta["sr"]}  # files written before branch_act existed had ReLU branches
-    cfg = SRNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in sr.items()})
-    net = SRNet(cfg)
+    model = meta.get("model", "cascade")  # files written before the peers existed hold the cascade
+    if model not in SR_MODELS:
+        raise ValueError(f"{path}: SR model {model!r} unknown to this facesr ({', '.join(SR_MODELS)})")
+    sr = meta["sr"]
+    if model == "cascade":
+        sr = {"branch_act": "relu", **sr}  # files written before branch_act existed had ReLU branches
+    cfg_cls = type(sr_config("tiny", model))
+    net = build_sr(model, cfg_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in sr.items()}))
     net.load_state_dict(load_file(str(path), device="cpu"))
     return net.to(device).eval()
+
+
+# torchvision's ImageNet squeezenet1_1 (SqueezeNet1_1_Weights.IMAGENET1K_V1), the feature network of ℓp
+SQUEEZENET_URL = "https://download.pytorch.org/models/squeezenet1_1-b8a52dc0.pth"
+SQUEEZENET_SHA256_PREFIX = "b8a52dc0"  # torchvision names its files by their sha256's first 8 hex digits
+
+
+def squeezenet_file(spec: str, download: bool = True, timeout: float = 30) -> Path:
+    """The file of ℓp's SqueezeNet weights: ``spec`` a local file (torchvision's ``.pth`` or a ``.safetensors``
+    of the same state dict), or ``imagenet``: torchvision's ImageNet weights in torch hub's cache
+    (``$TORCH_HOME/hub/checkpoints``), downloaded there when absent and ``download``. FileNotFoundError
+    saying what to do when neither is there."""
+    if spec != "imagenet":
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such SqueezeNet weights file")
+        return path
+    path = Path(torch.hub.get_dir()) / "checkpoints" / SQUEEZENET_URL.rsplit("/", 1)[1]
+    if path.is_file():
+        return path
+    hint = (f"download {SQUEEZENET_URL} (torchvision's ImageNet squeezenet1_1) to {path}, or give its path "
+            "(stage2.perceptual_weights=FILE)")
+    if not download:
+        raise FileNotFoundError(f"SqueezeNet ImageNet weights not in torch hub's cache: {hint}")
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(SQUEEZENET_URL, timeout=timeout) as r:
+            data = r.read()
+    except OSError as e:
+        raise FileNotFoundError(f"cannot download SqueezeNet ImageNet weights ({e}): {hint}") from None
+    if not hashlib.sha256(data).hexdigest().startswith(SQUEEZENET_SHA256_PREFIX):
+        raise ValueError(f"{SQUEEZENET_URL}: downloaded file fails its sha256 check ({SQUEEZENET_SHA256_PREFIX}…)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def load_squeezenet(spec: str, device: str | torch.device = "cpu", download: bool = True) -> SqueezeFeatures:
+    """ℓp's frozen fire2-4 feature network from ``squeezenet_file(spec)``: safetensors, or a torch file read
+    with ``weights_only=True`` (plain tensors only: no code runs); ValueError naming the file otherwise."""
+    path = squeezenet_file(spec, download)
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        return SqueezeFeatures(state).to(device)
+    except Exception as e:  # a wrong file: not a squeezenet1_1 state dict, or not loadable without pickle code
+        raise ValueError(f"{path}: not torchvision squeezenet1_1 weights ({' '.join(str(e).split())[:300]})") from None
 
 
 def save_embedder(path, model: FaceEmbedder, classes: list[str], extra: dict | None = None) -> Path:

@@ -7,7 +7,8 @@
   facesr eval identity [MODEL ...] [--judge dlib | --embedder runs/embedder.safetensors] [--per-fold 100]
 
 MODEL is a run folder (its srnet.safetensors) or an SR-net .safetensors file; several models
-(e.g. the alpha=0 and alpha=0.001 runs) become several columns/rows. --data is an identity folder
+(e.g. the alpha=0 and alpha=0.001 runs, or the Table 1 peers: SRCNN, VDSR, ℓp) become several
+columns/rows, each at the scales it has (a peer: x8 only; `--scales x8` gives Fig. 3's grid). --data is an identity folder
 (ROOT/<identity>/<image>) or a shard root with a manifest (its --split is streamed).
 --degradations makes the same faces' lr several ways (facesr.degradations.EVAL_DEGRADATIONS; the
 x2/x4/hr targets stay the clean cascade): quality adds a robustness table, grid one row per way.
@@ -47,6 +48,21 @@ def _add_degradations(p) -> None:
                    "heldout); quality: one robustness row each, paper always included; default: paper only")
 
 
+def _add_scales(p) -> None:
+    p.add_argument("--scales", default="x2,x4,x8", metavar="SCALES",
+                   help="grid: each model's outputs shown, comma-separated (x8 = one column per model, as the "
+                   "paper's Fig. 3; the Table 1 peers have x8 only)")
+
+
+def _scales(text: str) -> tuple[str, ...]:
+    from facesr.vocab import SCALES
+
+    names = tuple(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+    if not names or any(n not in SCALES for n in names):
+        raise SystemExit(f"--scales: expected some of {', '.join(SCALES)}, got {text!r}")
+    return names
+
+
 def _degradations(text: str) -> list[str]:
     from facesr.degradations import EVAL_DEGRADATIONS
 
@@ -65,12 +81,14 @@ def configure(parser) -> None:
     q.add_argument("--limit", type=int, default=0, help="at most N faces (seeded draw); 0 = all")
     q.add_argument("--grid", type=int, default=0, metavar="ROWS", help="also write grid.png with ROWS faces")
     _add_degradations(q)
+    _add_scales(q)
 
     g = sub.add_parser("grid", help="comparison grid PNG: LR | bicubic | SR x2, x4, x8 | HR")
     _common(g)
     g.add_argument("--rows", type=int, default=6, help="faces drawn at random (seeded) from the selection")
     g.add_argument("--faces", nargs="*", default=[], help="chosen faces as identity/file.jpg (overrides --rows)")
     _add_degradations(g)
+    _add_scales(g)
 
     i = sub.add_parser("identity", help="LFW verification with one face HR / bicubic / SR, and identity drift")
     _common(i, data=False)
@@ -224,7 +242,7 @@ def run_quality(args) -> int:
         if batch is not None and rows:
             batch = per_degradation(batch, rows)
         if batch is not None:
-            print(f"wrote {comparison_grid(batch, models, out / 'grid.png', args.device)}")
+            print(f"wrote {comparison_grid(batch, models, out / 'grid.png', args.device, _scales(args.scales))}")
         else:
             _log("--grid: pictures need an identity folder as --data (use --manifest for its split); none written")
     return 0
@@ -250,7 +268,7 @@ def run_grid(args) -> int:
         raise SystemExit("no readable faces for the grid")
     if names != ["paper"]:
         batch = per_degradation(batch, names)
-    print(f"wrote {comparison_grid(batch, models, Path(args.out) / 'grid.png', args.device)}")
+    print(f"wrote {comparison_grid(batch, models, Path(args.out) / 'grid.png', args.device, _scales(args.scales))}")
     return 0
 
 

@@ -1,4 +1,9 @@
-"""Networks of C-SRIP and their named presets (one explicit dict)."""
+"""Networks of C-SRIP, the Table 1 peers, and their named presets (one explicit dict).
+
+Stage 2 trains one of ``SR_MODELS`` (``stage2.model``): the cascade, or a peer of the paper's Table 1
+(SRCNN, VDSR) on the bicubic-upsampled input. Every one maps ``lr`` to a dict of outputs keyed by
+target (the cascade ``x2``, ``x4``, ``hr``; the peers ``hr`` only) and has ``deploy()`` (lr -> hr).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import torch.nn as nn
 
 from .csrnet import SRNet, SRNetConfig, SRNetDeploy, conv_depth
 from .embedder import EmbedderConfig, FaceEmbedder
+from .peers import SRCNN, VDSR, HROnly, SRCNNConfig, VDSRConfig
 from .prior import FrozenPrior, PriorConfig, SqueezeNetResidual
 
 
@@ -16,6 +22,8 @@ from .prior import FrozenPrior, PriorConfig, SqueezeNetResidual
 class ModelPreset:
     sr: SRNetConfig  # the cascade
     prior: PriorConfig  # each of the three identity priors
+    srcnn: SRCNNConfig = SRCNNConfig()  # Table 1 peer: the 9-1-5 SRCNN
+    vdsr: VDSRConfig = VDSRConfig()  # Table 1 peer: 20-layer VDSR
 
 
 PRESETS: dict[str, ModelPreset] = {
@@ -25,14 +33,41 @@ PRESETS: dict[str, ModelPreset] = {
     "tiny": ModelPreset(
         sr=SRNetConfig(widths=(32, 16, 8), blocks=1, branch_kernels=(5, 3)),
         prior=PriorConfig(width=0.25, dropout=0.2, norm=True),  # norm: tiny priors without BN never learn (prior.py)
+        srcnn=SRCNNConfig(widths=(16, 8)),  # the 9-1-5 kernels kept, a quarter of the filters
+        vdsr=VDSRConfig(depth=5, width=16),
     ),
 }
+
+# stage2.model -> the network class; its config is the preset's field of the same role (sr_config)
+SR_MODELS: dict[str, type[nn.Module]] = {"cascade": SRNet, "srcnn": SRCNN, "vdsr": VDSR}
+OUTPUTS: dict[str, tuple[str, ...]] = {"cascade": ("x2", "x4", "hr"), "srcnn": ("hr",), "vdsr": ("hr",)}
 
 
 def get_preset(name: str) -> ModelPreset:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]
+
+
+def sr_config(preset: str, model: str):
+    """The config of SR network ``model`` (a key of SR_MODELS) in model preset ``preset``."""
+    if model not in SR_MODELS:
+        raise ValueError(f"unknown SR model {model!r}; choose one of {sorted(SR_MODELS)}")
+    p = get_preset(preset)
+    return {"cascade": p.sr, "srcnn": p.srcnn, "vdsr": p.vdsr}[model]
+
+
+def build_sr(model: str, cfg=None, preset: str = "paper") -> nn.Module:
+    """A fresh SR network ``model`` built from ``cfg`` (default: preset ``preset``'s config of it)."""
+    return SR_MODELS[model](cfg if cfg is not None else sr_config(preset, model))
+
+
+def sr_model_name(net: nn.Module) -> str:
+    """The SR_MODELS key of a built network (what a weights file records)."""
+    for name, cls in SR_MODELS.items():
+        if type(net) is cls:
+            return name
+    raise ValueError(f"{type(net).__name__} is not one of the SR models {sorted(SR_MODELS)}")
 
 
 def build_prior(cfg: PriorConfig, num_classes: int) -> nn.Module:
@@ -42,7 +77,9 @@ def build_prior(cfg: PriorConfig, num_classes: int) -> nn.Module:
 
 __all__ = [
     "PRESETS", "ModelPreset", "get_preset", "build_prior",
+    "SR_MODELS", "OUTPUTS", "sr_config", "build_sr", "sr_model_name",
     "SRNet", "SRNetConfig", "SRNetDeploy", "conv_depth",
+    "SRCNN", "SRCNNConfig", "VDSR", "VDSRConfig", "HROnly",
     "FrozenPrior", "PriorConfig", "SqueezeNetResidual",
     "EmbedderConfig", "FaceEmbedder",
 ]

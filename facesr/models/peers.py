@@ -1,0 +1,104 @@
+"""Peer networks of the paper's Table 1 that work on the bicubic-upsampled input. Architecture only.
+
+Both take ``lr`` (B, 3, 24, 24), upsample it bicubically to 192² inside the network (as their papers
+feed the interpolated image) and return ``{"hr": (B, 3, 192, 192)}``: one output, at x8, in the same
+vocabulary as the cascade's ``hr`` branch, so training, metrics, checkpoints, evaluation and export
+take them unchanged. ``deploy()`` gives the lr -> hr tensor module that export and ``facesr sr`` use.
+
+* **SRCNN** (Dong et al., TPAMI 2016, the 9-1-5 network): conv 9×9 (64) + ReLU, conv 1×1 (32) + ReLU,
+  conv 5×5 (3); it predicts the image itself. "Same" padding, so the whole 192² is predicted (the paper
+  trains on valid-padded crops and loses a 6-px border).
+* **VDSR** (Kim et al., CVPR 2016): 20 conv 3×3 layers of 64 filters with ReLU between them, the last
+  predicting the residual that is added to the interpolated input (the global residual).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..vocab import SIZES
+
+
+def interpolated(lr: torch.Tensor) -> torch.Tensor:
+    """lr (B, 3, 24, 24) -> bicubic (B, 3, 192, 192): the input both papers start from."""
+    return F.interpolate(lr, size=(SIZES["hr"], SIZES["hr"]), mode="bicubic", align_corners=False)
+
+
+@dataclass(frozen=True)
+class SRCNNConfig:
+    widths: tuple[int, int] = (64, 32)  # filters of the first two layers (the paper's 64/32)
+    kernels: tuple[int, int, int] = (9, 1, 5)  # the paper's 9-1-5 network
+
+
+@dataclass(frozen=True)
+class VDSRConfig:
+    depth: int = 20  # conv layers, the first and last included (the paper's 20)
+    width: int = 64  # filters of every hidden layer (the paper's 64)
+
+
+class HROnly(nn.Module):
+    """The test-time network of a single-output peer: lr -> hr tensor (shares weights with the peer)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+        return self.net.upscale(lr)
+
+
+class SRCNN(nn.Module):
+    """lr (B, 3, 24, 24) -> {"hr": (B, 3, 192, 192)}: three convolutions on the bicubic-upsampled image."""
+
+    def __init__(self, cfg: SRCNNConfig = SRCNNConfig()):
+        super().__init__()
+        self.cfg = cfg
+        (c1, c2), (k1, k2, k3) = cfg.widths, cfg.kernels
+        self.body = nn.Sequential(
+            nn.Conv2d(3, c1, k1, padding=k1 // 2), nn.ReLU(inplace=True),
+            nn.Conv2d(c1, c2, k2, padding=k2 // 2), nn.ReLU(inplace=True),
+            nn.Conv2d(c2, 3, k3, padding=k3 // 2),
+        )
+
+    def upscale(self, lr: torch.Tensor) -> torch.Tensor:
+        return self.body(interpolated(lr))  # (B, 3, 192, 192)
+
+    def forward(self, lr: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"hr": self.upscale(lr)}
+
+    def deploy(self) -> HROnly:
+        return HROnly(self)
+
+
+class VDSR(nn.Module):
+    """lr (B, 3, 24, 24) -> {"hr": (B, 3, 192, 192)}: bicubic + a 20-layer residual."""
+
+    def __init__(self, cfg: VDSRConfig = VDSRConfig()):
+        super().__init__()
+        if cfg.depth < 2:
+            raise ValueError(f"VDSRConfig.depth: at least 2 layers, got {cfg.depth}")
+        self.cfg = cfg
+        layers: list[nn.Module] = [nn.Conv2d(3, cfg.width, 3, padding=1), nn.ReLU(inplace=True)]
+        for _ in range(cfg.depth - 2):
+            layers += [nn.Conv2d(cfg.width, cfg.width, 3, padding=1), nn.ReLU(inplace=True)]
+        layers.append(nn.Conv2d(cfg.width, 3, 3, padding=1))
+        self.body = nn.Sequential(*layers)
+        for m in self.body:
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")  # the paper's (He et al.) initialisation
+                nn.init.zeros_(m.bias)
+        nn.init.zeros_(self.body[-1].weight)  # the residual starts at zero: training starts from bicubic
+
+    def upscale(self, lr: torch.Tensor) -> torch.Tensor:
+        up = interpolated(lr)  # (B, 3, 192, 192)
+        return up + self.body(up)
+
+    def forward(self, lr: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"hr": self.upscale(lr)}
+
+    def deploy(self) -> HROnly:
+        return HROnly(self)

@@ -1,0 +1,272 @@
+"""The paper's Table 1 peers as presets of the same system (issue 17): SRCNN and VDSR on the bicubic-upsampled
+lr, ℓp (the cascade with a perceptual loss on SqueezeNet fire2-4 features). Each builds over every preset,
+learns on real faces, goes through weights files, eval, grid and export with its x8-only vocabulary; the
+perceptual loss equals a direct feature computation; config errors name the key.
+
+ℓp's feature network is torchvision's squeezenet1_1. Its ImageNet weights cannot be downloaded here, so the
+tests give it a local weights file of the same architecture, randomly initialised (seeded): the loading code
+and the loss are the real ones, and a perceptual loss on random conv features still gives a learning signal.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torchvision.models import squeezenet1_1
+
+from facesr.evaluate import build_report, folder_batches, format_table, list_faces, score, select
+from facesr.losses import MSELoss, PerceptualLoss
+from facesr.models import OUTPUTS, PRESETS, SR_MODELS, build_sr
+from facesr.models.perceptual import IMAGENET_MEAN, IMAGENET_STD
+from facesr.vocab import SIZES
+from facesr.weights import load_squeezenet, load_srnet, save_srnet, squeezenet_file
+
+from .conftest import LFW, tiny_net
+from .test_learning import _faces
+
+
+@pytest.fixture(scope="module")
+def squeeze_file(tmp_path_factory):
+    """torchvision squeezenet1_1 weights (seeded random init) as safetensors and as a torch .pth state dict."""
+    torch.manual_seed(0)
+    state = squeezenet1_1(weights=None).state_dict()
+    d = tmp_path_factory.mktemp("squeezenet")
+    save_file(state, str(d / "squeezenet1_1.safetensors"))
+    torch.save(state, d / "squeezenet1_1.pth")
+    return d / "squeezenet1_1.safetensors", d / "squeezenet1_1.pth"
+
+
+def _trained_looking(model: str, seed: int = 0):
+    """A tiny network with non-trivial output (zero-initialised last layers perturbed), in eval mode."""
+    torch.manual_seed(seed)
+    net = tiny_net(seed) if model == "cascade" else build_sr(model, preset="tiny")
+    if model == "vdsr":
+        with torch.no_grad():
+            net.body[-1].weight.normal_(0, 1e-2)
+    return net.eval()
+
+
+@pytest.mark.parametrize("model", sorted(SR_MODELS))
+def test_every_sr_model_builds_with_its_outputs(model, tmp_path):
+    """Each tiny SR model maps lr (2, 3, 24, 24) to finite outputs at exactly its targets, its deploy network
+    gives the hr output, and a weights file brings back the same network."""
+    net = build_sr(model, preset="tiny").eval()
+    lr = torch.rand(2, 3, 24, 24)
+    with torch.no_grad():
+        out = net(lr)
+        assert tuple(out) == OUTPUTS[model]
+        for key, img in out.items():
+            assert img.shape == (2, 3, SIZES[key], SIZES[key]) and torch.isfinite(img).all()
+        assert torch.equal(net.deploy()(lr), out["hr"])
+        save_srnet(tmp_path / "w.safetensors", net)
+        back = load_srnet(tmp_path / "w.safetensors")
+        assert type(back) is type(net) and back.cfg == net.cfg
+        assert torch.equal(back(lr)["hr"], out["hr"])
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("model", sorted(SR_MODELS))
+def test_every_preset_has_the_output_shapes(model, preset):
+    """Every preset's SR model gives its targets' shapes (shapes only: built on the meta device, no compute)."""
+    with torch.device("meta"):
+        out = build_sr(model, preset=preset)(torch.zeros(2, 3, 24, 24))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {k: (2, 3, SIZES[k], SIZES[k]) for k in OUTPUTS[model]}
+
+
+def test_peers_follow_their_papers():
+    """Paper sizes: SRCNN is 9-1-5 with 64/32 filters; VDSR has 20 conv layers of 64 3x3 filters and predicts a
+    residual over bicubic (freshly built, its zeroed last layer leaves the bicubic upsampling)."""
+    srcnn = build_sr("srcnn", preset="paper")
+    convs = [m for m in srcnn.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.kernel_size[0] for c in convs] == [9, 1, 5] and [c.out_channels for c in convs] == [64, 32, 3]
+    convs = [m for m in build_sr("vdsr", preset="paper").modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 20 and {c.kernel_size for c in convs} == {(3, 3)}
+    assert [c.out_channels for c in convs[:-1]] == [64] * 19
+    lr = torch.rand(1, 3, 24, 24)
+    bicubic = torch.nn.functional.interpolate(lr, size=(192, 192), mode="bicubic", align_corners=False)
+    assert torch.equal(build_sr("vdsr", preset="tiny")(lr)["hr"], bicubic)
+
+
+# ---------------------------------------------------------------- perceptual loss
+
+
+def test_perceptual_loss_matches_direct_fire_features(squeeze_file):
+    """ℓp per scale = Σ over torchvision squeezenet1_1's fire2, fire3, fire4 outputs (features[3], [4], [6],
+    taken by hooks on the whole network) of the mean squared difference, on ImageNet-normalised images."""
+    safetensors_path, pth_path = squeeze_file
+    ref = squeezenet1_1(weights=None)
+    ref.load_state_dict(torch.load(pth_path, weights_only=True))
+    ref.eval()
+    taps: list[torch.Tensor] = []
+    for i in (3, 4, 6):
+        ref.features[i].register_forward_hook(lambda m, inp, out: taps.append(out))
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+    def direct(a, b):
+        taps.clear()
+        ref.features((a - mean) / std)
+        fa = list(taps)
+        taps.clear()
+        ref.features((b - mean) / std)
+        return sum(((x - y) ** 2).mean() for x, y in zip(fa, taps))
+
+    torch.manual_seed(1)
+    batch = {k: torch.rand(2, 3, s, s) for k, s in SIZES.items()}
+    sr = {k: (batch[k] + 0.1 * torch.randn_like(batch[k])).clamp(0, 1) for k in ("x2", "x4", "hr")}
+    for path in (safetensors_path, pth_path):  # both file forms load the same network
+        terms = PerceptualLoss(load_squeezenet(str(path)))(sr, batch)
+        with torch.no_grad():
+            want = {s: direct(sr[k], batch[k]) for k, s in (("x2", "x2"), ("x4", "x4"), ("hr", "x8"))}
+        for scale, value in want.items():
+            assert terms[f"perceptual/{scale}"].item() == pytest.approx(value.item(), rel=1e-5)
+        assert terms["loss"].item() == pytest.approx(sum(v.item() for v in want.values()), rel=1e-5)
+    frozen = load_squeezenet(str(safetensors_path)).train()
+    assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+
+
+def test_squeezenet_weights_errors_say_what_to_do(tmp_path, monkeypatch, squeeze_file):
+    """No ImageNet file in torch hub's cache (and no download): the error names the URL, the cache path and the
+    config key; a wrong file is refused naming it."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(FileNotFoundError) as e:
+        squeezenet_file("imagenet", download=False)
+    msg = str(e.value)
+    assert "squeezenet1_1-b8a52dc0.pth" in msg and str(tmp_path / "torch") in msg and "stage2.perceptual_weights" in msg
+    wrong = tmp_path / "cascade.safetensors"
+    save_srnet(wrong, tiny_net())
+    with pytest.raises(ValueError, match=f"{wrong}: not torchvision squeezenet1_1 weights"):
+        load_squeezenet(str(wrong))
+    with pytest.raises(FileNotFoundError, match="no such SqueezeNet weights file"):
+        load_squeezenet(str(tmp_path / "absent.pth"))
+
+
+# ---------------------------------------------------------------- learning on real faces
+
+STEPS, BATCH = 40, 8
+
+
+@pytest.mark.parametrize("model,loss", [("srcnn", "mse"), ("vdsr", "mse"), ("cascade", "perceptual")])
+def test_peer_loss_falls_on_real_faces(model, loss, squeeze_file):
+    """A tiny peer trained STEPS Adam steps on 64 real LFW faces with its own loss: the loss on 16 faces it never
+    saw falls below its value before training (SRCNN starts far from an image, VDSR and ℓp at bicubic)."""
+    torch.manual_seed(0)
+    train, held = _faces(64), _faces(16, skip=2000)
+    net = build_sr(model, preset="tiny")
+    loss_fn = PerceptualLoss(load_squeezenet(str(squeeze_file[0]))) if loss == "perceptual" else MSELoss()
+    opt = torch.optim.Adam(net.parameters(), lr={"srcnn": 1e-3, "vdsr": 1e-3, "cascade": 10 / 3 * 1e-3}[model])
+
+    def held_loss() -> float:
+        net.eval()
+        with torch.no_grad():
+            value = loss_fn(net(held["lr"]), held)["loss"].item()
+        net.train()
+        return value
+
+    before = held_loss()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(STEPS):
+        idx = torch.randint(0, 64, (BATCH,), generator=gen)
+        terms = loss_fn(net(train["lr"][idx]), {k: v[idx] for k, v in train.items()})
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        opt.step()
+    after = held_loss()
+    assert after < 0.9 * before, (model, loss, before, after)
+
+
+# ---------------------------------------------------------------- eval, grid, export with x8 only
+
+
+def test_quality_table_and_grid_put_peers_beside_the_cascade(tmp_path, capsys):
+    """`facesr eval quality` of a cascade run and two peer runs: one table, the peers at x8 only (dashes at x2
+    and x4, gains over bicubic at x8 only in the JSON); `facesr eval grid --scales x8` gives one column per model
+    (LR, bicubic, 3 models, HR), the default grid the cascade's three and each peer's one."""
+    from PIL import Image
+
+    from facesr.grid import CELL
+    from launch.cli import main
+
+    runs = {}
+    for model in ("cascade", "srcnn", "vdsr"):
+        runs[model] = tmp_path / "runs" / model
+        save_srnet(runs[model] / "srnet.safetensors", _trained_looking(model))
+    people = ["Aaron_Peirsol", "Colin_Powell", "Serena_Williams"]
+    ids = tmp_path / "ids.txt"
+    ids.write_text("\n".join(people) + "\n")
+    out = tmp_path / "eval"
+    assert main(["eval", "quality", *map(str, runs.values()), "--data", str(LFW), "--ids", str(ids), "--limit", "4",
+                 "--batch-size", "4", "--out", str(out), "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    report = json.loads((out / "quality.json").read_text())
+    assert list(report["models"]) == ["cascade", "srcnn", "vdsr"]
+    assert set(report["results"]["cascade"]) == {"x2", "x4", "x8"}
+    for peer in ("srcnn", "vdsr"):
+        assert set(report["results"][peer]) == set(report["gain_over_bicubic"][peer]) == {"x8"}
+        gain = report["results"][peer]["x8"]["psnr"] - report["results"]["bicubic"]["x8"]["psnr"]
+        assert report["gain_over_bicubic"][peer]["x8"]["psnr"] == pytest.approx(gain)
+    x2_psnr = next(line for line in text.splitlines() if line.startswith("x2") and "PSNR" in line)
+    assert x2_psnr.split()[-2:] == ["—", "—"] and x2_psnr.count("—") == 4  # two peers' figure and gain columns
+    # the grid: Fig. 3's one column per model, and the default every scale each model has
+    for scales, columns in (("x8", 2 + 3 + 1), ("x2,x4,x8", 2 + 3 + 1 + 1 + 1)):
+        assert main(["eval", "grid", *map(str, runs.values()), "--data", str(LFW), "--ids", str(ids), "--rows", "2",
+                     "--scales", scales, "--out", str(tmp_path / scales), "--device", "cpu"]) == 0
+        w, _ = Image.open(tmp_path / scales / "grid.png").size
+        assert columns * CELL <= w < (columns + 1) * CELL, (scales, w)
+
+
+def test_score_counts_every_face_for_a_peer():
+    """The peers' x8 scores come from as many faces as bicubic's, and the table formats without x2/x4 cells."""
+    faces = select(list_faces(LFW, ["Colin_Powell"]), 5, seed=0)
+    results, n = score({"vdsr": _trained_looking("vdsr")}, folder_batches(faces, 3))
+    assert n == 5 and results["vdsr"]["x8"]["n"] == results["bicubic"]["x8"]["n"] == 5
+    assert "x2" not in results["vdsr"]
+    assert "vdsr" in format_table(build_report(results, n, "test", {"vdsr": "vdsr"}))
+
+
+def test_peer_export_and_sr(tmp_path):
+    """A peer's run folder exports to TorchScript within tolerance and serves `facesr sr` like the cascade's."""
+    from facesr.export import export
+    from facesr.infer import load_upscaler
+
+    run = tmp_path / "srcnn"
+    save_srnet(run / "srnet.safetensors", _trained_looking("srcnn"))
+    deploy = load_upscaler(run)
+    result = export(deploy, tmp_path / "export", ("torchscript",))
+    assert result["torchscript"]["ok"]
+    lr = torch.rand(2, 3, 24, 24)
+    with torch.no_grad():
+        assert torch.allclose(load_upscaler(result["torchscript"]["path"])(lr), deploy(lr), atol=1e-5)
+
+
+# ---------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["stage2.model=srgan"], "stage2.model"),
+    (["stage2.loss=l1"], "stage2.loss"),
+    (["stage2.loss=mse", "run.stages=[1, 2]"], "run.stages"),
+    (["stage2.loss=perceptual", "run.stages=[2]", "stage2.priors=p.safetensors"], "stage2.priors"),
+    (["stage2.alpha=-1", "run.stages=[2]"], "stage2.alpha"),
+])
+def test_bad_peer_config_names_the_key(overrides, key):
+    """An unknown model or loss, stage 1 for a loss that uses no priors, or priors given to one: ConfigError
+    naming the field."""
+    from cluster.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config("launch/configs/demo.yaml", overrides).validate()
+    assert e.value.field == key
+
+
+def test_perceptual_weights_checked_before_any_worker(tmp_path, monkeypatch):
+    """A perceptual run whose SqueezeNet weights cannot load is refused by the config check, naming the key."""
+    from cluster.config import ConfigError, _check_perceptual, load_config, resolve
+
+    cfg = resolve(load_config("launch/configs/demo.yaml", [
+        "run.stages=[2]", "stage2.loss=perceptual", f"stage2.perceptual_weights={tmp_path / 'none.pth'}"]))
+    with pytest.raises(ConfigError) as e:
+        _check_perceptual(cfg)
+    assert e.value.field == "stage2.perceptual_weights" and "none.pth" in str(e.value)
