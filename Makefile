@@ -7,7 +7,7 @@ FACES   ?= ../shared/data/lfw
 
 SD_DIR  ?= runs/prometheus_sd
 
-.PHONY: test demo venv clean bench monitor train-cpu shards-id eval identity identity-embedder export gpu-check
+.PHONY: test demo venv clean bench monitor train-cpu shards-id eval identity identity-embedder export gpu-check table1
 
 venv: $(STAMP)
 
@@ -47,6 +47,17 @@ shards-id: $(STAMP)
 
 eval: $(STAMP)
 	$(BIN)/facesr eval quality $(RUN) --data $(FACES) --manifest $(SHARDS) --split test --limit 500 --grid 6 --out $(RUN)/eval
+
+# The paper's Table 1 at CPU scale (issue 17): C-SRIP, the cascade with SSIM only, ℓp, SRCNN and VDSR, each stage 2
+# of launch/configs/table1-<peer>.yaml (the demo's shards and priors: run `make demo` first; the same 1,920 steps
+# at batch 8), then all scored in one table on every face of the LFW test identities, and Fig. 3's grid (x8).
+# A finished run is skipped, an interrupted one resumes; TABLE1="srcnn vdsr" trains and scores a subset.
+TABLE1  ?= csrip ssim lp srcnn vdsr
+
+table1: $(STAMP)
+	for p in $(TABLE1); do $(BIN)/facesr train --config launch/configs/table1-$$p.yaml || exit 1; done
+	$(BIN)/facesr eval quality $(addprefix runs/table1/,$(TABLE1)) --data $(FACES) --manifest $(SHARDS) \
+		--split test --grid 6 --scales x8 --out runs/table1/eval
 
 # LFW verification judged by dlib's pretrained recognizer (the dlib extra, installed by `make venv`).
 identity: $(STAMP)
