@@ -59,11 +59,11 @@ def _env(names: tuple[str, ...]) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _s3(endpoint: str, region: str, credentials: str):
+def _s3(endpoint: str, region: str, credentials: str, create: bool = False):
     """``credentials``: a digest of the credential variables, so a changed environment gets a new client."""
     from pyarrow import fs
 
-    kw = {"connect_timeout": 5, "request_timeout": 60,
+    kw = {"connect_timeout": 5, "request_timeout": 60, "allow_bucket_creation": create,
           "retry_strategy": fs.AwsStandardS3RetryStrategy(max_attempts=3)}
     if endpoint:
         scheme, _, host = endpoint.partition("://")
@@ -75,12 +75,15 @@ def _s3(endpoint: str, region: str, credentials: str):
     return fs.S3FileSystem(**kw)
 
 
+def _credentials() -> str:
+    return hashlib.sha256("\0".join(os.environ.get(n, "") for n in CREDENTIAL_ENV).encode()).hexdigest()
+
+
 def filesystem(uri: str):
     """``(pyarrow FileSystem, path inside it)`` for a URI (Ray Train's ``storage_filesystem`` takes the same)."""
     scheme, _, rest = uri.partition("://")
     if scheme == "s3":
-        creds = hashlib.sha256("\0".join(os.environ.get(n, "") for n in CREDENTIAL_ENV).encode()).hexdigest()
-        return _s3(_env(ENDPOINT_ENV), _env(REGION_ENV), creds), rest.rstrip("/")
+        return _s3(_env(ENDPOINT_ENV), _env(REGION_ENV), _credentials()), rest.rstrip("/")
     from pyarrow import fs
 
     return fs.FileSystem.from_uri(uri)
@@ -196,10 +199,11 @@ class ObjectPath:
         return [p for p in self.iterdir() if fnmatch.fnmatchcase(p.name, pattern)]
 
     # ---- reading and writing
-    def open_input(self):
-        """A streaming reader (nothing is read ahead beyond its buffer)."""
+    def open_input(self, buffer_size: int = 1 << 22):
+        """A streaming reader. Buffered: pyarrow's object stream sends one ranged GET per read call, and tarfile
+        reads 512-byte blocks (measured unbuffered against moto: 7 samples/s against 392 from local files)."""
         fs, key = self._fs
-        return fs.open_input_stream(key)
+        return fs.open_input_stream(key, buffer_size=buffer_size)
 
     def read_bytes(self) -> bytes:
         with self.open_input() as f:
@@ -257,6 +261,11 @@ class ObjectPath:
 
     def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
         """Prefixes exist through the objects under them: nothing to create."""
+
+
+def create_bucket(uri: str) -> None:
+    """Create the bucket of an ``s3://`` URI (benchmarks and test servers; a real bucket is made by its owner)."""
+    _s3(_env(ENDPOINT_ENV), _env(REGION_ENV), _credentials(), create=True).create_dir(ObjectPath(uri).key.split("/", 1)[0])
 
 
 def check_reachable(uri: str, what: str, write: bool = False) -> None:

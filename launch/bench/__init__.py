@@ -17,6 +17,7 @@ KINDS = {  # kind -> module; heavy imports (Ray, DeepSpeed) happen inside each m
     "degrade": "launch.bench.degrade",
     "data": "launch.bench.data",
     "train": "launch.bench.train",
+    "store": "launch.bench.store",
 }
 
 
