@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import types
 import typing
@@ -523,12 +522,12 @@ def resolve(cfg: TrainConfig, base: str | Path | None = None) -> TrainConfig:
     cfg.stage2 = dataclasses.replace(cfg.stage2, priors=absolute(cfg.stage2.priors),
                                      perceptual_weights=weights if weights == "imagenet" else absolute(weights))
     if any(_is_uri(p) for p in (cfg.cluster.storage_path, run_dir, cfg.data.shards, cfg.stage2.priors)):
-        from shards.store import ENDPOINT_ENV, REGION_ENV
+        from shards.store import settings
 
         # the driver's endpoint and region travel to every worker in the config (credentials do not)
-        env = lambda names: next((os.environ[n] for n in names if os.environ.get(n)), "")  # noqa: E731
-        cfg.cluster = dataclasses.replace(cfg.cluster, s3_endpoint=cfg.cluster.s3_endpoint or env(ENDPOINT_ENV),
-                                          s3_region=cfg.cluster.s3_region or env(REGION_ENV))
+        endpoint, region = settings()
+        cfg.cluster = dataclasses.replace(cfg.cluster, s3_endpoint=cfg.cluster.s3_endpoint or endpoint,
+                                          s3_region=cfg.cluster.s3_region or region)
     return cfg
 
 

@@ -150,7 +150,7 @@ class Recorder:
 
     def close(self) -> None:
         if self.is_main:
-            self.metrics.sync(force=True)
+            self.metrics.close()
         if self.telemetry is not None:
             self.telemetry.close()
         for h in self.logger.handlers:

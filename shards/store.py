@@ -58,6 +58,11 @@ def _env(names: tuple[str, ...]) -> str:
     return next((os.environ[n] for n in names if os.environ.get(n)), "")
 
 
+def settings() -> tuple[str, str]:
+    """(endpoint, region) this process would use for ``s3://``: the AWS variables, "" where unset."""
+    return _env(ENDPOINT_ENV), _env(REGION_ENV)
+
+
 @functools.lru_cache(maxsize=8)
 def _s3(endpoint: str, region: str, credentials: str, create: bool = False):
     """``credentials``: a digest of the credential variables, so a changed environment gets a new client."""
@@ -336,6 +341,12 @@ class Mirror:
             self._last = now
             self.target.write_bytes(self.local.read_bytes())
 
+    def close(self) -> None:
+        """Upload a last time and drop the local copy."""
+        self.sync(force=True)
+        if self.remote:
+            shutil.rmtree(self.local.parent, ignore_errors=True)
+
 
 class MirrorHandler(logging.FileHandler):
     """A log file at ``target`` (folder or URI): records go to the local file, which is uploaded every
@@ -356,7 +367,7 @@ class MirrorHandler(logging.FileHandler):
     def close(self) -> None:
         super().close()
         try:
-            self.mirror.sync(force=True)
+            self.mirror.close()
         except OSError:
             pass
 
