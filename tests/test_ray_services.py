@@ -22,7 +22,7 @@ def local_ray():
 
     if ray.is_initialized():
         pytest.skip("Ray already initialised in this process")
-    # with the dashboard, as facesr starts Ray (cluster/ray_connect.py): without it this Ray 2.60 did not start here
+    # with its dashboard on loopback, as facesr starts a local Ray (cluster/ray_connect.py)
     from cluster.ray_connect import _free_port
 
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=_free_port(),
