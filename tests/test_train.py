@@ -407,3 +407,44 @@ def test_console_shows_the_stage_line_and_none_of_rays_noise(shards, scratch):
         assert noise not in out, out
     assert re.search(r"^stage 1 \(priors\) +100% 2/2 steps +epoch 1/1 +loss \S+ +val acc/x8 .*ETA 0s", out, re.M), out
     assert len(out.splitlines()) < 25, out
+
+
+def test_table1_peer_trains_through_facesr_train_without_priors(shards, scratch):
+    """A Table 1 peer goes the real `facesr train` path (local Ray, 2 DeepSpeed workers) with no stage 1 and no
+    priors: VDSR (x8 output only) with the perceptual loss (its frozen SqueezeNet loaded on every worker from a
+    local file), as one cheap run covering both. Its weights file loads as VDSR, its checkpoints hold VDSR alone,
+    metrics speak the x8-only vocabulary, and its train loss falls."""
+    import torch
+    from safetensors.torch import save_file
+    from torchvision.models import squeezenet1_1
+
+    from cluster.engine import TAG, _safe_globals
+    from facesr.models import VDSR
+    from facesr.weights import load_srnet, read_meta
+
+    torch.manual_seed(0)
+    weights = scratch / "squeezenet1_1.safetensors"
+    save_file(squeezenet1_1(weights=None).state_dict(), str(weights))
+    storage = scratch / "peer"
+    res = subprocess.run(train_cmd(CPU, f"data.shards={shards}", f"cluster.storage_path={storage}", "run.name=vdsr",
+                                   "run.stages=[2]", "stage2.model=vdsr", "stage2.loss=perceptual",
+                                   f"stage2.perceptual_weights={weights}", "stage2.epochs=3", "data.steps_per_epoch=4",
+                                   "data.val_batches=1", "run.log_every=1", "cluster.max_failures=0"),
+                         cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600,
+                         start_new_session=True)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    run_dir = storage / "vdsr"
+    assert not (run_dir / "priors.safetensors").exists() and done(run_dir, 2)["global_step"] == 12
+    assert isinstance(load_srnet(run_dir / "srnet.safetensors"), VDSR)
+    assert read_meta(run_dir / "srnet.safetensors")["loss"] == "perceptual"
+    latest = sorted((run_dir / "stage2").glob("checkpoint_*"))[-1] / TAG
+    with torch.serialization.safe_globals(_safe_globals()):
+        module = torch.load(latest / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+    assert module and all(k.startswith("body.") for k in module)  # VDSR alone: no frozen SqueezeNet in it
+    recs = records(run_dir)
+    train = [r for r in recs if r["split"] == "train"]
+    val = [r for r in recs if r["split"] == "val"]
+    assert len(val) == 3 and {"psnr/x8", "ssim/x8", "loss"} <= set(val[-1]) and "psnr/x2" not in val[-1]
+    assert "perceptual/x8" in train[-1] and "perceptual/x2" not in train[-1]
+    losses = [r["loss"] for r in train]
+    assert sum(losses[-4:]) < sum(losses[:4]), losses
