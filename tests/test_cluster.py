@@ -165,14 +165,40 @@ def prep_job(cluster, src) -> dict:
 
 
 @pytest.fixture(scope="module")
-def train_job(cluster, prep_job) -> dict:
-    """Both stages, 2 training workers (1 CPU each; each node offers 1 CPU), uninterrupted: the reference."""
+def monitor(cluster):
+    """`make monitor`'s program in the head's namespace, as on a cloud head: joins the cluster, starts its target
+    registry (cluster/discovery.py) and runs Prometheus on the head's loopback with HTTP SD only: no file_sd
+    folder, so every worker it scrapes was found without a shared one."""
+    from tests.cluster_netns import PY, ROOT
+
+    log = cluster.tmp / "monitor.log"
+    cmd = cluster.exec_cmd("head", PY, "-m", "cluster.monitor", f"--address={cluster.gcs}", "--sd-dir=",
+                           "--scrape-interval=1s", f"--data-dir={cluster.tmp / 'prometheus'}", "--port=9090",
+                           f"--ray-sd-file={cluster.raytmp / 'h' / 'prom_metrics_service_discovery.json'}")
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=cluster.env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        found = wait_for(lambda: proc.poll() is None and re.search(r"discovery: registry (\S+)", log.read_text()) or
+                         proc.poll() is not None and "exited", "monitor to start Prometheus", 300)
+        assert found != "exited", log.read_text()[-3000:]
+        yield {"prometheus": "http://127.0.0.1:9090", "registry": found.group(1), "log": log}
+    finally:
+        proc.send_signal(signal.SIGINT)  # monitor stops its Prometheus on the way out
+        proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def train_job(cluster, prep_job, monitor) -> dict:
+    """Both stages, 2 training workers (1 CPU each; each node offers 1 CPU), uninterrupted: the reference.
+    Exporters on (run.telemetry_port), watched by the monitor's Prometheus."""
     runs = cluster.shared / "runs"
-    t0 = time.monotonic()
+    t0, start = time.monotonic(), time.time()
     res = cluster.submit(*train_entry(f"data.shards={prep_job['out']}", f"cluster.storage_path={runs}",
-                                      "run.name=ref", "cluster.max_failures=0", *SHORT, *ZERO1), submission_id="train")
+                                      "run.name=ref", "cluster.max_failures=0", "run.telemetry_port=9400",
+                                      *SHORT, *ZERO1), submission_id="train")
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-3000:]
-    return {"run": runs / "ref", "seconds": time.monotonic() - t0, "job": job_id(cluster, "train")}
+    return {"run": runs / "ref", "seconds": time.monotonic() - t0, "job": job_id(cluster, "train"),
+            "window": (start, time.time())}
 
 
 # ---------------------------------------------------------------- the cluster itself
@@ -249,6 +275,27 @@ def test_training_job_places_one_worker_per_node(cluster, train_job):
         d = done(train_job["run"], stage)
         assert d["world_size"] == 2 and d["global_step"] == steps
     assert (train_job["run"] / "srnet.safetensors").is_file()
+
+
+def test_prometheus_on_the_head_scrapes_workers_of_both_nodes_through_the_registry(cluster, monitor, train_job):
+    """Prometheus (HTTP SD from the head's registry only) scraped the exporters of both training workers, one on
+    each node, in both stages; the driver used the registry the monitor started; closed exporters withdrew."""
+    from urllib.parse import urlencode
+
+    start, end = train_job["window"]
+    query = urlencode({"query": 'facesr_step{run="ref",split="train"}', "start": f"{start:.3f}",
+                       "end": f"{end:.3f}", "step": "1s"})
+    status, text = cluster.http("head", "", token=None, url=f"{monitor['prometheus']}/api/v1/query_range?{query}")
+    assert status == 200, text
+    series = json.loads(text)["data"]["result"]
+    seen = {(s["metric"]["instance"].rsplit(":", 1)[0], s["metric"]["stage"], s["metric"]["rank"]) for s in series}
+    print(f"\nscraped through the registry {monitor['registry']}: {sorted(seen)}")
+    assert {ip for ip, _, _ in seen} == {cluster.ip["head"], cluster.ip["worker"]}, seen
+    assert {stage for _, stage, _ in seen} == {"prior", "sr"} and {r for _, _, r in seen} == {"0", "1"}, seen
+    assert monitor["registry"] == f"http://{cluster.ip['head']}:9095/targets"
+    assert f"Prometheus discovery: {monitor['registry']}" in (train_job["run"] / "logs" / "driver.log").read_text()
+    status, text = cluster.http("head", "", token=None, url=monitor["registry"])
+    assert status == 200 and json.loads(text) == [], text  # every exporter withdrew when its stage ended
 
 
 def test_prep_job_stopped_midway_and_resubmitted_is_byte_identical(cluster, src, prep_job):
