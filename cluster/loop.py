@@ -92,7 +92,7 @@ def worker_main(config: dict) -> None:
             client = load(eng, folder)
         state = TrainState(**client["train_state"])
         state.restarts += 1
-        recorder.resumed(state, folder)
+        recorder.resumed(state, ckpt.path)  # where it is stored (as_directory's is a local download from a bucket)
 
     decode_errors = 0  # this process's cumulative count, over finished epochs
     try:

@@ -262,14 +262,15 @@ def test_eval_sr_and_export_read_the_run_from_the_bucket(bucket_run, bucket_shar
 
 
 @pytest.mark.slow
-def test_killed_stage2_resumes_from_the_bucket(bucket_run, bucket_shards, s3_server, scratch):
+def test_killed_stage2_resumes_from_the_bucket(bucket_shards, s3_server, scratch):
     """A stage-2 run in the bucket, killed (whole process tree) after a checkpoint, resumes from the bucket's
-    checkpoint on a driver with an empty disk, and ends at the uninterrupted run's step and LR."""
+    checkpoint on a driver with an empty disk, and ends at the planned step and LR with no step lost or repeated.
+    SSIM only (alpha 0): no priors, so it does not wait for the both-stages run."""
     from shards.store import path
 
     storage = s3_server.bucket("resume") + "/cloud"
     overrides = [f"data.shards={bucket_shards}", f"cluster.storage_path={storage}", "run.name=resume",
-                 "run.stages=[2]", f"stage2.priors={bucket_run}/priors.safetensors", "run.checkpoint_every=3", *FAST]
+                 "run.stages=[2]", "stage2.alpha=0", "run.checkpoint_every=3", *FAST]
     env = env_with_venv(**s3_server.env(PYTHONPATH=str(ROOT), RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25"))
     first = scratch / "first"
     first.mkdir()
@@ -293,9 +294,9 @@ def test_killed_stage2_resumes_from_the_bucket(bucket_run, bucket_shards, s3_ser
     logs = (run / "logs" / "stage2-rank0.log").read_text()
     resumed = re.search(r"resumed from .*checkpoint_s(\d+)_e\d+ at epoch (\d+), step (\d+)", logs)
     assert resumed and int(resumed.group(3)) >= 9, logs[-3000:]
-    ref, got = done(path(bucket_run), 2), done(run, 2)
-    assert (got["global_step"], got["restarts"]) == (ref["global_step"], 1)
-    assert got["lr"] == pytest.approx(ref["lr"])
+    got = done(run, 2)
+    assert (got["global_step"], got["restarts"]) == (24, 1)  # 3 epochs of 8 steps (FAST)
+    assert got["lr"] == pytest.approx(3.3333333333333335e-3 / 3)  # cpu.yaml's lr after FAST's milestone [2]
     steps = [r["step"] for r in records(run) if r["split"] == "train"]
-    assert steps == sorted(set(steps)) == list(range(1, ref["global_step"] + 1))
+    assert steps == sorted(set(steps)) == list(range(1, 25))
     print(f"resume from the bucket (under load): {resume_s:.0f} s from start to stage-2 done")
