@@ -140,14 +140,16 @@ def score_degradations(
     limit: int = 0,
     device: str | torch.device = "cpu",
     log: Callable[[str], None] | None = None,
+    shift_compensated: tuple[str, ...] = (),
 ) -> tuple[dict[str, dict], int]:
     """Score under each named lr degradation (``EVAL_DEGRADATIONS``): ({name: QualityMeter.summary()}, images).
 
     Only lr is replaced (``degradations.lr_under``); the x2/x4/hr targets stay the batch's clean cascade, and
-    bicubic, nearest and every model start from the same degraded lr.
+    bicubic, nearest and every model start from the same degraded lr. At the scales in ``shift_compensated``
+    every method also gets ``psnr_sc``: PSNR after undoing a global misregistration (quality.shift_compensated_psnr).
     """
     names = list(dict.fromkeys(degradations))
-    meters = {d: QualityMeter() for d in names}
+    meters = {d: QualityMeter(shift_compensated) for d in names}
     seen, t0 = 0, time.time()
     for m in models.values():
         m.to(device).eval()
@@ -212,11 +214,14 @@ def protocol(source: str, cfg: DegradeConfig = DEFAULT) -> dict:
     }
 
 
+GAIN_METRICS = ("psnr", "ssim", "ssim_paper", "psnr_sc")
+
+
 def _gains(results: dict, models: Iterable[str]) -> dict:
     """{model: {scale: {metric: model minus bicubic}}}, at the scales the model has (a peer: x8 only)."""
     return {
         name: {
-            s: {m: results[name][s][m] - results["bicubic"][s][m] for m in ("psnr", "ssim", "ssim_paper")}
+            s: {m: results[name][s][m] - results["bicubic"][s][m] for m in GAIN_METRICS if m in results[name][s]}
             for s in SCALES if s in results[name]
         }
         for name in models
@@ -306,6 +311,14 @@ def format_robustness(report: dict, scale: str = "x8") -> str:
         cells = [f"{res[m][scale]['psnr']:.3f} / {res[m][scale]['ssim']:.4f}" for m in ["bicubic", *models]]
         cells += [f"{gain[m][scale]['psnr']:+.3f} / {gain[m][scale]['ssim']:+.4f}" for m in models]
         lines.append(f"{d:<{first}}" + "".join(f"{c:>{width}}" for c in cells))
+    if all("psnr_sc" in row["results"]["bicubic"][scale] for row in rows.values()):
+        lines += ["", f"{scale} PSNR [dB] after undoing each image's global shift (best of ±4.5 px in half-pixel steps "
+                  "per axis, central 160x160): misregistration left out", head, "-" * len(head)]
+        for d, row in rows.items():
+            res, gain = row["results"], row["gain_over_bicubic"]
+            cells = [f"{res[m][scale]['psnr_sc']:.3f}" for m in ["bicubic", *models]]
+            cells += [f"{gain[m][scale]['psnr_sc']:+.3f}" for m in models]
+            lines.append(f"{d:<{first}}" + "".join(f"{c:>{width}}" for c in cells))
     lines += [f"  {d}: {text}" for d, text in report["protocol"]["lr_degradations"].items()]
     return "\n".join(lines)
 

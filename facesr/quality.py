@@ -73,14 +73,19 @@ def image_scores(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Te
 class QualityMeter:
     """Accumulates per-image scores by (method, scale); ``summary()`` gives means and spreads."""
 
-    def __init__(self):
+    def __init__(self, shift_compensated: tuple[str, ...] = ()):
         self.scores: dict[tuple[str, str], dict[str, list[torch.Tensor]]] = {}
+        self.shift_compensated = shift_compensated  # scales that also get ``psnr_sc`` (shift_compensated_psnr)
 
     def update(self, method: str, scale: str, pred: torch.Tensor, target: torch.Tensor) -> None:
         if pred.shape != target.shape:
             raise ValueError(f"{method}/{scale}: output {tuple(pred.shape)} vs target {tuple(target.shape)}")
-        cell = self.scores.setdefault((method, scale), {m: [] for m in METRICS})
-        for m, v in image_scores(pred.detach().cpu(), target.detach().cpu()).items():
+        pred, target = pred.detach().cpu(), target.detach().cpu()
+        scores = image_scores(pred, target)
+        if scale in self.shift_compensated:
+            scores["psnr_sc"] = shift_compensated_psnr(pred, target)[0]
+        cell = self.scores.setdefault((method, scale), {m: [] for m in scores})
+        for m, v in scores.items():
             cell[m].append(v)
 
     def methods(self) -> list[str]:
@@ -91,7 +96,7 @@ class QualityMeter:
         out: dict[str, dict[str, dict[str, float]]] = {}
         for (method, scale), cell in self.scores.items():
             row: dict[str, float] = {}
-            for m in METRICS:
+            for m in cell:
                 v = torch.cat(cell[m]).double()
                 row[m] = v.mean().item()
                 row[f"{m}_std"] = v.std().item() if v.numel() > 1 else 0.0

@@ -81,6 +81,9 @@ def configure(parser) -> None:
     q.add_argument("--limit", type=int, default=0, help="at most N faces (seeded draw); 0 = all")
     q.add_argument("--grid", type=int, default=0, metavar="ROWS", help="also write grid.png with ROWS faces")
     _add_degradations(q)
+    q.add_argument("--shift-compensated", action="store_true",
+                   help="robustness rows also give x8 PSNR after undoing each image's global sub-pixel shift "
+                   "(a downscaler's grid offset, e.g. decimate0); slower")
     _add_scales(q)
 
     g = sub.add_parser("grid", help="comparison grid PNG: LR | bicubic | SR x2, x4, x8 | HR")
@@ -226,7 +229,8 @@ def run_quality(args) -> int:
 
     with ConsoleLine() as line:  # one line, redrawn in place (a terminal) or printed once a minute
         by_degradation, n = score_degradations(models, batches, rows or ["paper"], limit=args.limit,
-                                               device=args.device, log=line.update)
+                                               device=args.device, log=line.update,
+                                               shift_compensated=("x8",) if args.shift_compensated and rows else ())
     report = build_report(by_degradation["paper"], n, source, where, {"skipped": skipped, "identities": n_ids})
     print(format_table(report))
     if rows:

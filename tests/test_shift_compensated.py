@@ -34,3 +34,25 @@ def test_phase0_decimation_misregisters_bicubic_by_3_5_px():
     assert (psnr > image_scores(bic, hr)["psnr"] + 1.5).all()
     ref, _ = shift_compensated_psnr(upscale(batch["lr"].float(), 192, "bicubic"), hr)  # the paper's lr, aligned
     assert (psnr - ref).abs().mean() < 0.5  # once aligned, phase-0 is about as good an input as the paper's
+
+
+def test_eval_quality_reports_shift_compensated_rows(tiny_run, tmp_path, capsys):
+    """`facesr eval quality --shift-compensated`: each robustness row also gets x8 psnr_sc and its gain; on
+    decimate0 it lifts bicubic by the misregistration, on the paper's row (no offset) it changes little."""
+    import json
+
+    from launch.cli import main
+
+    out = tmp_path / "q"
+    assert main(["eval", "quality", str(tiny_run), "--data", str(LFW), "--limit", "4", "--device", "cpu",
+                 "--degradations", "decimate0", "--shift-compensated", "--out", str(out)]) == 0
+    assert "after undoing each image's global shift" in capsys.readouterr().out
+    rows = json.loads((out / "quality.json").read_text())["robustness"]
+    dec, paper = rows["decimate0"], rows["paper"]
+    bic = {d: r["results"]["bicubic"]["x8"] for d, r in rows.items()}
+    assert bic["decimate0"]["psnr_sc"] > bic["decimate0"]["psnr"] + 1.5
+    assert abs(bic["paper"]["psnr_sc"] - bic["paper"]["psnr"]) < 1.0  # central crop only, no shift to undo
+    for r in (dec, paper):
+        name = next(iter(r["gain_over_bicubic"]))
+        g = r["gain_over_bicubic"][name]["x8"]
+        assert g["psnr_sc"] == r["results"][name]["x8"]["psnr_sc"] - r["results"]["bicubic"]["x8"]["psnr_sc"]
