@@ -104,6 +104,9 @@ def configure(parser) -> None:
     i.add_argument("--lfw", default=str(DATA / "lfw"), help="LFW identity folder")
     i.add_argument("--pairs", default=str(DATA / "lfw-pairs.txt"), help="LFW View 2 pairs.txt")
     i.add_argument("--per-fold", type=int, default=0, help="at most N pairs per fold (half same); 0 = all")
+    i.add_argument("--drift-all", action="store_true",
+                   help="measure drift on every LFW image of the chosen people (--manifest/--ids), not only the "
+                   "pairs' faces B: more faces for the paired comparison of upscalers")
 
     from . import eval_priors
 
@@ -298,10 +301,23 @@ def _judge(args, pairs):
     return EmbedderJudge(model, meta, args.embedder, args.device)
 
 
+def _drift_faces(lfw: str, identities: list[str] | None) -> list[tuple[str, int]]:
+    """Every LFW image (name, number) of the chosen people, for --drift-all."""
+    if identities is None:
+        raise SystemExit("--drift-all needs chosen people (--manifest with --split, or --ids): all of LFW would "
+                         "include the SR model's training identities")
+    faces = []
+    for name in sorted(identities):
+        for f in sorted((Path(lfw) / name).glob(f"{name}_[0-9][0-9][0-9][0-9].jpg")):
+            faces.append((name, int(f.stem[-4:])))
+    return faces
+
+
 def run_identity(args) -> int:
     from facesr.evaluate import write_json
     from facesr.identity import format_identity_table, read_pairs, usable_pairs, verify
 
+    extra = _drift_faces(args.lfw, _identities(args)) if args.drift_all else []  # refused before any loading
     models, where = _load_models(args.models, args.device)
     pairs = read_pairs(args.pairs)
     judge = _judge(args, pairs)
@@ -311,9 +327,12 @@ def run_identity(args) -> int:
          f"{counts['over_per_fold']} over --per-fold")
     if not kept:
         raise SystemExit("no usable pairs")
+    if args.drift_all:
+        _log(f"--drift-all: drift measured on {len(extra)} faces of the chosen people (and every pair's face B)")
     upscalers = {name: net.deploy() for name, net in models.items()}
     try:
-        results = verify(judge, kept, args.lfw, upscalers, batch_size=args.batch_size, device=args.device, log=_log)
+        results = verify(judge, kept, args.lfw, upscalers, batch_size=args.batch_size, device=args.device, log=_log,
+                         drift_faces=extra)
     finally:
         getattr(judge, "close", lambda: None)()
     report = {

@@ -291,3 +291,34 @@ def test_cli_judge_embedder_needs_its_weights():
 
     with pytest.raises(SystemExit, match="facesr eval embedder"):
         _judge(Namespace(judge="embedder", embedder=None, workers=1, device="cpu"), [])
+
+
+def test_drift_on_more_faces_and_paired_against_bicubic(pairs):
+    """drift_faces widen the drift to more faces of the chosen people; an upscaler that is bicubic itself differs
+    from bicubic's drift by exactly 0, a different one by a nonzero paired difference with a standard error."""
+    kept, _ = usable_pairs(pairs, LFW, per_fold=2)
+    extra = [(n, i) for n in OUTSIDE_PAIRS[:2] for i in (1, 2)]
+    torch.manual_seed(0)
+    judge = EmbedderJudge(FaceEmbedder(EmbedderConfig(size=32)).eval())
+    ups = {"same": lambda lr: upscale(lr, 192, "bicubic"), "nearest": lambda lr: upscale(lr, 192, "nearest")}
+    res = verify(judge, kept, LFW, ups, batch_size=16, drift_faces=extra)
+    n = len({p.b for p in kept} | set(extra))
+    assert res["bicubic"]["drift"]["faces"] == n and res["same"]["drift"]["faces"] == n
+    assert res["same"]["drift_minus_bicubic"] == {"faces": n, "mean": 0.0, "sem": 0.0}
+    d = res["nearest"]["drift_minus_bicubic"]
+    assert d["mean"] != 0 and d["sem"] > 0 and "drift_minus_bicubic" not in res["bicubic"]
+    assert res["hr"]["pairs"] == len(kept)  # the extra faces join no pair
+    text = format_identity_table({"pair_counts": _counts(len(kept)), "results": res})
+    assert f"nearest: drift minus bicubic's {d['mean']:+.4f}" in text
+
+
+def _counts(used: int) -> dict:
+    return {"total": 6000, "absent": 0, "outside_selection": 0, "over_per_fold": 0, "used": used}
+
+
+def test_cli_drift_all_needs_chosen_people(tmp_path):
+    from launch.cli import main
+
+    with pytest.raises(SystemExit, match="--drift-all needs chosen people"):
+        main(["eval", "identity", "--judge", "embedder", "--embedder", str(tmp_path / "e.safetensors"),
+              "--drift-all", "--per-fold", "2"])

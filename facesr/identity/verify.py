@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -44,14 +44,18 @@ def verify(
     batch_size: int = 32,
     device: str | torch.device = "cpu",
     log: Callable[[str], None] | None = None,
+    drift_faces: Iterable[tuple[str, int]] = (),
 ) -> dict:
     """Metrics per condition: ``hr``, ``bicubic`` and each upscaler (lr (B,3,24,24) -> (B,3,192,192)).
 
-    Returns ``{condition: {accuracy, auc, …, [drift], fallbacks}}``; every face is embedded once.
+    Returns ``{condition: {accuracy, auc, …, [drift], fallbacks}}``; every face is embedded once. Drift is
+    measured on every pair's face B and on ``drift_faces`` (more faces of the chosen people: a paired
+    comparison of the upscalers on all of them, not only on the few that LFW's pairs name); each upscaler's
+    ``drift_minus_bicubic`` is its per-face difference to bicubic's drift, mean and standard error.
     """
     upscalers = upscalers or {}
     conditions = ["hr", "bicubic", *upscalers]
-    b_set = {p.b for p in pairs}
+    b_set = {p.b for p in pairs} | set(drift_faces)
     hr_faces = sorted({p.a for p in pairs} | b_set)
     emb: dict[str, dict[tuple[str, int], torch.Tensor]] = {c: {} for c in conditions}
     fallbacks = dict.fromkeys(conditions, 0)
@@ -83,6 +87,8 @@ def verify(
         out[c] = verification_metrics(-judge.distance(a, b), same, folds, fixed)
         if c != "hr":
             out[c]["drift"] = identity_drift(judge, emb["hr"], emb[c])
+        if c not in ("hr", "bicubic"):
+            out[c]["drift_minus_bicubic"] = drift_difference(judge, emb["hr"], emb[c], emb["bicubic"])
         out[c]["fallbacks"] = fallbacks[c]
     return out
 
@@ -91,10 +97,21 @@ def identity_drift(judge: Judge, hr: dict, restored: dict) -> dict:
     """The judge's distance of each restored face to its own HR face: mean, std, share under the threshold."""
     faces = sorted(restored)
     d = judge.distance(torch.stack([restored[f] for f in faces]), torch.stack([hr[f] for f in faces]))
-    out = {"faces": len(faces), "mean": float(d.mean()), "std": float(d.std()) if len(d) > 1 else 0.0}
+    std = float(d.std()) if len(d) > 1 else 0.0
+    out = {"faces": len(faces), "mean": float(d.mean()), "std": std, "sem": std / max(len(d), 1) ** 0.5}
     if judge.threshold is not None:
         out["under_threshold"] = float((d < judge.threshold).double().mean())
     return out
+
+
+def drift_difference(judge: Judge, hr: dict, restored: dict, baseline: dict) -> dict:
+    """Per face, restored's drift minus baseline's (same faces): mean and standard error of the difference."""
+    faces = sorted(restored)
+    ref = torch.stack([hr[f] for f in faces])
+    d = judge.distance(torch.stack([restored[f] for f in faces]), ref) - judge.distance(
+        torch.stack([baseline[f] for f in faces]), ref)
+    std = float(d.std()) if len(d) > 1 else 0.0
+    return {"faces": len(faces), "mean": float(d.mean()), "sem": std / max(len(d), 1) ** 0.5}
 
 
 def format_identity_table(report: dict) -> str:
@@ -115,9 +132,13 @@ def format_identity_table(report: dict) -> str:
         fixed = f"{100 * m['accuracy_fixed']:.2f}%" if "accuracy_fixed" in m else ""
         drift = f"{m['drift']['mean']:.4f}" if "drift" in m else "-"
         lines.append(f"{name:<24}{acc:>16}{fixed:>14}{100 * m['accuracy_best']:>15.2f}%{m['auc']:>10.4f}{drift:>14}")
+    for name, m in report["results"].items():
+        if "drift_minus_bicubic" in m:
+            d = m["drift_minus_bicubic"]
+            lines.append(f"  {name}: drift minus bicubic's {d['mean']:+.4f} ± {d['sem']:.4f} (paired, {d['faces']} faces)")
     lines.append(
         "accuracy: LFW protocol, threshold chosen on 9 folds and tested on the 10th, mean±std over folds; "
         "best thr: one threshold fitted on all pairs (optimistic); drift: mean judge distance of each "
-        "restored face B to its own HR face"
+        "restored face to its own HR face (every pair's face B, and with --drift-all every face of the chosen people)"
     )
     return "\n".join(lines)
