@@ -184,7 +184,17 @@ def monitor(cluster):
         yield {"prometheus": "http://127.0.0.1:9090", "registry": found.group(1), "log": log}
     finally:
         proc.send_signal(signal.SIGINT)  # monitor stops its Prometheus on the way out
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            # Seen once in a CI run, after the elastic test's node loss: the monitor outlived 60 s of SIGINT.
+            # Not yet explained; say so loudly, then clean up so the namespace teardown is not left a Prometheus.
+            import warnings
+
+            warnings.warn(f"cluster.monitor did not exit within 60 s of SIGINT; log tail:\n{log.read_text()[-2000:]}")
+            proc.kill()
+            proc.wait(timeout=30)
+            subprocess.run(["pkill", "-f", str(cluster.tmp / "prometheus")], check=False)
 
 
 @pytest.fixture(scope="module")
