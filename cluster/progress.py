@@ -131,8 +131,9 @@ class StageProgress:
     """Tails ``metrics_path`` for one stage's records and keeps its console line up to date (a thread)."""
 
     def __init__(self, metrics_path: Path, number: int, total_steps: int, epochs: int, stream=None,
-                 interval_s: float = 60.0):
+                 interval_s: float = 60.0, title: str = ""):
         self.path, self.number, self.total, self.epochs = store_path(metrics_path), number, total_steps, epochs
+        self.title = title or TITLES.get(number, f"stage {number}")
         self.console = ConsoleLine(stream, interval_s)
         self._offset, self._train, self._val, self._first = 0, None, None, None
         self._t0 = time.time()
@@ -182,7 +183,7 @@ class StageProgress:
                     self._first = rec
 
     def line(self) -> str:
-        title = f"{TITLES.get(self.number, f'stage {self.number}'):<21}"
+        title = f"{self.title:<21}"
         elapsed = _duration(time.time() - self._t0)
         rec = self._train
         if rec is None:

@@ -128,7 +128,9 @@ def _fit(cfg: TrainConfig, number: int, manifest: dict) -> None:
         ),
     )
     steps = planned_steps(cfg, number, manifest)
-    with StageProgress(cfg.run_path / "metrics.jsonl", number, steps, cfg.stage_cfg(number).epochs):
+    # a Table 1 peer says which network stage 2 trains
+    title = f"stage 2 ({cfg.stage2.model.upper()})" if number == 2 and cfg.stage2.model != "cascade" else ""
+    with StageProgress(cfg.run_path / "metrics.jsonl", number, steps, cfg.stage_cfg(number).epochs, title=title):
         trainer.fit()
 
 
