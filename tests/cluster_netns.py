@@ -115,17 +115,29 @@ class NetnsCluster:
             GLOO_SOCKET_IFNAME=IFNAME,  # torch.distributed (gloo) binds the veth in both namespaces
             TORCH_EXTENSIONS_DIR=_torch_extensions_dir(),
             PYTHONUNBUFFERED="1",
+            # each node's AWS profile, as an instance role would be (start_s3 writes it): the standard place
+            # object-store credentials come from, never the job or its config
+            AWS_SHARED_CREDENTIALS_FILE=str(self.tmp / "aws" / "credentials"),
+            AWS_EC2_METADATA_DISABLED="true",
         )
         return env
 
     def exec_cmd(self, role: str, *cmd: str) -> list[str]:
         return ["ip", "netns", "exec", self.ns[role], *cmd]
 
-    def _start(self, role: str, *args: str) -> None:
+    def _start(self, role: str, *args: str, hide: Path | None = None) -> None:
         """``ray start`` (not ``--block``: that one takes the node down when any helper such as the Ray Client
-        server dies, which a loaded machine provokes); the node's processes stay in the namespace."""
+        server dies, which a loaded machine provokes); the node's processes stay in the namespace.
+
+        ``hide``: a folder the node does not see: an empty tmpfs is mounted over it in the mount namespace
+        ``ip netns exec`` gives the command (private to it and everything it starts), so the node has no
+        shared folder there, as a cloud node without NFS."""
+        cmd = [RAY, "start", *args]
+        if hide is not None:
+            cmd = ["sh", "-c", 'mount -t tmpfs -o size=1m,mode=0555 facesr-no-shared-folder "$0" && exec "$@"',
+                   str(hide), *cmd]
         with open(self.tmp / f"{role}.log", "a") as log:
-            res = subprocess.run(self.exec_cmd(role, RAY, "start", *args), env=self.env, stdout=log,
+            res = subprocess.run(self.exec_cmd(role, *cmd), env=self.env, stdout=log,
                                  stderr=subprocess.STDOUT, cwd=self.tmp, timeout=300)
         if res.returncode != 0:
             raise RuntimeError(f"ray start ({role}) failed: {self.log(role)[-3000:]}")
@@ -137,9 +149,9 @@ class NetnsCluster:
                     f"--num-cpus={self.cpus}", f"--temp-dir={self.raytmp / 'h'}", "--disable-usage-stats")
         self.wait(lambda: self.http("head", "/api/version")[0] == 200, "head dashboard", 180)
 
-    def start_worker(self) -> None:
+    def start_worker(self, hide: Path | None = None) -> None:
         self._start("worker", f"--address={self.gcs}", f"--node-ip-address={self.ip['worker']}",
-                    f"--num-cpus={self.cpus}", f"--temp-dir={self.raytmp / 'w'}", "--disable-usage-stats")
+                    f"--num-cpus={self.cpus}", f"--temp-dir={self.raytmp / 'w'}", "--disable-usage-stats", hide=hide)
         self.wait(lambda: len(self.alive_nodes()) == 2, "worker node to join", 180)
 
     def wait(self, ok, what: str, timeout: float) -> None:
@@ -202,10 +214,13 @@ class NetnsCluster:
         return json.loads(text)["data"]["result"]["result"]
 
     def submit(self, *entrypoint: str, role: str = "worker", timeout: float = 900, wait: bool = True,
-               submission_id: str | None = None) -> subprocess.CompletedProcess:
+               submission_id: str | None = None, env_vars: dict | None = None) -> subprocess.CompletedProcess:
         """``ray job submit`` with the token, from namespace ``role`` (a client on the other side of the veth);
-        ``wait=False``: return once the job is accepted (``--no-wait``)."""
+        ``wait=False``: return once the job is accepted (``--no-wait``); ``env_vars``: the job's runtime
+        environment variables (its driver, tasks and actors on every node)."""
         cmd = self.exec_cmd(role, RAY, "job", "submit", f"--address={self.dashboard}", f"--working-dir={ROOT}")
+        if env_vars:
+            cmd.append(f"--runtime-env-json={json.dumps({'env_vars': env_vars})}")
         if submission_id:
             cmd.append(f"--submission-id={submission_id}")
         if not wait:
@@ -218,6 +233,34 @@ class NetnsCluster:
     def job_status(self, submission_id: str) -> str:
         status, text = self.http("head", f"/api/jobs/{submission_id}")
         return json.loads(text)["status"] if status == 200 else f"HTTP {status}"
+
+    def start_s3(self, *buckets: str, port: int = 9000) -> str:
+        """moto's S3 server in the head's namespace on the head's address (both nodes reach it, the host does
+        not), checking credentials: an IAM user's key, written to every node's AWS profile; then ``buckets``.
+        Returns the endpoint URL."""
+        endpoint = f"http://{self.ip['head']}:{port}"
+        with open(self.tmp / "moto.log", "w") as log:
+            subprocess.Popen(self.exec_cmd("head", PY, "-m", "moto.server", "-H", self.ip["head"], "-p", str(port)),
+                             env=dict(self.env, INITIAL_NO_AUTH_ACTION_COUNT="3"), stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+        probe = "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 1).close()"
+        # a bare connect: any request would spend one of the server's unauthenticated actions
+        self.wait(lambda: _sh(*self.exec_cmd("head", PY, "-c", probe, self.ip["head"], str(port)),
+                              check=False).returncode == 0, "S3 server", 120)
+        keys = json.loads(self.s3("setup", endpoint, *buckets).stdout)
+        (self.tmp / "aws").mkdir(exist_ok=True)
+        (self.tmp / "aws" / "credentials").write_text(
+            f"[default]\naws_access_key_id = {keys['key_id']}\naws_secret_access_key = {keys['secret']}\n")
+        self.s3_keys = keys
+        return endpoint
+
+    def s3(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """``python -m tests.s3_netns ARGS`` in the head's namespace (boto3, the nodes' credentials)."""
+        res = _sh(*self.exec_cmd("head", PY, "-m", "tests.s3_netns", *args), check=False, env=self.env, cwd=ROOT,
+                  timeout=300)
+        if check and res.returncode != 0:
+            raise RuntimeError(f"tests.s3_netns {' '.join(args)}: exit {res.returncode}: {res.stderr[-3000:]}")
+        return res
 
     def ns_pids(self, role: str) -> list[int]:
         res = _sh("ip", "netns", "pids", self.ns[role], check=False)

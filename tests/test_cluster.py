@@ -8,7 +8,9 @@ workers, agents) SIGKILLed and the node started again, a checkpoint write failin
 one training worker), the shards garbled while the run streams them. Reference: the same stage 2 inside an
 uninterrupted run. The prep job stopped mid-way and submitted again is checked against the first prep.
 Last, an elastic stage-2 run (cluster.min_workers=1, ZeRO 0) loses the worker node, must go on on the head
-alone, and grows back to two workers when the node returns.
+alone, and grows back to two workers when the node returns. Then the cloud case (issue 14): an S3 server in the
+head's namespace, the worker node started again without the shared folder, prep, both stages, a worker killed
+mid-stage-2 and eval/sr/export, with the shards and the run only in the bucket.
 
 Reproduce the figures: ``pytest -m cluster -s tests/test_cluster.py`` (prints tasks per node and a fault table).
 """
@@ -22,6 +24,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -506,3 +509,129 @@ def test_elastic_run_shrinks_on_node_loss_and_grows_back(elastic, train_job):
     assert got["lr"] == pytest.approx(done(train_job["run"], 2)["lr"])  # one milestone (end of epoch 2) passed
     steps = [r["step"] for r in records(elastic["run"]) if r["stage"] == 2 and r["split"] == "train"]
     assert steps == list(range(1, ELASTIC_EPOCHS * EVERY + 1))
+
+
+# ---------------------------------------------------------------- a cloud cluster: no shared folder, a bucket (runs last)
+
+BUCKET_RUN = "cloud/bucket"  # the run's prefix in bucket "runs"
+
+
+def _tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def _train_worker(cluster: NetnsCluster, role: str) -> int | None:
+    """pid of the RayTrainWorker process in a node's namespace (Ray titles its processes ``ray::<class>``)."""
+    for pid in cluster.ns_pids(role):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                return pid
+        except OSError:
+            pass
+    return None
+
+
+@pytest.fixture(scope="module")
+def bucket(cluster) -> dict:
+    """The issue-14 workflow on the two nodes: an S3 server (moto, credentials checked) in the head's namespace,
+    the worker node started again with an empty tmpfs over the shared folder (it has none, as a cloud node
+    without NFS); the faces on each node's own disk at the same path. `facesr prep SRC s3://…` as a job, then
+    both stages with the run and the shards only in the bucket; the worker node's training worker SIGKILLed
+    once stage 2 registered a checkpoint. Its tests come last in the module: it restarts the worker node."""
+    endpoint = cluster.start_s3("shards", "runs")
+    cluster.kill_node("worker")
+    cluster.start_worker(hide=cluster.shared)
+    raylet = next(p for p in cluster.ns_pids("worker") if b"raylet" in Path(f"/proc/{p}/cmdline").read_bytes())
+    seen_by_worker = list((Path(f"/proc/{raylet}/root") / cluster.shared.relative_to("/")).iterdir())
+    src = cluster.tmp / "node-disk" / "faces"
+    make_src(src, n=N_FACES, bad=False)
+    shared_before = _tree(cluster.shared)
+    env = {"AWS_ENDPOINT_URL_S3": endpoint, "AWS_REGION": "us-east-1"}  # no credentials: the nodes' profile
+    t0 = time.monotonic()
+    prep = cluster.submit("python", "-m", "launch.cli", "prep", str(src), "s3://shards/faces", *PREP,
+                          submission_id="prep-s3", env_vars=env)
+    assert prep.returncode == 0, prep.stdout[-3000:] + prep.stderr[-3000:]
+    prep_s = time.monotonic() - t0
+    cluster.submit(*train_entry("data.shards=s3://shards/faces", "cluster.storage_path=s3://runs/cloud",
+                                f"cluster.s3_endpoint={endpoint}", "run.name=bucket", "cluster.max_failures=2",
+                                *SHORT), submission_id="train-s3", wait=False)
+
+    def registered_in_bucket() -> list[int]:
+        res = cluster.s3("get", endpoint, "runs", f"{BUCKET_RUN}/stage2/checkpoint_manager_snapshot.json", check=False)
+        return sorted({int(s) for s in re.findall(r"checkpoint_s(\d{8})_", res.stdout)}) if res.returncode == 0 else []
+
+    wait_for(lambda: EVERY in registered_in_bucket() or cluster.job_status("train-s3") in ("FAILED", "STOPPED"),
+             f"stage-2 checkpoint at step {EVERY} in the bucket", 1200, every=1)
+    if cluster.job_status("train-s3") != "RUNNING":
+        pytest.fail(subprocess.run(cluster.exec_cmd("worker", "ray", "job", "logs", f"--address={cluster.dashboard}",
+                                                    "train-s3"), env=cluster.env, capture_output=True,
+                                   text=True).stdout[-4000:])
+    victim = _train_worker(cluster, "worker")
+    killed = {"t": time.time(), "checkpoint": registered_in_bucket()[-1:]}
+    assert victim, "no training worker on the worker node"
+    os.kill(victim, signal.SIGKILL)
+    status = wait_job(cluster, "train-s3", 900)
+    log = subprocess.run(cluster.exec_cmd("worker", "ray", "job", "logs", f"--address={cluster.dashboard}",
+                                          "train-s3"), env=cluster.env, capture_output=True, text=True).stdout
+    local = cluster.tmp / "bucket-copy"  # the run as the bucket holds it, copied out for the checks
+    cluster.s3("sync", endpoint, "runs", f"{BUCKET_RUN}/", str(local))
+    return {"endpoint": endpoint, "env": env, "status": status, "log": log, "run": local, "killed": killed,
+            "prep": prep, "prep_s": prep_s, "prep_job": job_id(cluster, "prep-s3"), "seen_by_worker": seen_by_worker,
+            "shared_unchanged": _tree(cluster.shared) == shared_before}
+
+
+def test_bucket_run_on_a_node_without_the_shared_folder(cluster, bucket):
+    """Prep tasks on both nodes wrote the shards to the bucket; both stages trained from there with the run
+    only in the bucket (the stage-2 priors check read the priors from it); the shared folder got nothing."""
+    assert bucket["seen_by_worker"] == []  # the worker node's view of the shared folder: an empty tmpfs
+    nodes = cluster.alive_nodes()
+    where = Counter(nodes.get(t["node_id"]) for t in cluster.state("tasks", bucket["prep_job"])
+                    if t["name"] in ("write_shard", "check_chunk", "finished_record"))
+    print(f"\nbucket prep tasks per node: {dict(where)}; {bucket['prep_s']:.0f}s")
+    assert set(where) == {cluster.ip["head"], cluster.ip["worker"]}, where
+    assert bucket["status"] == "SUCCEEDED", bucket["log"][-4000:]
+    run = bucket["run"]
+    for name in ("config.yaml", "priors.safetensors", "srnet.safetensors", "stage1.done.json", "stage2.done.json",
+                 "metrics.jsonl", "summary.md", "logs/driver.log", "logs/stage1-rank0.log", "logs/stage2-rank1.log"):
+        assert (run / name).is_file(), name
+    assert {r["stage"] for r in records(run)} == {1, 2}
+    assert bucket["shared_unchanged"]
+    keys = cluster.s3_keys
+    text = "".join(p.read_text(errors="replace") for p in run.rglob("*")
+                   if p.suffix in (".log", ".yaml", ".json", ".jsonl", ".md"))
+    assert keys["secret"] not in text and keys["key_id"] not in text  # credentials never in the run
+
+
+def test_worker_killed_mid_stage2_resumes_from_the_bucket(bucket):
+    """The worker node's training worker SIGKILLed after a stage-2 checkpoint: the next attempt resumes from the
+    bucket's checkpoint, at most one interval redone, and ends at the planned step with every step once."""
+    att = attempts(bucket["run"], 2)
+    after = next(a for a in att if a["t_start"] > bucket["killed"]["t"] and a["t_resumed"])
+    before = [a for a in att if a["t_start"] < bucket["killed"]["t"]][-1]
+    assert after["resumed"] >= bucket["killed"]["checkpoint"][0] and 0 <= before["last"] - after["resumed"] <= EVERY
+    got = done(bucket["run"], 2)
+    assert (got["global_step"], got["world_size"]) == (STEPS2, 2)
+    steps = [r["step"] for r in records(bucket["run"]) if r["stage"] == 2 and r["split"] == "train"]
+    assert steps == list(range(1, STEPS2 + 1))
+    print(f"\nbucket: worker killed at step {before['last']}, resumed from the bucket at step {after['resumed']} "
+          f"{after['t_resumed'] - bucket['killed']['t']:.0f}s later")
+
+
+def test_eval_sr_and_export_read_the_run_from_the_bucket(cluster, bucket):
+    """`facesr eval quality`, `facesr sr` and `facesr export` on the head take the run's URI (eval the shards')."""
+    from PIL import Image
+
+    out = cluster.tmp / "from-bucket"
+    (out / "faces").mkdir(parents=True)
+    Image.new("RGB", (24, 24), (120, 90, 60)).save(out / "faces" / "a.png")
+    run, env = f"s3://runs/{BUCKET_RUN}", dict(cluster.env, **bucket["env"])
+    for args in (("eval", "quality", run, "--data", "s3://shards/faces", "--split", "val", "--limit", "8",
+                  "--out", str(out / "eval"), "--device", "cpu"),
+                 ("sr", run, str(out / "faces"), str(out / "sr"), "--device", "cpu"),
+                 ("export", run, str(out / "export"), "--format", "torchscript")):
+        res = subprocess.run(cluster.exec_cmd("head", str(Path(sys.executable).parent / "facesr"), *args), env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, args[0] + res.stdout[-2000:] + res.stderr[-2000:]
+    assert (out / "eval" / "quality.json").is_file()
+    assert Image.open(out / "sr" / "a.png").size == (192, 192)
+    assert (out / "export" / "srnet_deploy.pt").is_file()

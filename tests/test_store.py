@@ -1,15 +1,17 @@
 """Runs and shards in an object store (issue 14): moto's S3 server on loopback (tests/conftest.py ``s3_server``,
 credentials checked), the real pyarrow S3 client, the real prep, loader and training.
 
-The run and the shards live only in the bucket: nothing is written to a local run folder. Bad stores (no
-server, no bucket, wrong key) are refused by the config check, before Ray starts.
+Here: prep into the bucket (atomic per shard), the loader streaming from it with its cache, and bad stores
+(no server, no bucket, wrong key) refused by the config check before Ray starts. The whole workflow (prep as
+a job, both stages with the run and the shards only in the bucket, a worker killed mid-stage-2 resuming from
+it, eval/sr/export from the run's URI) runs on the two-node cluster whose worker node has no shared folder:
+tests/test_cluster.py, its last section.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import subprocess
 import tempfile
@@ -19,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from tests.test_train import BIN, CPU, FAST, done, env_with_venv, face_src, kill_tree, records, start, train_cmd
+from tests.test_train import BIN, CPU, env_with_venv, face_src, train_cmd
 
 
 @pytest.fixture(autouse=True)
@@ -198,105 +200,3 @@ def test_train_with_wrong_credentials_stops_before_ray(bucket_shards, s3_server,
     out = res.stdout + res.stderr
     assert "s3://shards/runs/denied" in out and "refused the credentials" in out, out[-3000:]
     assert "connecting to Ray" not in out
-
-
-# ---------------------------------------------------------------- a whole run in the bucket
-
-
-@pytest.fixture(scope="module")
-def bucket_run(bucket_shards, s3_server, scratch):
-    """Both stages of cpu.yaml, shards and run only in the bucket, started from an empty folder."""
-    storage = s3_server.bucket("runs") + "/cloud"
-    cwd = scratch / "driver"
-    cwd.mkdir()
-    res = subprocess.run(train_cmd(str(ROOT / CPU), f"data.shards={bucket_shards}", f"cluster.storage_path={storage}",
-                                   "run.name=e2e", *FAST, "run.checkpoint_every=4"),
-                         cwd=cwd, env=env_with_venv(**s3_server.env(PYTHONPATH=str(ROOT))), capture_output=True,
-                         text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    assert list(cwd.iterdir()) == []  # nothing of the run on the driver's disk
-    return f"{storage}/e2e"
-
-
-@pytest.mark.slow
-def test_both_stages_train_with_run_and_shards_only_in_the_bucket(bucket_run, s3_server):
-    """Config, checkpoints, priors, done markers, metrics, every log, summary and weights are objects of the
-    run; the metrics hold both stages and the stage-2 priors check passed from the bucket."""
-    from shards.store import path
-
-    objects = keys(s3_server, "runs", "cloud/e2e/")
-    names = {k[len("cloud/e2e/"):] for k in objects}
-    for name in ("config.yaml", "priors.safetensors", "srnet.safetensors", "stage1.done.json", "stage2.done.json",
-                 "metrics.jsonl", "summary.md", "summary.png", "logs/driver.log", "logs/stage1-rank0.log",
-                 "logs/stage1-rank1.log", "logs/stage2-rank0.log", "logs/stage2-rank1.log"):
-        assert name in names, sorted(names)
-    assert any(re.match(r"stage2/checkpoint_[^/]+/", n) for n in names)
-    run = path(bucket_run)
-    assert {r["stage"] for r in records(run)} == {1, 2}
-    assert done(run, 2)["global_step"] == 24
-    text = "".join(s3_server.client().get_object(Bucket="runs", Key=k)["Body"].read().decode(errors="replace")
-                   for k in objects if k.endswith((".log", ".yaml", ".json", ".jsonl", ".md")))
-    assert s3_server.secret not in text and s3_server.key_id not in text  # credentials never in the run
-
-
-@pytest.mark.slow
-def test_eval_sr_and_export_read_the_run_from_the_bucket(bucket_run, bucket_shards, s3_server, scratch):
-    """`facesr eval quality`, `facesr sr` and `facesr export` take the run's URI (and eval the shards' URI)."""
-    env = env_with_venv(**s3_server.env())
-    out = scratch / "eval"
-    res = subprocess.run([str(BIN / "facesr"), "eval", "quality", bucket_run, "--data", bucket_shards, "--split", "val",
-                          "--limit", "8", "--out", str(out), "--device", "cpu"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert (out / "quality.json").is_file()
-    from PIL import Image
-
-    (scratch / "faces").mkdir()
-    Image.new("RGB", (24, 24), (120, 90, 60)).save(scratch / "faces" / "a.png")
-    res = subprocess.run([str(BIN / "facesr"), "sr", bucket_run, str(scratch / "faces"), str(scratch / "sr"),
-                          "--device", "cpu"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and Image.open(scratch / "sr" / "a.png").size == (192, 192), res.stderr[-3000:]
-    res = subprocess.run([str(BIN / "facesr"), "export", bucket_run, str(scratch / "export"), "--format", "torchscript"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and (scratch / "export" / "srnet_deploy.pt").is_file(), res.stderr[-3000:]
-
-
-@pytest.mark.slow
-def test_killed_stage2_resumes_from_the_bucket(bucket_shards, s3_server, scratch):
-    """A stage-2 run in the bucket, killed (whole process tree) after a checkpoint, resumes from the bucket's
-    checkpoint on a driver with an empty disk, and ends at the planned step and LR with no step lost or repeated.
-    SSIM only (alpha 0): no priors, so it does not wait for the both-stages run."""
-    from shards.store import path
-
-    storage = s3_server.bucket("resume") + "/cloud"
-    overrides = [f"data.shards={bucket_shards}", f"cluster.storage_path={storage}", "run.name=resume",
-                 "run.stages=[2]", "stage2.alpha=0", "run.checkpoint_every=3", *FAST]
-    env = env_with_venv(**s3_server.env(PYTHONPATH=str(ROOT), RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25"))
-    first = scratch / "first"
-    first.mkdir()
-    proc = start(train_cmd(str(ROOT / CPU), *overrides), scratch / "first.log", env)
-    snapshot = path(f"{storage}/resume/stage2/checkpoint_manager_snapshot.json")
-    try:
-        deadline = time.time() + 600
-        while "checkpoint_s00000009_" not in (snapshot.read_text() if snapshot.exists() else ""):
-            assert proc.poll() is None, (scratch / "first.log").read_text()[-4000:]
-            assert time.time() < deadline, "no mid-epoch checkpoint in time"
-            time.sleep(0.5)
-    finally:
-        kill_tree(proc)
-    run = path(f"{storage}/resume")
-    assert not (run / "stage2.done.json").exists()
-    t0 = time.time()
-    res = subprocess.run(train_cmd(str(ROOT / CPU), *overrides), cwd=first, env=env, capture_output=True, text=True,
-                         timeout=600, start_new_session=True)
-    resume_s = time.time() - t0
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    logs = (run / "logs" / "stage2-rank0.log").read_text()
-    resumed = re.search(r"resumed from .*checkpoint_s(\d+)_e\d+ at epoch (\d+), step (\d+)", logs)
-    assert resumed and int(resumed.group(3)) >= 9, logs[-3000:]
-    got = done(run, 2)
-    assert (got["global_step"], got["restarts"]) == (24, 1)  # 3 epochs of 8 steps (FAST)
-    assert got["lr"] == pytest.approx(3.3333333333333335e-3 / 3)  # cpu.yaml's lr after FAST's milestone [2]
-    steps = [r["step"] for r in records(run) if r["split"] == "train"]
-    assert steps == sorted(set(steps)) == list(range(1, 25))
-    print(f"resume from the bucket (under load): {resume_s:.0f} s from start to stage-2 done")
