@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 
 def configure(p) -> None:
-    p.add_argument("run", help="run folder holding priors.safetensors, or the priors file itself")
+    p.add_argument("run", help="run folder holding priors.safetensors, or the priors file itself (either may be "
+                               "an s3:// URI)")
     p.add_argument("--shards", help="shard root (default: the run's config.yaml data.shards)")
     p.add_argument("--split", default="auto", help="manifest split; auto = prior_val where the shards have it")
     p.add_argument("--batch-size", type=int, default=64)
@@ -22,13 +22,14 @@ def configure(p) -> None:
     p.add_argument("--out", help="JSON report (default: <run>/results/priors.json when RUN is a folder)")
 
 
-def _shards_of(run: Path) -> str:
+def _shards_of(run) -> str:
     from cluster.config import load_config
+    from shards.store import local_copy
 
-    cfg = run / "config.yaml"
-    if not cfg.is_file():
+    if not (run / "config.yaml").is_file():
         raise SystemExit(f"{run}: no config.yaml to find the shards in; pass --shards")
-    return load_config(cfg).data.shards  # the run's resolved config: an absolute shard root
+    # the run's resolved config: an absolute shard root (downloaded first for a run in a bucket)
+    return load_config(local_copy(str(run / "config.yaml"))).data.shards
 
 
 def run(args) -> int:
@@ -39,9 +40,10 @@ def run(args) -> int:
     from facesr.vocab import TARGETS
     from facesr.weights import load_priors
     from shards.manifest import read_manifest, shard_urls
+    from shards.store import local_copy, path as store_path
     from shards.stream import read_in_order
 
-    run_path = Path(args.run)
+    run_path = store_path(args.run)  # a local path or an object-store URI
     path = run_path / "priors.safetensors" if run_path.is_dir() else run_path
     if not path.is_file():
         raise SystemExit(f"{path}: no priors file (stage 1 writes <run>/priors.safetensors)")
@@ -51,7 +53,7 @@ def run(args) -> int:
     if split not in manifest["splits"]:
         raise SystemExit(f"{shards}: no split {split!r} (has {sorted(manifest['splits'])})")
     try:
-        priors = load_priors(path, args.device, classes=manifest["classes"])
+        priors = load_priors(local_copy(str(path)), args.device, classes=manifest["classes"])
     except ValueError as exn:
         raise SystemExit(str(exn)) from None
     batches = ({k: b[k].float() / 255 for k in TARGETS} | {"cls": b["cls"]}
@@ -71,7 +73,7 @@ def run(args) -> int:
             ratio = s["top1"] / base["acc_majority"] if base["acc_majority"] else float("nan")
             print(f"{scale:<6} {s['top1']:>7.4f} {s['top5']:>7.4f} {base['acc_chance']:>7.4f} "
                   f"{base['acc_majority']:>9.4f} {ratio:>14.2f}x")
-    out = Path(args.out) if args.out else (run_path / "results" / "priors.json" if run_path.is_dir() else None)
+    out = store_path(args.out) if args.out else (run_path / "results" / "priors.json" if run_path.is_dir() else None)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=1) + "\n")

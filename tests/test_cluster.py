@@ -604,21 +604,25 @@ def test_bucket_run_on_a_node_without_the_shared_folder(cluster, bucket):
 
 def test_worker_killed_mid_stage2_resumes_from_the_bucket(bucket):
     """The worker node's training worker SIGKILLed after a stage-2 checkpoint: the next attempt resumes from the
-    bucket's checkpoint, at most one interval redone, and ends at the planned step with every step once."""
+    latest checkpoint the bucket had registered (or a later one), and the run ends at the planned step with
+    every step once. (How far the killed attempt had got is not asserted: logs go to the bucket every 10 s,
+    so the last seconds of an attempt whose workers are killed can be missing from it.)"""
     att = attempts(bucket["run"], 2)
     after = next(a for a in att if a["t_start"] > bucket["killed"]["t"] and a["t_resumed"])
     before = [a for a in att if a["t_start"] < bucket["killed"]["t"]][-1]
-    assert after["resumed"] >= bucket["killed"]["checkpoint"][0] and 0 <= before["last"] - after["resumed"] <= EVERY
+    assert after["resumed"] >= bucket["killed"]["checkpoint"][0] and after["resumed"] in registered(bucket["run"], 2)
     got = done(bucket["run"], 2)
     assert (got["global_step"], got["world_size"]) == (STEPS2, 2)
     steps = [r["step"] for r in records(bucket["run"]) if r["stage"] == 2 and r["split"] == "train"]
     assert steps == list(range(1, STEPS2 + 1))
-    print(f"\nbucket: worker killed at step {before['last']}, resumed from the bucket at step {after['resumed']} "
+    print(f"\nbucket: worker killed with checkpoint {bucket['killed']['checkpoint'][0]} registered (last step in "
+          f"the bucket's log: {before['last']}), resumed from the bucket at step {after['resumed']} "
           f"{after['t_resumed'] - bucket['killed']['t']:.0f}s later")
 
 
 def test_eval_sr_and_export_read_the_run_from_the_bucket(cluster, bucket):
-    """`facesr eval quality`, `facesr sr` and `facesr export` on the head take the run's URI (eval the shards')."""
+    """`facesr eval quality`, `facesr sr`, `facesr export` and `facesr eval priors` on the head take the run's URI
+    (eval quality the shards' too; eval priors finds them in the run's config and writes its report there)."""
     from PIL import Image
 
     out = cluster.tmp / "from-bucket"
@@ -628,10 +632,13 @@ def test_eval_sr_and_export_read_the_run_from_the_bucket(cluster, bucket):
     for args in (("eval", "quality", run, "--data", "s3://shards/faces", "--split", "val", "--limit", "8",
                   "--out", str(out / "eval"), "--device", "cpu"),
                  ("sr", run, str(out / "faces"), str(out / "sr"), "--device", "cpu"),
-                 ("export", run, str(out / "export"), "--format", "torchscript")):
+                 ("export", run, str(out / "export"), "--format", "torchscript"),
+                 ("eval", "priors", run, "--limit", "16", "--batch-size", "16")):  # shards, config: via the run
         res = subprocess.run(cluster.exec_cmd("head", str(Path(sys.executable).parent / "facesr"), *args), env=env,
                              capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, args[0] + res.stdout[-2000:] + res.stderr[-2000:]
     assert (out / "eval" / "quality.json").is_file()
     assert Image.open(out / "sr" / "a.png").size == (192, 192)
     assert (out / "export" / "srnet_deploy.pt").is_file()
+    report = json.loads(cluster.s3("get", bucket["endpoint"], "runs", f"{BUCKET_RUN}/results/priors.json").stdout)
+    assert report["shards"] == "s3://shards/faces" and 0 < report["images"] <= 16, report
