@@ -48,14 +48,17 @@ shards-id: $(STAMP)
 eval: $(STAMP)
 	$(BIN)/facesr eval quality $(RUN) --data $(FACES) --manifest $(SHARDS) --split test --limit 500 --grid 6 --out $(RUN)/eval
 
-# The paper's Table 1 at CPU scale (issue 17): C-SRIP, the cascade with SSIM only, ℓp, SRCNN and VDSR, each stage 2
-# of launch/configs/table1-<peer>.yaml (the demo's shards and priors: run `make demo` first; the same 1,920 steps
-# at batch 8), then all scored in one table on every face of the LFW test identities, and Fig. 3's grid (x8).
-# A finished run is skipped, an interrupted one resumes; TABLE1="srcnn vdsr" trains and scores a subset. lp is last:
-# offline it stops at its config check until squeezenet1_1-b8a52dc0.pth is in torch hub's cache (README).
-TABLE1  ?= csrip ssim srcnn vdsr lp
+# The paper's Table 1 at CPU scale (issue 17): C-SRIP, the cascade with SSIM only, SRCNN, VDSR, ℓp on the identity
+# priors' features and ℓp on ImageNet SqueezeNet's, each stage 2 of launch/configs/table1-<peer>.yaml (the demo's
+# shards and priors: run `make demo` first; the same 1,920 steps at batch 8), then all scored in one table on every
+# face of the LFW test identities, and Fig. 3's grid (x8). A finished run is skipped, an interrupted one resumes;
+# TABLE1="srcnn vdsr" trains and scores a subset. lp (ImageNet) is in only when squeezenet1_1-b8a52dc0.pth is in
+# torch hub's cache or can be downloaded there (README).
+LP       = $(shell $(BIN)/python -c "from facesr.weights import squeezenet_file; squeezenet_file('imagenet')" >/dev/null 2>&1 && echo lp)
+TABLE1  ?= csrip ssim srcnn vdsr lp-priors $(LP)
 
 table1: $(STAMP)
+	@case " $(TABLE1) " in *" lp "*) ;; *) echo "table1: without lp (ImageNet SqueezeNet weights absent and not downloadable; README)";; esac
 	for p in $(TABLE1); do $(BIN)/facesr train --config launch/configs/table1-$$p.yaml || exit 1; done
 	$(BIN)/facesr eval quality $(addprefix runs/table1/,$(TABLE1)) --data $(FACES) --manifest $(SHARDS) \
 		--split test --grid 6 --scales x8 --out runs/table1/eval

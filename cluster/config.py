@@ -223,18 +223,19 @@ class SRStageConfig(StageConfig):
     # peers on the bicubic-upsampled lr (one x8 output). Sized by the run's model preset (tiny | paper).
     model: str = "cascade"
     # What it is trained with: csrip = eq. (4), SSIM at every output + alpha * identity CE of the frozen priors;
-    # perceptual = ℓp, squared fire2-4 feature differences of an ImageNet SqueezeNet (no priors); mse = pixel MSE
+    # perceptual = ℓp, squared fire2-4 feature differences of a frozen SqueezeNet (perceptual_weights); mse = pixel MSE
     loss: str = "csrip"
     alpha: float = 0.001  # weight of the identity cross-entropy in eq. (4); 0 = SSIM only (no priors needed)
     priors: str = ""  # trained priors (safetensors) when stage 1 is not in this run; "" = <run_dir>/priors.safetensors
     # ℓp's SqueezeNet weights: imagenet = torchvision's squeezenet1_1 ImageNet file (torch hub cache, downloaded
-    # when absent), or the path of that file (.pth) or of a .safetensors of the same state dict
+    # when absent), or the path of that file (.pth) or of a .safetensors of the same state dict; priors = the
+    # frozen stage-1 identity priors of each output's scale on its residual (stage 1 in the run, or stage2.priors)
     perceptual_weights: str = "imagenet"
 
     @property
     def uses_priors(self) -> bool:
-        """Whether training needs the identity priors of stage 1 (eq. (4) with alpha > 0)."""
-        return self.loss == "csrip" and self.alpha > 0
+        """Whether training needs the identity priors of stage 1 (eq. (4) with alpha > 0, or ℓp on their features)."""
+        return (self.loss == "csrip" and self.alpha > 0) or (self.loss == "perceptual" and self.perceptual_weights == "priors")
 
     def validate(self, key: str = "stage2") -> None:
         super().validate(key)
@@ -520,7 +521,7 @@ def resolve(cfg: TrainConfig, base: str | Path | None = None) -> TrainConfig:
     cfg.run = dataclasses.replace(cfg.run, run_dir=run_dir, telemetry_sd_dir=sd_dir)
     weights = cfg.stage2.perceptual_weights
     cfg.stage2 = dataclasses.replace(cfg.stage2, priors=absolute(cfg.stage2.priors),
-                                     perceptual_weights=weights if weights == "imagenet" else absolute(weights))
+                                     perceptual_weights=weights if weights in ("imagenet", "priors") else absolute(weights))
     if any(_is_uri(p) for p in (cfg.cluster.storage_path, run_dir, cfg.data.shards, cfg.stage2.priors)):
         from shards.store import settings
 
@@ -539,7 +540,7 @@ def check(cfg: TrainConfig) -> dict:
     manifest = _manifest(cfg)
     if 2 in cfg.run.stages and 1 not in cfg.run.stages and cfg.stage2.uses_priors:
         _check_priors(cfg, manifest)
-    if 2 in cfg.run.stages and cfg.stage2.loss == "perceptual":
+    if 2 in cfg.run.stages and cfg.stage2.loss == "perceptual" and cfg.stage2.perceptual_weights != "priors":
         _check_perceptual(cfg)
     return manifest
 

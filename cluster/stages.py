@@ -16,6 +16,7 @@ from facesr.augment import flip_crop
 from facesr.degradations import PAPER, degrade_lr
 from facesr.losses import CSRIPLoss, MSELoss, PerceptualLoss, PriorLoss
 from facesr.models import build_prior, build_sr, get_preset
+from facesr.models.perceptual import PriorFeatures
 from facesr.quality import finish, image_scores
 from facesr.step import Precision, prior_forward, sr_forward
 from facesr.vocab import SCALE_OF, TARGETS
@@ -110,6 +111,9 @@ def sr_loss(cfg: TrainConfig, classes: list[str], device: torch.device, precisio
     """Stage 2's loss (``stage2.loss``). Its frozen networks (identity priors, ℓp's SqueezeNet) are built on
     every worker, outside DeepSpeed: no optimizer state, not in its checkpoints."""
     stage_cfg = cfg.stage2
+    if stage_cfg.loss == "perceptual" and stage_cfg.perceptual_weights == "priors":
+        priors = load_priors(local_copy(cfg.priors_path), device, classes=classes)
+        return PerceptualLoss({k: precision.module(PriorFeatures(p, k)) for k, p in priors.items()})
     if stage_cfg.loss == "perceptual":
         return PerceptualLoss(precision.module(load_squeezenet(stage_cfg.perceptual_weights, device)))
     if stage_cfg.loss == "mse":

@@ -111,21 +111,30 @@ class PerceptualLoss(nn.Module):
 
     Johnson's feature reconstruction loss ‖φ(ŷ) − φ(y)‖² / (C·H·W) per layer, i.e. the mean squared feature
     difference, summed over the layers with equal weights and over the network's outputs. ``features`` is
-    the frozen SqueezeNet (``facesr.models.perceptual.SqueezeFeatures``); it runs in the caller's autocast
-    (a convnet, as fast in bf16 as the SR network), the differences in fp32.
+    the frozen SqueezeNet (``facesr.models.perceptual.SqueezeFeatures``), or one feature network per output
+    (``{"x2": PriorFeatures, ...}``: the frozen identity priors of that scale); it runs in the caller's
+    autocast (a convnet, as fast in bf16 as the SR network), the differences in fp32.
     """
 
-    def __init__(self, features: nn.Module):
+    def __init__(self, features: nn.Module | dict[str, nn.Module]):
         super().__init__()
-        self.features = features
+        self.features = nn.ModuleDict(features) if isinstance(features, dict) else features
+
+    def _features(self, key: str) -> nn.Module:
+        if isinstance(self.features, nn.ModuleDict):
+            if key not in self.features:
+                raise KeyError(f"perceptual loss has feature networks for {list(self.features)}, not output {key!r}")
+            return self.features[key]
+        return self.features
 
     def forward(self, sr: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         terms: dict[str, torch.Tensor] = {}
         total = 0.0
         for key in outputs(sr):
+            features = self._features(key)
             with torch.no_grad():
-                want = self.features(batch[key])
-            got = self.features(sr[key])
+                want = features(batch[key])
+            got = features(sr[key])
             term = sum(F.mse_loss(g.float(), w.float()) for g, w in zip(got, want))
             terms[f"perceptual/{SCALE_OF[key]}"] = term.detach()
             total = total + term

@@ -127,6 +127,48 @@ def test_perceptual_loss_matches_direct_fire_features(squeeze_file):
     assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
 
 
+def test_prior_feature_perceptual_loss_matches_the_priors_own_fire_modules():
+    """ℓp on the identity priors (``stage2.perceptual_weights=priors``): per output, Σ over fire2, fire3, fire4 of
+    that scale's prior (hooked on the whole frozen prior, as its classifier sees them) of the mean squared
+    difference between the residuals' features; gradients reach the SR output, none reach the frozen prior."""
+    from facesr.degrade import residual
+    from facesr.models import FrozenPrior, build_prior, get_preset
+    from facesr.models.perceptual import PRIOR_FIRE, PriorFeatures
+
+    torch.manual_seed(2)
+    priors = {}
+    for k in ("x2", "x4", "hr"):
+        net = build_prior(get_preset("tiny").prior, num_classes=7)
+        net.train()
+        with torch.no_grad():  # BN running statistics that are not the identity
+            for _ in range(3):
+                net(0.05 * torch.randn(4, 3, SIZES[k], SIZES[k]))
+        priors[k] = FrozenPrior(net)
+    assert [type(priors["hr"].model.features[i]).__name__ for i in PRIOR_FIRE.values()] == ["Fire"] * 3
+    batch = {k: torch.rand(2, 3, s, s) for k, s in SIZES.items()}
+    sr = {k: (batch[k] + 0.1 * torch.randn_like(batch[k])).clamp(0, 1).requires_grad_() for k in ("x2", "x4", "hr")}
+    loss = PerceptualLoss({k: PriorFeatures(p, k) for k, p in priors.items()})
+    terms = loss(sr, batch)
+    for key, scale in (("x2", "x2"), ("x4", "x4"), ("hr", "x8")):
+        taps: list[torch.Tensor] = []
+        hooks = [priors[key].model.features[i].register_forward_hook(lambda m, inp, out: taps.append(out))
+                 for i in PRIOR_FIRE.values()]
+        with torch.no_grad():
+            priors[key](residual(sr[key].detach(), key))
+            got = list(taps)
+            taps.clear()
+            priors[key](residual(batch[key], key))
+        for h in hooks:
+            h.remove()
+        want = sum(((a - b) ** 2).mean() for a, b in zip(got, taps))
+        assert terms[f"perceptual/{scale}"].item() == pytest.approx(want.item(), rel=1e-5)
+    terms["loss"].backward()
+    assert all(sr[k].grad is not None and sr[k].grad.abs().sum() > 0 for k in sr)
+    assert not any(p.requires_grad for p in loss.parameters())
+    with pytest.raises(KeyError, match="not output 'x3'"):
+        loss._features("x3")
+
+
 def test_squeezenet_weights_errors_say_what_to_do(tmp_path, monkeypatch, squeeze_file):
     """No ImageNet file in torch hub's cache (and no download): the error names the URL, the cache path and the
     config key; a wrong file is refused naming it."""
@@ -271,3 +313,49 @@ def test_perceptual_weights_checked_before_any_worker(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as e:
         _check_perceptual(cfg)
     assert e.value.field == "stage2.perceptual_weights" and "none.pth" in str(e.value)
+
+
+def test_perceptual_on_the_priors_is_a_stage_1_loss():
+    """``stage2.perceptual_weights=priors`` makes ℓp use the identity priors: stage 1 may train them in the same
+    run, or stage2.priors names them; the ImageNet file is then never asked for."""
+    from cluster.config import load_config
+
+    both = load_config("launch/configs/demo.yaml", ["stage2.loss=perceptual", "stage2.perceptual_weights=priors"])
+    both.validate()
+    assert both.stage2.uses_priors and both.run.stages == [1, 2]
+    given = load_config("launch/configs/demo.yaml", ["stage2.loss=perceptual", "stage2.perceptual_weights=priors",
+                                                     "run.stages=[2]", "stage2.priors=p.safetensors"])
+    given.validate()
+    assert not load_config("launch/configs/demo.yaml", ["stage2.loss=perceptual", "run.stages=[2]"]).stage2.uses_priors
+
+
+def test_stage2_builds_perceptual_loss_on_the_priors_file(tmp_path):
+    """The worker's loss for ``perceptual_weights=priors``: one prior-feature network per output, read from the
+    stage2.priors file (the same loader and class-map check as C-SRIP's), frozen; priors of another class map
+    are refused naming the file."""
+    from cluster.config import load_config, resolve
+    from cluster.stages import sr_loss
+    from facesr.degrade import residual
+    from facesr.models import build_prior, get_preset
+    from facesr.models.perceptual import PriorFeatures
+    from facesr.step import resolve_precision
+    from facesr.weights import save_priors
+
+    classes = ["a", "b", "c"]
+    torch.manual_seed(0)
+    cfg_prior = get_preset("tiny").prior
+    priors = {k: build_prior(cfg_prior, len(classes)).eval() for k in ("x2", "x4", "hr")}
+    path = tmp_path / "priors.safetensors"
+    save_priors(path, priors, cfg_prior, classes)
+    cfg = resolve(load_config("launch/configs/demo.yaml", [
+        "stage2.loss=perceptual", "stage2.perceptual_weights=priors", "run.stages=[2]", f"stage2.priors={path}",
+        f"cluster.storage_path={tmp_path / 'runs'}"]))
+    loss = sr_loss(cfg, classes, torch.device("cpu"), resolve_precision("fp32", "cpu"))
+    assert isinstance(loss, PerceptualLoss) and sorted(loss.features) == ["hr", "x2", "x4"]
+    assert all(isinstance(m, PriorFeatures) for m in loss.features.values())
+    x = torch.rand(1, 3, 48, 48)
+    with torch.no_grad():
+        want = priors["x2"].features[:6](residual(x, "x2"))
+    assert torch.allclose(loss.features["x2"](x)[1], want, atol=1e-6)  # fire3 of the file's x2 prior
+    with pytest.raises(ValueError, match=str(path)):
+        sr_loss(cfg, ["a", "b", "z"], torch.device("cpu"), resolve_precision("fp32", "cpu"))

@@ -6,6 +6,11 @@ paper names no other training for this network, so it is torchvision's ``squeeze
 ImageNet weights (the paper's identity priors are SqueezeNet 1.1 as well). In torchvision's numbering
 ``features[3]``, ``[4]`` and ``[6]`` are fire2, fire3 and fire4 (``features[0..2]`` are conv1, its
 ReLU and the first max-pool). Weights come from an explicit file (``facesr.weights.load_squeezenet``).
+
+``PriorFeatures`` is the offline alternative: the fire2-4 features of a frozen stage-1 identity prior
+(SqueezeNet 1.1 on high-pass residuals, ``facesr.models.prior``) of the same output scale. With it ℓp and
+C-SRIP share their secondary networks and differ only in what they take from them (local conv features
+against the global identity cross-entropy), the contrast the paper draws in Sec. 3.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from torchvision.models import squeezenet1_1
+
+from ..degrade import residual
 
 FIRE = {"fire2": 3, "fire3": 4, "fire4": 6}  # layer name -> index in torchvision's squeezenet1_1.features
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -51,4 +58,39 @@ class SqueezeFeatures(nn.Module):
             x = layer(x)
             if i in self.taps:
                 out.append(x)  # fire2, fire3 (B, 128, ~H/4, ~W/4); fire4 (B, 256, ~H/8, ~W/8)
+        return out
+
+
+# fire2, fire3, fire4 in SqueezeNetResidual.features: [input BN, conv1, ReLU, pool, fire2, fire3, pool, fire4, ...]
+PRIOR_FIRE = {"fire2": 4, "fire3": 5, "fire4": 7}
+
+
+class PriorFeatures(nn.Module):
+    """[0, 1] images (B, 3, S, S) of output ``key`` -> [fire2, fire3, fire4] maps of that scale's frozen identity
+    prior on their high-pass residual (the prior's input, computed in fp32 as C-SRIP's loss does)."""
+
+    def __init__(self, prior: nn.Module, key: str, layers: tuple[str, ...] = tuple(PRIOR_FIRE)):
+        super().__init__()
+        unknown = [name for name in layers if name not in PRIOR_FIRE]
+        if unknown:
+            raise ValueError(f"unknown SqueezeNet layers {unknown}; choose from {list(PRIOR_FIRE)}")
+        net = getattr(prior, "model", prior)  # a FrozenPrior wraps the SqueezeNetResidual
+        self.key = key
+        self.taps = [PRIOR_FIRE[name] for name in layers]
+        self.features = net.features[: max(self.taps) + 1]
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "PriorFeatures":
+        return super().train(False)  # frozen: BN statistics stay the prior's
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        with torch.autocast(x.device.type, enabled=False):
+            x = residual(x.float(), self.key)
+        x = x.to(next(self.features.parameters()).dtype)
+        out = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in self.taps:
+                out.append(x)
         return out
