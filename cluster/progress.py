@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 from shards.store import ObjectPath, path as store_path
@@ -135,7 +137,8 @@ class StageProgress:
         self.path, self.number, self.total, self.epochs = store_path(metrics_path), number, total_steps, epochs
         self.title = title or TITLES.get(number, f"stage {number}")
         self.console = ConsoleLine(stream, interval_s)
-        self._offset, self._train, self._val, self._first = 0, None, None, None
+        self._offset, self._train, self._val = 0, None, None
+        self._recent: deque = deque(maxlen=32)  # (step, time) of the latest train records
         self._t0 = time.time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"progress-stage{number}", daemon=True)
@@ -179,8 +182,14 @@ class StageProgress:
                 self._val = rec
             elif rec.get("split") == "train":
                 self._train = rec
-                if self._first is None or rec["step"] < self._first["step"]:
-                    self._first = rec
+                self._recent.append((rec["step"], rec["time"]))
+
+    def seconds_per_step(self) -> float | None:
+        """The median pace between consecutive recent records: a resumed stage's file holds earlier attempts'
+        records, and the gap before this attempt (hours, across sessions) is one interval the median ignores."""
+        pairs = list(self._recent)
+        paces = [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(pairs, pairs[1:]) if s1 > s0 and t1 > t0]
+        return statistics.median(paces) if paces else None
 
     def line(self) -> str:
         title = f"{self.title:<21}"
@@ -196,9 +205,8 @@ class StageProgress:
         key = VAL_KEYS.get(self.number)
         if self._val is not None and key in self._val:
             parts.append(f"val {key} {self._val[key]:.4g}")
-        first = self._first
-        if first is not None and step > first["step"] and rec["time"] > first["time"]:
-            per_step = (rec["time"] - first["time"]) / (step - first["step"])
+        per_step = self.seconds_per_step()
+        if per_step is not None:
             parts.append(f"{per_step:.2f} s/step, ETA {_duration(per_step * (total - step))}")
         parts.append(f"elapsed {elapsed}")
         return "  ".join(parts)

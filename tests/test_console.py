@@ -66,3 +66,18 @@ def test_stage_line_reads_metrics_and_gives_an_eta(tmp_path):
     line = out.getvalue()
     assert line.startswith("stage 2 (SR cascade)") and " 20% 20/100 steps" in line and "epoch 1/4" in line
     assert "loss 0.4" in line and "val psnr/x8 23.5" in line and "1.00 s/step, ETA 1m20s" in line
+
+
+def test_resumed_stage_eta_ignores_the_gap_before_this_attempt(tmp_path):
+    """A resumed stage's metrics hold an earlier attempt's records, hours before this one's: the pace is that of
+    the steps, not of the wall clock since step 10 (a stop-14 resume printed 1.37 s/step at 0.27)."""
+    path = tmp_path / "metrics.jsonl"
+    recs = [{"stage": 2, "split": "train", "epoch": 0, "step": s, "time": 100.0 + 0.5 * s, "loss": 0.5}
+            for s in range(10, 40, 10)]
+    recs += [{"stage": 2, "split": "train", "epoch": 1, "step": s, "time": 20000.0 + 0.25 * s, "loss": 0.4}
+             for s in range(40, 110, 10)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = io.StringIO()
+    with StageProgress(path, 2, total_steps=200, epochs=4, stream=out, interval_s=3600):
+        pass
+    assert "0.25 s/step, ETA 25s" in out.getvalue()  # median of 2 intervals at 0.5, the gap and 6 at 0.25
