@@ -359,3 +359,24 @@ def test_stage2_builds_perceptual_loss_on_the_priors_file(tmp_path):
     assert torch.allclose(loss.features["x2"](x)[1], want, atol=1e-6)  # fire3 of the file's x2 prior
     with pytest.raises(ValueError, match=str(path)):
         sr_loss(cfg, ["a", "b", "z"], torch.device("cpu"), resolve_precision("fp32", "cpu"))
+
+
+def test_table1_configs_train_every_peer_on_the_same_samples():
+    """Every launch/configs/table1-*.yaml validates, and all of them train stage 2 alone on the same shards, with
+    the paper's degradation, for the same samples (epochs × steps × batch) into one storage folder, each under
+    its own run name (the peer's file name, which `make table1` relies on)."""
+    from pathlib import Path
+
+    from cluster.config import load_config
+
+    paths = sorted(Path("launch/configs").glob("table1-*.yaml"))
+    names = {p.stem.removeprefix("table1-") for p in paths}
+    assert {"csrip", "ssim", "srcnn", "vdsr", "lp", "lp-priors"} <= names
+    seen = set()
+    for p in paths:
+        cfg = load_config(p)
+        cfg.validate()
+        assert cfg.run.name == p.stem.removeprefix("table1-") and cfg.run.stages == [2]
+        seen.add((cfg.data.shards, cfg.data.degradation, cfg.cluster.storage_path,
+                  cfg.stage2.epochs * cfg.data.steps_per_epoch * cfg.stage2.batch_size))
+    assert seen == {("runs/demo/shards", "paper", "runs/table1", 32 * 60 * 8)}
