@@ -87,7 +87,8 @@ def check_priors(path, classes: list[str] | None = None, preset: str | None = No
         want = dataclasses.asdict(get_preset(preset).prior)
         # fields added since a file was written take their defaults (priors from before `norm` had none)
         if dataclasses.asdict(PriorConfig(**meta.get("prior", {}))) != want:
-            raise ValueError(f"{path}: priors built as {meta.get('prior')}, preset {preset!r} wants {want}")
+            raise ValueError(f"{path}: priors built as {meta.get('prior')}, preset {preset!r} wants {want} "
+                             "(priors from an older facesr or another preset: train stage 1 again)")
     return meta
 
 

@@ -171,6 +171,23 @@ def test_stage2_refuses_priors_of_another_class_map(capsys, tmp_path, shards, ea
     assert snapshot(earlier_run) == before and path.read_bytes() == priors_before
 
 
+
+def test_priors_of_an_older_build_are_refused_saying_what_to_do(tmp_path):
+    """Priors written before the tiny preset's priors gained BatchNorm (no ``norm``): refused for the tiny preset,
+    naming the file, both builds and the remedy (the demo run of an earlier facesr hit this in `make table1`)."""
+    import dataclasses
+
+    from facesr.models import build_prior, get_preset
+    from facesr.weights import check_priors, save_priors
+
+    old = dataclasses.replace(get_preset("tiny").prior, norm=False)
+    path = tmp_path / "old-priors.safetensors"
+    save_priors(path, {k: build_prior(old, 3) for k in ("x2", "x4", "hr")}, old, ["a", "b", "c"])
+    with pytest.raises(ValueError) as e:
+        check_priors(path, preset="tiny")
+    assert str(path) in str(e.value) and "'norm': True" in str(e.value) and "train stage 1 again" in str(e.value)
+    assert check_priors(path)["num_classes"] == 3  # without a preset to match, the file itself is fine
+
 # ---------------------------------------------------------------- inference inputs
 
 
