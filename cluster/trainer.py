@@ -23,9 +23,12 @@ metrics.jsonl, weights) are uploaded whole.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 
 from .config import ConfigError, TrainConfig, _check_priors, _is_uri, check, resolve, to_yaml
@@ -46,6 +49,9 @@ def train(cfg: TrainConfig) -> Path:
     _log_to(run_dir / "logs" / "driver.log")
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     log.info("run %s in %s (%d classes, stages %s)", cfg.run.name, run_dir, len(manifest["classes"]), cfg.run.stages)
+    for number in cfg.run.stages:
+        if not done_path(run_dir, number).exists():
+            repair_snapshot(run_dir / f"stage{number}")
 
     from .ray_connect import connect
 
@@ -132,6 +138,56 @@ def _fit(cfg: TrainConfig, number: int, manifest: dict) -> None:
     title = f"stage 2 ({cfg.stage2.model.upper()})" if number == 2 and cfg.stage2.model != "cascade" else ""
     with StageProgress(cfg.run_path / "metrics.jsonl", number, steps, cfg.stage_cfg(number).epochs, title=title):
         trainer.fit()
+
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of registered checkpoints, in each stage folder
+
+
+def repair_snapshot(stage_dir: Path) -> str | None:
+    """Rebuild a stage's Ray Train snapshot that a kill left unreadable; returns the checkpoint it now resumes from.
+
+    Ray Train rewrites ``stage<N>/checkpoint_manager_snapshot.json`` in place after each checkpoint; a process
+    killed during that write leaves it empty or cut, and Ray then refuses the whole run ("Expecting value: line 1
+    column 1"). The checkpoints themselves are intact, so the snapshot is rebuilt from the complete checkpoint
+    folders (DeepSpeed's ``latest`` tag and rank 0's model states present), in Ray's schema; the unreadable file
+    is kept beside it. Local run folders only: a bucket stores the snapshot with one PUT, never half-written.
+    """
+    snap = stage_dir / SNAPSHOT
+    if not isinstance(stage_dir, Path) or not snap.is_file():
+        return None
+    try:
+        if json.loads(snap.read_text()):
+            return None
+    except ValueError:
+        pass
+    complete = [f for f in sorted(stage_dir.glob("checkpoint_s*_e*"))
+                if (f / "latest").is_file() and (f / "state" / "mp_rank_00_model_states.pt").is_file()]
+    aside = snap.with_name(f"{SNAPSHOT}.unreadable-{int(time.time())}")
+    snap.rename(aside)
+    if not complete:
+        log.warning("%s was unreadable (kept as %s) and no complete checkpoint is beside it: this stage starts "
+                    "from its beginning", snap, aside.name)
+        return None
+    results = [{"version": 0, "checkpoint_dir_name": f.name, "metrics": {"step": int(f.name.split("_")[1][1:])}}
+               for f in complete]
+    state = {
+        "ray_version": importlib.metadata.version("ray"),
+        "checkpoint_results": results,
+        "checkpoint_report_indices": list(range(len(results))),
+        "latest_checkpoint_result": results[-1],
+        "pending_training_results": [],
+        "pending_validation_specs": [],
+        "current_report_index": len(results),
+        "validated_checkpoint_dir_names": [],
+        "timed_out_validation_checkpoint_dir_names": [],
+        "failed_validation_checkpoint_dir_names": [],
+    }
+    tmp = snap.with_name(f".{SNAPSHOT}.tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, snap)
+    log.warning("%s was unreadable (a process killed while Ray Train wrote it; kept as %s): rebuilt from %d "
+                "complete checkpoint folders, resuming from %s", snap, aside.name, len(complete), complete[-1].name)
+    return complete[-1].name
 
 
 def check_resume_world(stage_dir: Path, cfg: TrainConfig) -> None:

@@ -439,3 +439,37 @@ def test_table1_peer_trains_through_facesr_train_without_priors(shards, scratch)
     assert "perceptual/x8" in train[-1] and "perceptual/x2" not in train[-1]
     losses = [r["loss"] for r in train]
     assert sum(losses[-4:]) < sum(losses[:4]), losses
+
+
+def test_snapshot_cut_by_a_kill_is_rebuilt_from_the_complete_checkpoints(tmp_path, caplog):
+    """A process killed while Ray Train rewrote ``checkpoint_manager_snapshot.json`` left it empty (a CI run:
+    the resume then died with "Expecting value: line 1 column 1"). The driver rebuilds it, in Ray's own schema,
+    from the complete checkpoint folders, keeps the unreadable file, and leaves a readable snapshot alone."""
+    import logging
+
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState
+
+    from cluster.trainer import SNAPSHOT, repair_snapshot
+
+    stage = tmp_path / "stage2"
+    for name, complete in (("checkpoint_s00000003_e0000", True), ("checkpoint_s00000006_e0000", True),
+                           ("checkpoint_s00000009_e0001", False)):  # the last one's upload was cut: no tag
+        (stage / name / "state").mkdir(parents=True)
+        (stage / name / "state" / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+        if complete:
+            (stage / name / "latest").write_text("state")
+    for cut in ("", '{"ray_version":"2.60.0","checkpoint_res'):
+        (stage / SNAPSHOT).write_text(cut)
+        for old in stage.glob(f"{SNAPSHOT}.unreadable-*"):
+            old.unlink()
+        with caplog.at_level(logging.WARNING, logger="facesr.train"):
+            assert repair_snapshot(stage) == "checkpoint_s00000006_e0000"
+        state = _CheckpointManagerState.parse_obj(json.loads((stage / SNAPSHOT).read_text()))
+        assert state.latest_checkpoint_result.checkpoint_dir_name == "checkpoint_s00000006_e0000"
+        assert [r.checkpoint_dir_name for r in state.checkpoint_results] == ["checkpoint_s00000003_e0000",
+                                                                             "checkpoint_s00000006_e0000"]
+        assert [p.read_text() for p in stage.glob(f"{SNAPSHOT}.unreadable-*")] == [cut]
+        assert "rebuilt from 2 complete checkpoint folders, resuming from checkpoint_s00000006_e0000" in caplog.text
+    good = (stage / SNAPSHOT).read_text()
+    assert repair_snapshot(stage) is None and (stage / SNAPSHOT).read_text() == good  # readable: untouched
+    assert repair_snapshot(tmp_path / "stage1") is None  # no snapshot: a stage that never checkpointed
