@@ -207,9 +207,16 @@ class PriorStageConfig(StageConfig):
     # Cross-entropy weighted by inverse class frequency, so a class with 500 images does not outvote one with 10
     # (LFW's largest identity is 14% of its images); off = the paper's plain mean
     class_balance: bool = False
+    # What the priors learn identities from: residual = the paper's high-pass Δx (C-SRIP's identity priors);
+    # image = the whole faces, a SqueezeNet trained on faces for ℓp's features offline (perceptual_weights: priors)
+    input: str = "residual"
 
     def validate(self, key: str = "stage1") -> None:
         super().validate(key)
+        from facesr.degrade import PRIOR_INPUTS
+
+        if self.input not in PRIOR_INPUTS:
+            raise ConfigError(f"{key}.input", f"unknown prior input {self.input!r}; choose one of {', '.join(PRIOR_INPUTS)}")
         if not 0 <= self.crop_pad < 24:
             raise ConfigError(f"{key}.crop_pad", f"must be 0 to 23 lr pixels, got {self.crop_pad}")
 
@@ -229,7 +236,8 @@ class SRStageConfig(StageConfig):
     priors: str = ""  # trained priors (safetensors) when stage 1 is not in this run; "" = <run_dir>/priors.safetensors
     # ℓp's SqueezeNet weights: imagenet = torchvision's squeezenet1_1 ImageNet file (torch hub cache, downloaded
     # when absent), or the path of that file (.pth) or of a .safetensors of the same state dict; priors = the
-    # frozen stage-1 identity priors of each output's scale on its residual (stage 1 in the run, or stage2.priors)
+    # frozen stage-1 priors of each output's scale on what they were trained on (stage1.input: residual or image;
+    # stage 1 in the run, or stage2.priors)
     perceptual_weights: str = "imagenet"
 
     @property

@@ -55,7 +55,7 @@ def prior_baselines(manifest: dict, split: str) -> dict[str, float]:
 
 
 class PriorStage:
-    """Stage 1: three SqueezeNet priors on residual images of x2, x4, hr; cross-entropy."""
+    """Stage 1: three SqueezeNet priors on residual images of x2, x4, hr (or whole images: stage1.input); cross-entropy."""
 
     number = 1
     telemetry_name = "prior"
@@ -87,7 +87,7 @@ class PriorStage:
         return batch  # validation images unaugmented
 
     def forward(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        return prior_forward(model, self.loss_fn, batch, self.precision)
+        return prior_forward(model, self.loss_fn, batch, self.precision, self.stage_cfg.input)
 
     @torch.no_grad()
     def validate_batch(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
@@ -95,7 +95,7 @@ class PriorStage:
         if self.baselines is None:
             manifest = read_manifest(self.cfg.data.shards, check_files=False)
             self.baselines = prior_baselines(manifest, self.cfg.data.prior_split(manifest))
-        terms = prior_forward(model, self.loss_fn, batch, self.precision)
+        terms = prior_forward(model, self.loss_fn, batch, self.precision, self.stage_cfg.input)
         return terms | {k: torch.tensor(v, device=self.device) for k, v in self.baselines.items()}
 
     def finish(self, model: nn.Module, run_dir: Path) -> Path:
@@ -103,7 +103,7 @@ class PriorStage:
         path = self.cfg.priors_path
         with staged(path) as local:  # a run in an object store: written here, then uploaded
             save_priors(local, dict(model.items()), get_preset(self.cfg.preset).prior, self.classes,
-                        extra={"preset": self.cfg.preset, "run": self.cfg.run.name})
+                        extra={"preset": self.cfg.preset, "run": self.cfg.run.name, "input": self.stage_cfg.input})
         return path
 
 

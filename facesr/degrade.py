@@ -133,6 +133,19 @@ def residual(x: torch.Tensor, key: str, cfg: DegradeConfig = DEFAULT) -> torch.T
     return x - blur(x, cfg.residual_sigma[key])
 
 
+PRIOR_INPUTS = ("residual", "image")  # what an identity prior sees: the paper's Δx, or the whole face
+
+
+def prior_view(x: torch.Tensor, key: str, kind: str = "residual") -> torch.Tensor:
+    """What an identity prior of level ``key`` is trained on and judges, of [0, 1] images ``x``: ``residual`` =
+    the paper's high-pass Δx (Sec. 3); ``image`` = the whole image (a face SqueezeNet for ℓp, issue 17)."""
+    if kind == "residual":
+        return residual(x, key)
+    if kind == "image":
+        return x
+    raise ValueError(f"unknown prior input {kind!r}; choose one of {', '.join(PRIOR_INPUTS)}")
+
+
 def quantize(x: torch.Tensor) -> torch.Tensor:
     """Round [0, 1] floats to the 8-bit grid, as when stored as PNG."""
     return (x.clamp(0, 1) * 255).round() / 255

@@ -332,9 +332,10 @@ def write_json(report: dict, path: str | Path) -> Path:
 
 @torch.no_grad()
 def score_priors(priors: dict[str, torch.nn.Module], batches: Iterable[dict], device="cpu") -> dict:
-    """Top-1 and top-5 accuracy of each prior (key ``x2|x4|hr``) on its residual images of labelled batches
-    (``{level: float [0, 1], "cls"}``; cls = -1 skipped). Returns ``{"images", scale: {"top1", "top5"}}``."""
-    from .degrade import residual
+    """Top-1 and top-5 accuracy of each prior (key ``x2|x4|hr``) on its residual images (or whole images, as the
+    prior was trained: ``FrozenPrior.input``) of labelled batches (``{level: float [0, 1], "cls"}``; cls = -1
+    skipped). Returns ``{"images", scale: {"top1", "top5"}}``."""
+    from .degrade import prior_view
 
     hits = {k: torch.zeros(2, dtype=torch.long) for k in priors}
     n = 0
@@ -345,7 +346,8 @@ def score_priors(priors: dict[str, torch.nn.Module], batches: Iterable[dict], de
         cls = batch["cls"][keep].to(device)
         n += len(cls)
         for key, prior in priors.items():
-            logits = prior(residual(batch[key][keep].to(device).float(), key))  # (B, C)
+            view = prior_view(batch[key][keep].to(device).float(), key, getattr(prior, "input", "residual"))
+            logits = prior(view)  # (B, C)
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices == cls[:, None]  # (B, 5)
             hits[key] += torch.stack([top[:, 0].sum(), top.any(1).sum()]).cpu()
     out: dict = {"images": n}

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .degrade import device_kernel, residual
+from .degrade import device_kernel, prior_view
 from .vocab import SCALE_OF, TARGETS
 
 # The paper's constants on 0-255 pixel values: (0.01·256)² and (0.03·256)².
@@ -97,7 +97,8 @@ class CSRIPLoss(nn.Module):
             total = total + 0.5 * (1.0 - s)  # eq. (2)
             if self.priors is not None:
                 with torch.autocast(sr[key].device.type, enabled=False):
-                    delta = residual(sr[key].float(), key)  # high-pass of the SR output, fp32
+                    # high-pass of the SR output (or the output itself, for priors on whole images), fp32
+                    delta = prior_view(sr[key].float(), key, getattr(self.priors[key], "input", "residual"))
                 logits = self.priors[key](delta.to(memory_format=torch.channels_last) if _is_cl(sr[key]) else delta)
                 ce = identity_ce(logits, batch["cls"])
                 terms[f"ce/{scale}"] = ce.detach()

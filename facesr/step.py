@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .degrade import residual
+from .degrade import prior_view
 from .vocab import LEVELS
 
 
@@ -114,14 +114,16 @@ def sr_forward(model: nn.Module, loss_fn: nn.Module, batch: dict, precision: Pre
         return loss_fn(sr, batch)
 
 
-def prior_inputs(batch: dict, keys, precision: Precision) -> dict[str, torch.Tensor]:
-    """Residual images Δx of the ground truth at each prior's level, fp32 then the precision's format."""
-    return {k: precision.tensor(residual(batch[k].float(), k)) for k in keys}
+def prior_inputs(batch: dict, keys, precision: Precision, kind: str = "residual") -> dict[str, torch.Tensor]:
+    """What each prior sees of the ground truth at its level (residual Δx, or the image: ``prior_view``), fp32
+    then the precision's format."""
+    return {k: precision.tensor(prior_view(batch[k].float(), k, kind)) for k in keys}
 
 
-def prior_forward(priors: nn.ModuleDict, loss_fn: nn.Module, batch: dict, precision: Precision) -> dict:
-    """Stage 1: each prior on its residual images; cross-entropy and accuracy per scale."""
-    inputs = prior_inputs(batch, priors.keys(), precision)
+def prior_forward(priors: nn.ModuleDict, loss_fn: nn.Module, batch: dict, precision: Precision,
+                  kind: str = "residual") -> dict:
+    """Stage 1: each prior on its residual images (or whole images: ``kind``); cross-entropy and accuracy per scale."""
+    inputs = prior_inputs(batch, priors.keys(), precision, kind)
     with precision.autocast(batch["cls"].device):
         logits = {k: priors[k](x) for k, x in inputs.items()}
     return loss_fn(logits, batch["cls"])

@@ -102,7 +102,7 @@ def load_priors(path, device: str | torch.device = "cpu", classes: list[str] | N
         model = build_prior(cfg, meta["num_classes"])
         prefix = f"{key}."
         model.load_state_dict({n[len(prefix):]: t for n, t in state.items() if n.startswith(prefix)})
-        out[key] = FrozenPrior(model.to(device))
+        out[key] = FrozenPrior(model.to(device), input=meta.get("input", "residual"))  # older files: residual
     return out
 
 

@@ -114,6 +114,39 @@ def test_steps_fall_with_training(precision):
                                            "acc5/x2", "acc5/x4", "acc5/x8"}
 
 
+def test_priors_on_whole_images_see_images_everywhere():
+    """``stage1.input=image`` (ℓp's face SqueezeNets): stage 1 trains each prior on the whole images of its level,
+    and whatever judges with such a prior feeds it the same: eq. (4)'s CE on the SR output itself and the priors'
+    top-1/top-5 scoring; residual priors keep seeing the high-pass Δx (the paper's, and the default)."""
+    from facesr.degrade import prior_view, residual
+    from facesr.evaluate import score_priors
+    from facesr.losses import identity_ce
+
+    torch.manual_seed(3)
+    tiny = PRESETS["tiny"]
+    batch = _batch(4)
+    batch["cls"] = torch.tensor([0, 1, 2, 3])
+    nets = torch.nn.ModuleDict({k: build_prior(tiny.prior, 5).eval() for k in TARGETS})
+    fp32 = Precision(False, False)
+    for kind, see in (("image", lambda x, k: x), ("residual", residual)):
+        t = prior_forward(nets, PriorLoss(), batch, fp32, kind)
+        for key, scale in (("x2", "x2"), ("x4", "x4"), ("hr", "x8")):
+            want = F.cross_entropy(nets[key](see(batch[key], key)), batch["cls"])
+            assert t[f"ce/{scale}"].item() == pytest.approx(want.item(), rel=1e-5)
+        frozen = {k: FrozenPrior(nets[k], input=kind) for k in TARGETS}
+        sr = {k: batch[k].flip(-1) for k in TARGETS}
+        terms = CSRIPLoss(frozen, alpha=1.0)(sr, batch)
+        want = identity_ce(nets["hr"](see(sr["hr"], "hr")), batch["cls"])
+        assert terms["ce/x8"].item() == pytest.approx(want.item(), rel=1e-5)
+        scores = score_priors(frozen, [batch])
+        hits = (nets["x4"](see(batch["x4"], "x4")).argmax(1) == batch["cls"]).float().mean().item()
+        assert scores["images"] == 4 and scores["x4"]["top1"] == pytest.approx(hits)
+    image = prior_forward(nets, PriorLoss(), batch, fp32, "image")["ce/x8"]
+    assert image.item() != pytest.approx(prior_forward(nets, PriorLoss(), batch, fp32)["ce/x8"].item())
+    with pytest.raises(ValueError, match="unknown prior input 'faces'"):
+        prior_view(batch["hr"], "hr", "faces")
+
+
 def test_prior_loss_top5_and_class_weights_match_torch():
     """Top-1/top-5 against a direct count; the class-weighted CE is torch's weighted mean, unlabelled ignored."""
     g = torch.Generator().manual_seed(0)

@@ -127,11 +127,13 @@ def test_perceptual_loss_matches_direct_fire_features(squeeze_file):
     assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
 
 
-def test_prior_feature_perceptual_loss_matches_the_priors_own_fire_modules():
+@pytest.mark.parametrize("kind", ["residual", "image"])
+def test_prior_feature_perceptual_loss_matches_the_priors_own_fire_modules(kind):
     """ℓp on the identity priors (``stage2.perceptual_weights=priors``): per output, Σ over fire2, fire3, fire4 of
     that scale's prior (hooked on the whole frozen prior, as its classifier sees them) of the mean squared
-    difference between the residuals' features; gradients reach the SR output, none reach the frozen prior."""
-    from facesr.degrade import residual
+    difference between the features of what the prior was trained on (residuals, or the images themselves for
+    priors of ``stage1.input=image``); gradients reach the SR output, none reach the frozen prior."""
+    from facesr.degrade import prior_view
     from facesr.models import FrozenPrior, build_prior, get_preset
     from facesr.models.perceptual import PRIOR_FIRE, PriorFeatures
 
@@ -143,7 +145,7 @@ def test_prior_feature_perceptual_loss_matches_the_priors_own_fire_modules():
         with torch.no_grad():  # BN running statistics that are not the identity
             for _ in range(3):
                 net(0.05 * torch.randn(4, 3, SIZES[k], SIZES[k]))
-        priors[k] = FrozenPrior(net)
+        priors[k] = FrozenPrior(net, input=kind)
     assert [type(priors["hr"].model.features[i]).__name__ for i in PRIOR_FIRE.values()] == ["Fire"] * 3
     batch = {k: torch.rand(2, 3, s, s) for k, s in SIZES.items()}
     sr = {k: (batch[k] + 0.1 * torch.randn_like(batch[k])).clamp(0, 1).requires_grad_() for k in ("x2", "x4", "hr")}
@@ -154,10 +156,10 @@ def test_prior_feature_perceptual_loss_matches_the_priors_own_fire_modules():
         hooks = [priors[key].model.features[i].register_forward_hook(lambda m, inp, out: taps.append(out))
                  for i in PRIOR_FIRE.values()]
         with torch.no_grad():
-            priors[key](residual(sr[key].detach(), key))
+            priors[key](prior_view(sr[key].detach(), key, kind))
             got = list(taps)
             taps.clear()
-            priors[key](residual(batch[key], key))
+            priors[key](prior_view(batch[key], key, kind))
         for h in hooks:
             h.remove()
         want = sum(((a - b) ** 2).mean() for a, b in zip(got, taps))
@@ -293,6 +295,7 @@ def test_peer_export_and_sr(tmp_path):
     (["stage2.loss=mse", "run.stages=[1, 2]"], "run.stages"),
     (["stage2.loss=perceptual", "run.stages=[2]", "stage2.priors=p.safetensors"], "stage2.priors"),
     (["stage2.alpha=-1", "run.stages=[2]"], "stage2.alpha"),
+    (["stage1.input=faces"], "stage1.input"),
 ])
 def test_bad_peer_config_names_the_key(overrides, key):
     """An unknown model or loss, stage 1 for a loss that uses no priors, or priors given to one: ConfigError
@@ -329,13 +332,15 @@ def test_perceptual_on_the_priors_is_a_stage_1_loss():
     assert not load_config("launch/configs/demo.yaml", ["stage2.loss=perceptual", "run.stages=[2]"]).stage2.uses_priors
 
 
-def test_stage2_builds_perceptual_loss_on_the_priors_file(tmp_path):
+@pytest.mark.parametrize("kind", ["residual", "image", None])
+def test_stage2_builds_perceptual_loss_on_the_priors_file(tmp_path, kind):
     """The worker's loss for ``perceptual_weights=priors``: one prior-feature network per output, read from the
-    stage2.priors file (the same loader and class-map check as C-SRIP's), frozen; priors of another class map
-    are refused naming the file."""
+    stage2.priors file (the same loader and class-map check as C-SRIP's), frozen, fed what the file says its
+    priors were trained on (``input``; files from before it: residual); priors of another class map are refused
+    naming the file."""
     from cluster.config import load_config, resolve
     from cluster.stages import sr_loss
-    from facesr.degrade import residual
+    from facesr.degrade import prior_view
     from facesr.models import build_prior, get_preset
     from facesr.models.perceptual import PriorFeatures
     from facesr.step import resolve_precision
@@ -346,7 +351,7 @@ def test_stage2_builds_perceptual_loss_on_the_priors_file(tmp_path):
     cfg_prior = get_preset("tiny").prior
     priors = {k: build_prior(cfg_prior, len(classes)).eval() for k in ("x2", "x4", "hr")}
     path = tmp_path / "priors.safetensors"
-    save_priors(path, priors, cfg_prior, classes)
+    save_priors(path, priors, cfg_prior, classes, extra=None if kind is None else {"input": kind})
     cfg = resolve(load_config("launch/configs/demo.yaml", [
         "stage2.loss=perceptual", "stage2.perceptual_weights=priors", "run.stages=[2]", f"stage2.priors={path}",
         f"cluster.storage_path={tmp_path / 'runs'}"]))
@@ -355,28 +360,32 @@ def test_stage2_builds_perceptual_loss_on_the_priors_file(tmp_path):
     assert all(isinstance(m, PriorFeatures) for m in loss.features.values())
     x = torch.rand(1, 3, 48, 48)
     with torch.no_grad():
-        want = priors["x2"].features[:6](residual(x, "x2"))
+        want = priors["x2"].features[:6](prior_view(x, "x2", kind or "residual"))
     assert torch.allclose(loss.features["x2"](x)[1], want, atol=1e-6)  # fire3 of the file's x2 prior
     with pytest.raises(ValueError, match=str(path)):
         sr_loss(cfg, ["a", "b", "z"], torch.device("cpu"), resolve_precision("fp32", "cpu"))
 
 
 def test_table1_configs_train_every_peer_on_the_same_samples():
-    """Every launch/configs/table1-*.yaml validates, and all of them train stage 2 alone on the same shards, with
+    """Every launch/configs/table1-*.yaml validates, and all of them train stage 2 on the same shards, with
     the paper's degradation, for the same samples (epochs × steps × batch) into one storage folder, each under
-    its own run name (the peer's file name, which `make table1` relies on)."""
+    its own run name (the peer's file name, which `make table1` relies on); only ℓp on face SqueezeNets trains a
+    stage 1 of its own (its feature networks, on whole images)."""
     from pathlib import Path
 
     from cluster.config import load_config
 
     paths = sorted(Path("launch/configs").glob("table1-*.yaml"))
     names = {p.stem.removeprefix("table1-") for p in paths}
-    assert {"csrip", "ssim", "srcnn", "vdsr", "lp", "lp-priors"} <= names
+    assert {"csrip", "ssim", "srcnn", "vdsr", "lp", "lp-priors", "lp-faces"} <= names
     seen = set()
     for p in paths:
         cfg = load_config(p)
         cfg.validate()
-        assert cfg.run.name == p.stem.removeprefix("table1-") and cfg.run.stages == [2]
+        assert cfg.run.name == p.stem.removeprefix("table1-")
+        assert cfg.run.stages == ([1, 2] if cfg.run.name == "lp-faces" else [2])
+        if 1 in cfg.run.stages:
+            assert cfg.stage1.input == "image" and cfg.stage2.perceptual_weights == "priors" and not cfg.stage2.priors
         seen.add((cfg.data.shards, cfg.data.degradation, cfg.cluster.storage_path,
                   cfg.stage2.epochs * cfg.data.steps_per_epoch * cfg.stage2.batch_size))
     assert seen == {("runs/demo/shards", "paper", "runs/table1", 32 * 60 * 8)}

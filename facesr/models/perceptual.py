@@ -7,10 +7,12 @@ ImageNet weights (the paper's identity priors are SqueezeNet 1.1 as well). In to
 ``features[3]``, ``[4]`` and ``[6]`` are fire2, fire3 and fire4 (``features[0..2]`` are conv1, its
 ReLU and the first max-pool). Weights come from an explicit file (``facesr.weights.load_squeezenet``).
 
-``PriorFeatures`` is the offline alternative: the fire2-4 features of a frozen stage-1 identity prior
-(SqueezeNet 1.1 on high-pass residuals, ``facesr.models.prior``) of the same output scale. With it ℓp and
-C-SRIP share their secondary networks and differ only in what they take from them (local conv features
-against the global identity cross-entropy), the contrast the paper draws in Sec. 3.
+``PriorFeatures`` is the offline alternative: the fire2-4 features of a frozen stage-1 prior (SqueezeNet 1.1,
+``facesr.models.prior``) of the same output scale. On the paper's priors (trained on high-pass residuals) ℓp
+and C-SRIP share their secondary networks and differ only in what they take from them (local conv features
+against the global identity cross-entropy), the contrast the paper draws in Sec. 3; residual features leave
+colour and brightness free, though. Priors trained by stage 1 on whole images (``stage1.input: image``) are
+a SqueezeNet trained on faces instead of ImageNet, seeing what an ImageNet SqueezeNet sees.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 import torch.nn as nn
 from torchvision.models import squeezenet1_1
 
-from ..degrade import residual
+from ..degrade import prior_view
 
 FIRE = {"fire2": 3, "fire3": 4, "fire4": 6}  # layer name -> index in torchvision's squeezenet1_1.features
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -67,7 +69,8 @@ PRIOR_FIRE = {"fire2": 4, "fire3": 5, "fire4": 7}
 
 class PriorFeatures(nn.Module):
     """[0, 1] images (B, 3, S, S) of output ``key`` -> [fire2, fire3, fire4] maps of that scale's frozen identity
-    prior on their high-pass residual (the prior's input, computed in fp32 as C-SRIP's loss does)."""
+    prior on what it was trained on (``FrozenPrior.input``: their high-pass residual, computed in fp32 as C-SRIP's
+    loss does, or the images themselves)."""
 
     def __init__(self, prior: nn.Module, key: str, layers: tuple[str, ...] = tuple(PRIOR_FIRE)):
         super().__init__()
@@ -76,6 +79,7 @@ class PriorFeatures(nn.Module):
             raise ValueError(f"unknown SqueezeNet layers {unknown}; choose from {list(PRIOR_FIRE)}")
         net = getattr(prior, "model", prior)  # a FrozenPrior wraps the SqueezeNetResidual
         self.key = key
+        self.input = getattr(prior, "input", "residual")
         self.taps = [PRIOR_FIRE[name] for name in layers]
         self.features = net.features[: max(self.taps) + 1]
         self.requires_grad_(False)
@@ -86,7 +90,7 @@ class PriorFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         with torch.autocast(x.device.type, enabled=False):
-            x = residual(x.float(), self.key)
+            x = prior_view(x.float(), self.key, self.input)
         x = x.to(next(self.features.parameters()).dtype)
         out = []
         for i, layer in enumerate(self.features):

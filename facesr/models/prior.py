@@ -113,11 +113,13 @@ def squeezenet1_1_residual(pretrained: bool = False, **kwargs) -> SqueezeNetResi
 class FrozenPrior(nn.Module):
     """A trained prior fixed for stage 2: eval mode that stays eval, no weight gradients.
 
-    Gradients still flow to the input, which is how the identity loss reaches the SR network.
+    Gradients still flow to the input, which is how the identity loss reaches the SR network. ``input`` records
+    what it was trained on (``facesr.degrade.prior_view``: ``residual`` or ``image``); callers feed it that.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, input: str = "residual"):
         super().__init__()
+        self.input = input
         self.model = model.eval()
         self.model.requires_grad_(False)
 
