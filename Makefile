@@ -48,14 +48,15 @@ shards-id: $(STAMP)
 eval: $(STAMP)
 	$(BIN)/facesr eval quality $(RUN) --data $(FACES) --manifest $(SHARDS) --split test --limit 500 --grid 6 --out $(RUN)/eval
 
-# The paper's Table 1 at CPU scale (issue 17): C-SRIP, the cascade with SSIM only, SRCNN, VDSR, ℓp on the identity
-# priors' features and ℓp on ImageNet SqueezeNet's, each stage 2 of launch/configs/table1-<peer>.yaml (the demo's
-# shards and priors: run `make demo` first; the same 1,920 steps at batch 8), then all scored in one table on every
+# The paper's Table 1 at CPU scale (issue 17): C-SRIP, the cascade with SSIM only, SRCNN, VDSR, SRGAN, ℓp on
+# SqueezeNets trained here on whole faces (its own stage 1), ℓp on the identity priors' features and ℓp on ImageNet
+# SqueezeNet's, each stage 2 of launch/configs/table1-<peer>.yaml (the demo's shards and priors: run `make demo`
+# first; the same 1,920 steps at batch 8), then all scored in one table on every
 # face of the LFW test identities, and Fig. 3's grid (x8). A finished run is skipped, an interrupted one resumes;
 # TABLE1="srcnn vdsr" trains and scores a subset. lp (ImageNet) is in only when squeezenet1_1-b8a52dc0.pth is in
 # torch hub's cache or can be downloaded there (README).
 LP       = $(shell $(BIN)/python -c "from facesr.weights import squeezenet_file; squeezenet_file('imagenet')" >/dev/null 2>&1 && echo lp)
-TABLE1  ?= csrip ssim srcnn vdsr lp-priors $(LP)
+TABLE1  ?= csrip ssim srcnn vdsr srgan lp-faces lp-priors $(LP)
 
 table1: $(STAMP)
 	@case " $(TABLE1) " in *" lp "*) ;; *) echo "table1: without lp (ImageNet SqueezeNet weights absent and not downloadable; README)";; esac

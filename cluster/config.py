@@ -221,7 +221,8 @@ class PriorStageConfig(StageConfig):
             raise ConfigError(f"{key}.crop_pad", f"must be 0 to 23 lr pixels, got {self.crop_pad}")
 
 
-SR_LOSSES = ("csrip", "perceptual", "mse")  # stage2.loss: eq. (4); ℓp on SqueezeNet fire2-4; SRCNN's and VDSR's pixel MSE
+# stage2.loss: eq. (4); ℓp on SqueezeNet fire2-4; SRCNN's and VDSR's pixel MSE; SRGAN's MSE + adversarial term
+SR_LOSSES = ("csrip", "perceptual", "mse", "adversarial")
 
 
 @dataclass
@@ -230,7 +231,8 @@ class SRStageConfig(StageConfig):
     # peers on the bicubic-upsampled lr (one x8 output). Sized by the run's model preset (tiny | paper).
     model: str = "cascade"
     # What it is trained with: csrip = eq. (4), SSIM at every output + alpha * identity CE of the frozen priors;
-    # perceptual = ℓp, squared fire2-4 feature differences of a frozen SqueezeNet (perceptual_weights); mse = pixel MSE
+    # perceptual = ℓp, squared fire2-4 feature differences of a frozen SqueezeNet (perceptual_weights); mse = pixel MSE;
+    # adversarial = SRGAN: pixel MSE + adversarial_weight * -log D(sr), D (the preset's critic) trained alongside
     loss: str = "csrip"
     alpha: float = 0.001  # weight of the identity cross-entropy in eq. (4); 0 = SSIM only (no priors needed)
     priors: str = ""  # trained priors (safetensors) when stage 1 is not in this run; "" = <run_dir>/priors.safetensors
@@ -239,6 +241,7 @@ class SRStageConfig(StageConfig):
     # frozen stage-1 priors of each output's scale on what they were trained on (stage1.input: residual or image;
     # stage 1 in the run, or stage2.priors)
     perceptual_weights: str = "imagenet"
+    adversarial_weight: float = 1e-3  # SRGAN's weight of the generator's adversarial term (Ledig's 10^-3)
 
     @property
     def uses_priors(self) -> bool:
@@ -255,6 +258,8 @@ class SRStageConfig(StageConfig):
             raise ConfigError(f"{key}.loss", f"unknown loss {self.loss!r}; choose one of {', '.join(SR_LOSSES)}")
         if self.alpha < 0:
             raise ConfigError(f"{key}.alpha", f"must be 0 or more, got {self.alpha}")
+        if self.adversarial_weight <= 0:
+            raise ConfigError(f"{key}.adversarial_weight", f"must be positive, got {self.adversarial_weight}")
         if self.priors and not self.uses_priors:
             raise ConfigError(f"{key}.priors", f"{key}.loss={self.loss} (alpha={self.alpha}) uses no identity priors")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import socket
 import tempfile
@@ -31,6 +32,8 @@ from .config import TrainConfig, from_dict
 from .data import build_loader, read_classes
 from .engine import average_buffers, get_lr, initialize, load, ops_to_build, save, set_accelerator_env, set_lr
 from .recorder import Recorder
+
+CRITIC = "critic"  # a checkpoint's subfolder holding the critic's engine (SRGAN's discriminator)
 
 
 @dataclass
@@ -76,6 +79,7 @@ def worker_main(config: dict) -> None:
     # detach from the optimizer. channels_last applies to the activations (inputs are NHWC), which is what
     # cuDNN/oneDNN key their kernel choice on; weights are re-laid per call (they are small).
     model = stage.build_model().to(device)
+    critic = stage.build_critic()  # SRGAN's discriminator, or None: a second engine, stepped after the model's
     flops = sample_flops(stage, model, device, precision)  # training FLOPs per sample, for MFU
     peak = peak_flops(device, precision)  # the device's conv peak in the dtype this run computes in
     t_built = time.perf_counter()
@@ -83,6 +87,8 @@ def worker_main(config: dict) -> None:
     if ops:
         recorder.compiling(ops, cache)
     eng, b = initialize(model, stage_cfg, cfg.engine, world)
+    critic_eng = initialize(critic, stage_cfg, cfg.engine, world)[0] if critic is not None else None
+    engines = [eng] + ([critic_eng] if critic_eng is not None else [])
     recorder.ready(t_built - t_start, time.perf_counter() - t_built, b, precision, device)
 
     state = TrainState()
@@ -90,6 +96,8 @@ def worker_main(config: dict) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as folder:
             client = load(eng, folder)
+            if critic_eng is not None:
+                load(critic_eng, os.path.join(folder, CRITIC))
         state = TrainState(**client["train_state"])
         state.restarts += 1
         recorder.resumed(state, ckpt.path)  # where it is stored (as_directory's is a local download from a bucket)
@@ -98,8 +106,9 @@ def worker_main(config: dict) -> None:
     try:
         for epoch in range(state.epoch, stage_cfg.epochs):
             lr = stage_cfg.lr_at(epoch)
-            set_lr(eng, lr)
-            eng.train()
+            for e in engines:
+                set_lr(e, lr)
+                e.train()
             skip = state.step_in_epoch * b.accumulation
             loader = build_loader(cfg, number, "train", b.micro_batch, rank, world, epoch)
             steps = len(loader) // b.accumulation  # optimizer steps this epoch (same on every rank)
@@ -116,9 +125,11 @@ def worker_main(config: dict) -> None:
                 group = list(islice(batches, b.accumulation))  # the epoch's tail that cannot fill a step is dropped
                 wait += time.perf_counter() - t0
                 if state.global_step <= stage_cfg.warmup_steps:  # the warm-up's per-step LR, then the epoch's again
-                    set_lr(eng, stage_cfg.lr_at(epoch, state.global_step))
+                    for e in engines:
+                        set_lr(e, stage_cfg.lr_at(epoch, state.global_step))
                 first = state.step_in_epoch * b.accumulation  # micro-batch index in the epoch: seeds augmentation
-                samples += train_step(eng, stage, group, sums, device, precision, (cfg.run.seed, epoch, rank, first))
+                samples += train_step(eng, stage, group, sums, device, precision, (cfg.run.seed, epoch, rank, first),
+                                      critic_eng)
                 state.step_in_epoch += 1
                 state.global_step += 1
                 if state.global_step % cfg.run.log_every == 0:
@@ -132,13 +143,16 @@ def worker_main(config: dict) -> None:
                     t_last, samples, wait = time.perf_counter(), 0, 0.0
                 mid_epoch = state.step_in_epoch < steps  # the epoch's last step is checkpointed after validation
                 if cfg.run.checkpoint_every and state.global_step % cfg.run.checkpoint_every == 0 and mid_epoch:
-                    _checkpoint(eng, state, recorder, {"epoch": epoch, "step": state.global_step, "lr": get_lr(eng)})
+                    _checkpoint(eng, state, recorder, {"epoch": epoch, "step": state.global_step, "lr": get_lr(eng)},
+                                critic_eng)
             decode_errors += loader.decode_errors
-            average_buffers(eng.module)  # BatchNorm running stats: one model on every rank (see engine.py)
+            for e in engines:
+                average_buffers(e.module)  # BatchNorm running stats: one model on every rank (see engine.py)
             val = _validate(stage, eng, cfg, b.micro_batch, rank, world, epoch, device, precision)
             recorder.val(val, {"lr": get_lr(eng)}, epoch, state.global_step)
             state = TrainState(epoch=epoch + 1, step_in_epoch=0, global_step=state.global_step, restarts=state.restarts)
-            _checkpoint(eng, state, recorder, {"epoch": epoch, "step": state.global_step, "lr": get_lr(eng), **val})
+            _checkpoint(eng, state, recorder, {"epoch": epoch, "step": state.global_step, "lr": get_lr(eng), **val},
+                        critic_eng)
         recorder.finish(stage, eng.module, state, get_lr(eng))
     finally:
         recorder.close()
@@ -190,8 +204,13 @@ def peak_memory(device) -> float:
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
 
 
-def train_step(eng, stage, group: list[dict], sums, device, precision, seed: tuple[int, int, int, int]) -> int:
+def train_step(eng, stage, group: list[dict], sums, device, precision, seed: tuple[int, int, int, int],
+               critic_eng=None) -> int:
     """One optimizer step over ``group``'s micro-batches; returns the samples seen.
+
+    With a critic (SRGAN's discriminator), each micro-batch steps the model on ``loss`` first, then the critic
+    on ``critic_loss``: the model's term read the critic's weights as constants, which the critic's step then
+    changes in place (the other order would invalidate the model's graph).
 
     No host synchronisation: terms accumulate on the device in ``sums``; the batch's augmentation or
     degradation draws from a device generator seeded by (seed, epoch, rank, micro-batch index), so a
@@ -203,20 +222,27 @@ def train_step(eng, stage, group: list[dict], sums, device, precision, seed: tup
         batch = to_device(micro, device, precision)
         batch = stage.train_batch(batch, step_generator(run_seed, epoch, rank, first + j, device))
         terms = stage.forward(eng.module, batch)  # ZeRO ≤ 2 needs no forward hooks
+        critic_loss = terms.pop("critic_loss", None)
         eng.backward(terms["loss"])
         eng.step()
+        if critic_eng is not None:
+            critic_eng.backward(critic_loss)
+            critic_eng.step()
         sums.add(terms)
         samples += batch["cls"].shape[0]
     return samples
 
 
-def _checkpoint(eng, state: TrainState, recorder: Recorder, metrics: dict) -> None:
-    """Collective: every rank saves its DeepSpeed part and reports it; Ray merges the parts into one folder."""
+def _checkpoint(eng, state: TrainState, recorder: Recorder, metrics: dict, critic_eng=None) -> None:
+    """Collective: every rank saves its DeepSpeed part and reports it; Ray merges the parts into one folder
+    (a critic's engine in its subfolder ``critic``)."""
     import ray.train
 
     folder = tempfile.mkdtemp(prefix=f"facesr-ckpt-r{recorder.rank}-")
     try:
         save(eng, folder, {"train_state": dataclasses.asdict(state)})
+        if critic_eng is not None:
+            save(critic_eng, os.path.join(folder, CRITIC), {})
         recorder.checkpoint_written(folder, state)
         name = f"checkpoint_s{state.global_step:08d}_e{state.epoch:04d}"
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)

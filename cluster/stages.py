@@ -14,8 +14,8 @@ import torch.nn as nn
 
 from facesr.augment import flip_crop
 from facesr.degradations import PAPER, degrade_lr
-from facesr.losses import CSRIPLoss, MSELoss, PerceptualLoss, PriorLoss
-from facesr.models import build_prior, build_sr, get_preset
+from facesr.losses import AdversarialLoss, CSRIPLoss, MSELoss, PerceptualLoss, PriorLoss
+from facesr.models import build_critic, build_prior, build_sr, get_preset
 from facesr.models.perceptual import PriorFeatures
 from facesr.quality import finish, image_scores
 from facesr.step import Precision, prior_forward, sr_forward
@@ -36,11 +36,14 @@ class Stage(Protocol):
 
     def build_model(self) -> nn.Module: ...  # the trained module (DeepSpeed wraps it)
 
+    def build_critic(self) -> nn.Module | None: ...  # a second network trained beside it (SRGAN's discriminator)
+
     def train_batch(self, batch: dict, generator: torch.Generator) -> dict: ...  # on the device: augment/degrade
 
     def val_batch(self, batch: dict, generator: torch.Generator) -> dict: ...
 
-    def forward(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]: ...  # named terms, "loss" among them
+    # named terms, "loss" among them (and "critic_loss", the critic's, when there is one)
+    def forward(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]: ...
 
     def validate_batch(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]: ...
 
@@ -76,6 +79,9 @@ class PriorStage:
     def build_model(self) -> nn.Module:
         prior = get_preset(self.cfg.preset).prior
         return nn.ModuleDict({k: build_prior(prior, len(self.classes)) for k in TARGETS})
+
+    def build_critic(self) -> None:
+        return None
 
     def train_batch(self, batch: dict, generator: torch.Generator) -> dict:
         """The paper's random flips and crops, on the device (the loader only decodes)."""
@@ -118,6 +124,8 @@ def sr_loss(cfg: TrainConfig, classes: list[str], device: torch.device, precisio
         return PerceptualLoss(precision.module(load_squeezenet(stage_cfg.perceptual_weights, device)))
     if stage_cfg.loss == "mse":
         return MSELoss()
+    if stage_cfg.loss == "adversarial":
+        return AdversarialLoss(weight=stage_cfg.adversarial_weight)  # its discriminator: SRStage.build_critic
     priors = None
     if stage_cfg.uses_priors:
         priors = load_priors(local_copy(cfg.priors_path), device, classes=classes)
@@ -141,6 +149,13 @@ class SRStage:
 
     def build_model(self) -> nn.Module:
         return build_sr(self.stage_cfg.model, preset=self.cfg.preset)
+
+    def build_critic(self) -> nn.Module | None:
+        """SRGAN's discriminator (stage2.loss=adversarial), which its loss reads; trained by a second engine."""
+        if not isinstance(self.loss_fn, AdversarialLoss):
+            return None
+        self.loss_fn.critic = build_critic(self.cfg.preset).to(self.device)
+        return self.loss_fn.critic
 
     def train_batch(self, batch: dict, generator: torch.Generator) -> dict:
         """The network's input: the shards' lr, or hr degraded on the device by the configured model."""
@@ -167,7 +182,8 @@ class SRStage:
         with self.precision.autocast(batch["lr"].device):
             sr = model(batch["lr"])
             terms = self.loss_fn(sr, batch)
-        out = {"loss": terms["loss"].float()}
+        out = {"loss": terms["loss"].float()} | {k: v.float() for k, v in terms.items() if k.startswith("critic")
+                                                 and k != "critic_loss"}
         for key in (k for k in TARGETS if k in sr):
             scores = image_scores(finish(sr[key]), batch[key])  # {metric: (B,)}
             out[f"ssim/{SCALE_OF[key]}"] = scores["ssim"].mean()

@@ -158,6 +158,43 @@ class MSELoss(nn.Module):
         return terms
 
 
+class AdversarialLoss(nn.Module):
+    """SRGAN (Ledig et al., CVPR 2017), as Table 1 trains it: the generator's content loss (pixel MSE at every
+    output: Ledig's SRGAN-MSE; their VGG content loss needs ImageNet weights) + ``weight`` · −log D(G(lr)) at
+    hr (Ledig's 10⁻³), and the discriminator's own loss −log D(hr) − log(1 − D(G(lr))).
+
+    ``critic`` is the discriminator, trained by an engine of its own; the generator's term reads it with its
+    weights as constants, so neither loss sends gradients into the other's network. Returns the terms with
+    ``loss`` (the generator's) and ``critic_loss`` (the discriminator's), each carrying its own graph.
+    """
+
+    def __init__(self, critic: nn.Module | None = None, weight: float = 1e-3):
+        super().__init__()
+        self.critic = critic  # set by the stage once the discriminator is built (cluster.stages)
+        self.weight = weight
+        self.content = MSELoss()
+
+    def forward(self, sr: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.critic is None:
+            raise RuntimeError("AdversarialLoss has no discriminator: set .critic first")
+        terms = self.content(sr, batch)
+        fake = sr["hr"]
+        fixed = {n: p.detach() for n, p in self.critic.named_parameters()}
+        g_logits = torch.func.functional_call(self.critic, fixed, (fake,)).float()  # (B,)
+        adv = F.binary_cross_entropy_with_logits(g_logits, torch.ones_like(g_logits))
+        real = self.critic(batch["hr"]).float()
+        forged = self.critic(fake.detach()).float()
+        critic_loss = (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
+                       + F.binary_cross_entropy_with_logits(forged, torch.zeros_like(forged)))
+        terms["adv/x8"] = adv.detach()
+        terms["critic/x8"] = critic_loss.detach()
+        terms["critic_real/x8"] = torch.sigmoid(real.detach()).mean()  # D's "real" probability on real faces
+        terms["critic_fake/x8"] = torch.sigmoid(forged.detach()).mean()  # ... and on the generator's
+        terms["loss"] = terms["loss"] + self.weight * adv
+        terms["critic_loss"] = critic_loss
+        return terms
+
+
 def outputs(sr: dict[str, torch.Tensor]) -> tuple[str, ...]:
     """The targets a network's output dict has, coarse to fine (the cascade: x2, x4, hr; a peer: hr)."""
     keys = tuple(k for k in TARGETS if k in sr)

@@ -1,5 +1,6 @@
 """The paper's Table 1 peers as presets of the same system (issue 17): SRCNN and VDSR on the bicubic-upsampled
-lr, ℓp (the cascade with a perceptual loss on SqueezeNet fire2-4 features). Each builds over every preset,
+lr, ℓp (the cascade with a perceptual loss on SqueezeNet fire2-4 features), SRGAN (SRResNet on the lr and a
+discriminator trained beside it). Each builds over every preset,
 learns on real faces, goes through weights files, eval, grid and export with its x8-only vocabulary; the
 perceptual loss equals a direct feature computation; config errors name the key.
 
@@ -18,7 +19,7 @@ from safetensors.torch import save_file
 from torchvision.models import squeezenet1_1
 
 from facesr.evaluate import build_report, folder_batches, format_table, list_faces, score, select
-from facesr.losses import MSELoss, PerceptualLoss
+from facesr.losses import AdversarialLoss, MSELoss, PerceptualLoss
 from facesr.models import OUTPUTS, PRESETS, SR_MODELS, build_sr
 from facesr.models.perceptual import IMAGENET_MEAN, IMAGENET_STD
 from facesr.vocab import SIZES
@@ -88,6 +89,94 @@ def test_peers_follow_their_papers():
     lr = torch.rand(1, 3, 24, 24)
     bicubic = torch.nn.functional.interpolate(lr, size=(192, 192), mode="bicubic", align_corners=False)
     assert torch.equal(build_sr("vdsr", preset="tiny")(lr)["hr"], bicubic)
+
+
+def test_srgan_follows_ledig():
+    """SRGAN's generator (SRResNet): 9x9 head and tail, 16 residual blocks of two 64-filter 3x3 convs with BN, and
+    one pixel shuffle x2 per factor of 2 (three for 8x), on the 24² lr itself. Its discriminator: 3x3 convs of
+    64, 64, 128, 128, 256, 256, 512, 512 filters, strides 1, 2, 1, 2, ..., LeakyReLU 0.2, dense 1024, one logit."""
+    from facesr.models import build_critic
+
+    g = build_sr("srresnet", preset="paper")
+    convs = [m for m in g.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs[0].kernel_size == convs[-1].kernel_size == (9, 9) and convs[0].in_channels == 3
+    assert len(g.blocks) == 16 and sum(isinstance(m, torch.nn.PixelShuffle) for m in g.modules()) == 3
+    assert {c.out_channels for c in convs[1:-1] if c.kernel_size == (3, 3)} == {64, 256}
+    out = g(torch.rand(2, 3, 24, 24))
+    assert set(out) == {"hr"} and out["hr"].shape == (2, 3, 192, 192)
+    d = build_critic("paper")
+    convs = [m for m in d.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [64, 64, 128, 128, 256, 256, 512, 512]
+    assert [c.stride[0] for c in convs] == [1, 2, 1, 2, 1, 2, 1, 2]
+    dense = [m for m in d.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in dense] == [(512, 1024), (1024, 1)]
+    assert d(torch.rand(3, 3, 192, 192)).shape == (3,) and build_critic("tiny")(torch.rand(2, 3, 192, 192)).shape == (2,)
+
+
+def test_adversarial_loss_terms_and_where_their_gradients_go():
+    """SRGAN's loss: the generator's = pixel MSE + w · BCE(D(sr), real), computed directly here; the
+    discriminator's = BCE(D(hr), real) + BCE(D(sr), fake). The generator's loss sends no gradient into D and the
+    discriminator's none into the generator."""
+    from facesr.models import build_critic
+
+    torch.manual_seed(4)
+    g, d = build_sr("srresnet", preset="tiny"), build_critic("tiny")
+    batch = {"lr": torch.rand(2, 3, 24, 24), "hr": torch.rand(2, 3, 192, 192)}
+    loss = AdversarialLoss(d, weight=0.01)
+    sr = g(batch["lr"])
+    terms = loss(sr, batch)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    with torch.no_grad():
+        adv = bce(d(sr["hr"]), torch.ones(2))
+        mse = torch.nn.functional.mse_loss(sr["hr"], batch["hr"])
+    assert terms["adv/x8"].item() == pytest.approx(adv.item(), rel=1e-5)
+    assert terms["loss"].item() == pytest.approx(mse.item() + 0.01 * adv.item(), rel=1e-5)
+    terms["loss"].backward(retain_graph=True)
+    assert all(p.grad is None for p in d.parameters())
+    assert all(p.grad is not None for p in g.parameters())
+    g.zero_grad(set_to_none=True)
+    terms["critic_loss"].backward()
+    assert all(p.grad is None for p in g.parameters()) and all(p.grad is not None for p in d.parameters())
+    with pytest.raises(RuntimeError, match="no discriminator"):
+        AdversarialLoss()(sr, batch)
+
+
+def test_srgan_two_players_learn_on_real_faces():
+    """SRResNet and its discriminator trained in alternation, as the worker loop does (generator step, then
+    discriminator step), STEPS Adam steps on 64 real LFW faces: the generator's pixel MSE on 16 faces it never
+    saw falls by half (it starts far from an image), and the discriminator tells real faces from the generator's
+    better than chance on them."""
+    from facesr.models import build_critic
+
+    torch.manual_seed(0)
+    train, held = _faces(64), _faces(16, skip=2000)
+    g, d = build_sr("srresnet", preset="tiny"), build_critic("tiny")
+    loss_fn = AdversarialLoss(d)
+    opt_g, opt_d = torch.optim.Adam(g.parameters(), lr=1e-3), torch.optim.Adam(d.parameters(), lr=1e-3)
+
+    def held_mse() -> float:
+        g.eval()
+        with torch.no_grad():
+            value = MSELoss()(g(held["lr"]), held)["loss"].item()
+        g.train()
+        return value
+
+    before = held_mse()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(STEPS):
+        idx = torch.randint(0, 64, (BATCH,), generator=gen)
+        terms = loss_fn(g(train["lr"][idx]), {k: v[idx] for k, v in train.items()})
+        opt_g.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        opt_g.step()
+        opt_d.zero_grad(set_to_none=True)
+        terms["critic_loss"].backward()
+        opt_d.step()
+    after = held_mse()
+    assert after < 0.5 * before, (before, after)
+    with torch.no_grad():
+        real, fake = torch.sigmoid(d(held["hr"])), torch.sigmoid(d(g(held["lr"])["hr"]))
+    assert (real > fake).float().mean() > 0.5, (real, fake)
 
 
 # ---------------------------------------------------------------- perceptual loss
@@ -296,6 +385,8 @@ def test_peer_export_and_sr(tmp_path):
     (["stage2.loss=perceptual", "run.stages=[2]", "stage2.priors=p.safetensors"], "stage2.priors"),
     (["stage2.alpha=-1", "run.stages=[2]"], "stage2.alpha"),
     (["stage1.input=faces"], "stage1.input"),
+    (["stage2.loss=adversarial", "stage2.adversarial_weight=0", "run.stages=[2]"], "stage2.adversarial_weight"),
+    (["stage2.loss=adversarial", "run.stages=[1, 2]"], "run.stages"),
 ])
 def test_bad_peer_config_names_the_key(overrides, key):
     """An unknown model or loss, stage 1 for a loss that uses no priors, or priors given to one: ConfigError
@@ -377,7 +468,7 @@ def test_table1_configs_train_every_peer_on_the_same_samples():
 
     paths = sorted(Path("launch/configs").glob("table1-*.yaml"))
     names = {p.stem.removeprefix("table1-") for p in paths}
-    assert {"csrip", "ssim", "srcnn", "vdsr", "lp", "lp-priors", "lp-faces"} <= names
+    assert {"csrip", "ssim", "srcnn", "vdsr", "lp", "lp-priors", "lp-faces", "srgan"} <= names
     seen = set()
     for p in paths:
         cfg = load_config(p)

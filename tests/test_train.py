@@ -441,6 +441,55 @@ def test_table1_peer_trains_through_facesr_train_without_priors(shards, scratch)
     assert sum(losses[-4:]) < sum(losses[:4]), losses
 
 
+def test_srgan_trains_two_engines_and_resumes_both(shards, scratch):
+    """SRGAN through `facesr train` on 2 workers: its generator (SRResNet) and its discriminator, each in a
+    DeepSpeed engine of its own, stepped in alternation. Every checkpoint holds both (the discriminator in
+    ``critic/``), the weights file the generator alone, the metrics both players' terms; a finished run given one
+    more epoch resumes both engines from its last checkpoint (their Adam step counts carry on, not restart)."""
+    import torch
+
+    from cluster.engine import TAG, _safe_globals
+    from cluster.loop import CRITIC
+    from facesr.models import SRResNet
+    from facesr.weights import load_srnet
+
+    def states(ckpt: Path, sub: str = "") -> dict:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(ckpt / sub / TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+
+    def adam_steps(state: dict) -> set[float]:
+        return {float(s["step"]) for s in state["optimizer"]["state"].values()}
+
+    storage = scratch / "srgan"
+    base = [f"data.shards={shards}", f"cluster.storage_path={storage}", "run.name=srgan", "run.stages=[2]",
+            "stage2.model=srresnet", "stage2.loss=adversarial", "data.steps_per_epoch=4", "data.val_batches=1",
+            "run.log_every=1", "cluster.max_failures=0"]
+    run_dir = storage / "srgan"
+    for epochs in (1, 2):
+        res = subprocess.run(train_cmd(CPU, *base, f"stage2.epochs={epochs}"), cwd=ROOT, env=env_with_venv(),
+                             capture_output=True, text=True, timeout=600, start_new_session=True)
+        assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+        last = sorted((run_dir / "stage2").glob("checkpoint_*"))[-1]
+        g, d = states(last), states(last, CRITIC)
+        assert g["module"] and all(k.split(".")[0] in ("head", "blocks", "fuse", "up", "tail") for k in g["module"])
+        assert d["module"] and all(k.split(".")[0] in ("features", "head") for k in d["module"])
+        assert adam_steps(g) == adam_steps(d) == {4.0 * epochs}  # one optimizer step each per global step
+        if epochs == 1:
+            first_critic = d["module"]
+            (run_dir / "stage2.done.json").unlink()  # the finished run, given one more epoch
+    logs = (run_dir / "logs" / "stage2-rank0.log").read_text()
+    assert re.search(r"resumed from .*checkpoint_s00000004_e0001 at epoch 1, step 4", logs), logs[-3000:]
+    assert done(run_dir, 2)["global_step"] == 8
+    assert any(not torch.equal(first_critic[k], d["module"][k]) for k in first_critic)  # the critic trained on
+    assert isinstance(load_srnet(run_dir / "srnet.safetensors"), SRResNet)
+    recs = records(run_dir)
+    train = [r for r in recs if r["split"] == "train"]
+    val = [r for r in recs if r["split"] == "val"]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    assert {"mse/x8", "adv/x8", "critic/x8", "critic_real/x8", "critic_fake/x8", "loss"} <= set(train[-1])
+    assert "critic_loss" not in train[-1] and {"psnr/x8", "critic/x8"} <= set(val[-1])
+
+
 def test_snapshot_cut_by_a_kill_is_rebuilt_from_the_complete_checkpoints(tmp_path, caplog):
     """A process killed while Ray Train rewrote ``checkpoint_manager_snapshot.json`` left it empty (a CI run:
     the resume then died with "Expecting value: line 1 column 1"). The driver rebuilds it, in Ray's own schema,

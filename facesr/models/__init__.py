@@ -1,7 +1,7 @@
 """Networks of C-SRIP, the Table 1 peers, and their named presets (one explicit dict).
 
 Stage 2 trains one of ``SR_MODELS`` (``stage2.model``): the cascade, or a peer of the paper's Table 1
-(SRCNN, VDSR) on the bicubic-upsampled input. Every one maps ``lr`` to a dict of outputs keyed by
+(SRCNN, VDSR) on the bicubic-upsampled input, or SRGAN's generator SRResNet on the lr. Every one maps ``lr`` to a dict of outputs keyed by
 target (the cascade ``x2``, ``x4``, ``hr``; the peers ``hr`` only) and has ``deploy()`` (lr -> hr).
 """
 
@@ -14,7 +14,8 @@ import torch.nn as nn
 
 from .csrnet import SRNet, SRNetConfig, SRNetDeploy, conv_depth
 from .embedder import EmbedderConfig, FaceEmbedder
-from .peers import SRCNN, VDSR, HROnly, SRCNNConfig, VDSRConfig
+from .peers import (SRCNN, VDSR, Discriminator, DiscriminatorConfig, HROnly, SRCNNConfig, SRResNet, SRResNetConfig,
+                    VDSRConfig)
 from .prior import FrozenPrior, PriorConfig, SqueezeNetResidual
 
 
@@ -24,6 +25,8 @@ class ModelPreset:
     prior: PriorConfig  # each of the three identity priors
     srcnn: SRCNNConfig = SRCNNConfig()  # Table 1 peer: the 9-1-5 SRCNN
     vdsr: VDSRConfig = VDSRConfig()  # Table 1 peer: 20-layer VDSR
+    srresnet: SRResNetConfig = SRResNetConfig()  # Table 1 peer: SRGAN's generator (16 blocks of 64)
+    critic: DiscriminatorConfig = DiscriminatorConfig()  # SRGAN's discriminator (stage2.loss=adversarial)
 
 
 PRESETS: dict[str, ModelPreset] = {
@@ -35,12 +38,15 @@ PRESETS: dict[str, ModelPreset] = {
         prior=PriorConfig(width=0.25, dropout=0.2, norm=True),  # norm: tiny priors without BN never learn (prior.py)
         srcnn=SRCNNConfig(widths=(16, 8)),  # the 9-1-5 kernels kept, a quarter of the filters
         vdsr=VDSRConfig(depth=5, width=16),
+        srresnet=SRResNetConfig(blocks=2, width=16),
+        critic=DiscriminatorConfig(width=16, blocks=5, dense=64),
     ),
 }
 
 # stage2.model -> the network class; its config is the preset's field of the same role (sr_config)
-SR_MODELS: dict[str, type[nn.Module]] = {"cascade": SRNet, "srcnn": SRCNN, "vdsr": VDSR}
-OUTPUTS: dict[str, tuple[str, ...]] = {"cascade": ("x2", "x4", "hr"), "srcnn": ("hr",), "vdsr": ("hr",)}
+SR_MODELS: dict[str, type[nn.Module]] = {"cascade": SRNet, "srcnn": SRCNN, "vdsr": VDSR, "srresnet": SRResNet}
+OUTPUTS: dict[str, tuple[str, ...]] = {"cascade": ("x2", "x4", "hr"), "srcnn": ("hr",), "vdsr": ("hr",),
+                                       "srresnet": ("hr",)}
 
 
 def get_preset(name: str) -> ModelPreset:
@@ -54,7 +60,12 @@ def sr_config(preset: str, model: str):
     if model not in SR_MODELS:
         raise ValueError(f"unknown SR model {model!r}; choose one of {sorted(SR_MODELS)}")
     p = get_preset(preset)
-    return {"cascade": p.sr, "srcnn": p.srcnn, "vdsr": p.vdsr}[model]
+    return {"cascade": p.sr, "srcnn": p.srcnn, "vdsr": p.vdsr, "srresnet": p.srresnet}[model]
+
+
+def build_critic(preset: str = "paper") -> nn.Module:
+    """A fresh discriminator of preset ``preset`` (SRGAN's, for stage2.loss=adversarial)."""
+    return Discriminator(get_preset(preset).critic)
 
 
 def build_sr(model: str, cfg=None, preset: str = "paper") -> nn.Module:
@@ -76,10 +87,11 @@ def build_prior(cfg: PriorConfig, num_classes: int) -> nn.Module:
 
 
 __all__ = [
-    "PRESETS", "ModelPreset", "get_preset", "build_prior",
+    "PRESETS", "ModelPreset", "get_preset", "build_prior", "build_critic",
     "SR_MODELS", "OUTPUTS", "sr_config", "build_sr", "sr_model_name",
     "SRNet", "SRNetConfig", "SRNetDeploy", "conv_depth",
-    "SRCNN", "SRCNNConfig", "VDSR", "VDSRConfig", "HROnly",
+    "SRCNN", "SRCNNConfig", "VDSR", "VDSRConfig", "HROnly", "SRResNet", "SRResNetConfig",
+    "Discriminator", "DiscriminatorConfig",
     "FrozenPrior", "PriorConfig", "SqueezeNetResidual",
     "EmbedderConfig", "FaceEmbedder",
 ]

@@ -10,6 +10,14 @@ take them unchanged. ``deploy()`` gives the lr -> hr tensor module that export a
   trains on valid-padded crops and loses a 6-px border).
 * **VDSR** (Kim et al., CVPR 2016): 20 conv 3×3 layers of 64 filters with ReLU between them, the last
   predicting the residual that is added to the interpolated input (the global residual).
+
+SRGAN (Ledig et al., CVPR 2017) works on the lr itself: its generator **SRResNet** (conv 9×9 + PReLU, B
+residual blocks conv-BN-PReLU-conv-BN, conv-BN and a skip over them, then one conv + pixel shuffle ×2 + PReLU
+per factor of 2, conv 9×9) returns ``{"hr"}`` like the others; its **Discriminator** (conv + LeakyReLU,
+then conv-BN-LeakyReLU blocks doubling the width every second block and halving the size in between, dense
++ LeakyReLU, dense to one logit) is the second network the adversarial loss trains beside it. Ledig's two
+dense layers sit on the flattened 6×6 map of 96² crops; at 192² that would be 12×12×512 inputs (75M weights
+in the first dense layer), so the map is averaged to 1×1 first, as later SRGAN code does.
 """
 
 from __future__ import annotations
@@ -38,6 +46,19 @@ class SRCNNConfig:
 class VDSRConfig:
     depth: int = 20  # conv layers, the first and last included (the paper's 20)
     width: int = 64  # filters of every hidden layer (the paper's 64)
+
+
+@dataclass(frozen=True)
+class SRResNetConfig:
+    blocks: int = 16  # residual blocks (Ledig's B = 16)
+    width: int = 64  # filters of every layer before the output conv (Ledig's 64)
+
+
+@dataclass(frozen=True)
+class DiscriminatorConfig:
+    width: int = 64  # filters of the first conv; doubled every second block up to 8x (Ledig's 64 ... 512)
+    blocks: int = 7  # conv-BN-LeakyReLU blocks after the first conv, strides 2, 1, 2, 1, ... (Ledig's 7)
+    dense: int = 1024  # units of the hidden dense layer (Ledig's 1024)
 
 
 class HROnly(nn.Module):
@@ -102,3 +123,67 @@ class VDSR(nn.Module):
 
     def deploy(self) -> HROnly:
         return HROnly(self)
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.PReLU(width),
+            nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class SRResNet(nn.Module):
+    """lr (B, 3, 24, 24) -> {"hr": (B, 3, 192, 192)}: SRGAN's generator, on the lr (no interpolated input)."""
+
+    def __init__(self, cfg: SRResNetConfig = SRResNetConfig()):
+        super().__init__()
+        if cfg.blocks < 1:
+            raise ValueError(f"SRResNetConfig.blocks: at least 1, got {cfg.blocks}")
+        self.cfg = cfg
+        w = cfg.width
+        self.head = nn.Sequential(nn.Conv2d(3, w, 9, padding=4), nn.PReLU(w))
+        self.blocks = nn.Sequential(*[_ResBlock(w) for _ in range(cfg.blocks)])
+        self.fuse = nn.Sequential(nn.Conv2d(w, w, 3, padding=1), nn.BatchNorm2d(w))
+        ups: list[nn.Module] = []
+        for _ in range(3):  # 2^3 = 8x
+            ups += [nn.Conv2d(w, 4 * w, 3, padding=1), nn.PixelShuffle(2), nn.PReLU(w)]
+        self.up = nn.Sequential(*ups)
+        self.tail = nn.Conv2d(w, 3, 9, padding=4)
+
+    def upscale(self, lr: torch.Tensor) -> torch.Tensor:
+        x = self.head(lr)
+        x = x + self.fuse(self.blocks(x))  # the skip over all residual blocks
+        return self.tail(self.up(x))  # (B, 3, 192, 192)
+
+    def forward(self, lr: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"hr": self.upscale(lr)}
+
+    def deploy(self) -> HROnly:
+        return HROnly(self)
+
+
+class Discriminator(nn.Module):
+    """SRGAN's discriminator: hr-size images (B, 3, S, S) in [0, 1] -> logits (B,) of "a real face"."""
+
+    def __init__(self, cfg: DiscriminatorConfig = DiscriminatorConfig()):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        layers: list[nn.Module] = [nn.Conv2d(3, w, 3, padding=1), nn.LeakyReLU(0.2, inplace=True)]
+        c = w
+        for i in range(cfg.blocks):
+            out = min(w * 2 ** ((i + 1) // 2), 8 * w)  # 64, 128, 128, 256, 256, 512, 512
+            layers += [nn.Conv2d(c, out, 3, stride=2 if i % 2 == 0 else 1, padding=1), nn.BatchNorm2d(out),
+                       nn.LeakyReLU(0.2, inplace=True)]
+            c = out
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, cfg.dense),
+                                  nn.LeakyReLU(0.2, inplace=True), nn.Linear(cfg.dense, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(2 * x - 1)).squeeze(1)  # Ledig scales images to [-1, 1]
