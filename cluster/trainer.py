@@ -134,8 +134,11 @@ def _fit(cfg: TrainConfig, number: int, manifest: dict) -> None:
         ),
     )
     steps = planned_steps(cfg, number, manifest)
-    # a Table 1 peer says which network stage 2 trains
-    title = f"stage 2 ({cfg.stage2.model.upper()})" if number == 2 and cfg.stage2.model != "cascade" else ""
+    # a Table 1 peer says which network stage 2 trains (and SRGAN that a discriminator trains beside it)
+    title = ""
+    if number == 2 and (cfg.stage2.model != "cascade" or cfg.stage2.loss == "adversarial"):
+        name = {"srresnet": "SRResNet"}.get(cfg.stage2.model, cfg.stage2.model.upper())
+        title = f"stage 2 ({name}{' + discriminator' if cfg.stage2.loss == 'adversarial' else ''})"
     with StageProgress(cfg.run_path / "metrics.jsonl", number, steps, cfg.stage_cfg(number).epochs, title=title):
         trainer.fit()
 

@@ -360,13 +360,14 @@ def test_score_counts_every_face_for_a_peer():
     assert "vdsr" in format_table(build_report(results, n, "test", {"vdsr": "vdsr"}))
 
 
-def test_peer_export_and_sr(tmp_path):
+@pytest.mark.parametrize("model", ["srcnn", "srresnet"])
+def test_peer_export_and_sr(tmp_path, model):
     """A peer's run folder exports to TorchScript within tolerance and serves `facesr sr` like the cascade's."""
     from facesr.export import export
     from facesr.infer import load_upscaler
 
-    run = tmp_path / "srcnn"
-    save_srnet(run / "srnet.safetensors", _trained_looking("srcnn"))
+    run = tmp_path / model
+    save_srnet(run / "srnet.safetensors", _trained_looking(model))
     deploy = load_upscaler(run)
     result = export(deploy, tmp_path / "export", ("torchscript",))
     assert result["torchscript"]["ok"]

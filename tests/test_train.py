@@ -469,6 +469,8 @@ def test_srgan_trains_two_engines_and_resumes_both(shards, scratch):
         res = subprocess.run(train_cmd(CPU, *base, f"stage2.epochs={epochs}"), cwd=ROOT, env=env_with_venv(),
                              capture_output=True, text=True, timeout=600, start_new_session=True)
         assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+        out = res.stdout + res.stderr
+        assert re.search(rf"^stage 2 \(SRResNet \+ discriminator\) +100% {4 * epochs}/{4 * epochs} steps", out, re.M), out
         last = sorted((run_dir / "stage2").glob("checkpoint_*"))[-1]
         g, d = states(last), states(last, CRITIC)
         assert g["module"] and all(k.split(".")[0] in ("head", "blocks", "fuse", "up", "tail") for k in g["module"])
