@@ -114,7 +114,7 @@ def test_srgan_follows_ledig():
 
 
 def test_adversarial_loss_terms_and_where_their_gradients_go():
-    """SRGAN's loss: the generator's = pixel MSE + w · BCE(D(sr), real), computed directly here; the
+    """SRGAN's loss: the generator's = MSE on [-1, 1] images (Ledig's) + w · BCE(D(sr), real), computed directly here; the
     discriminator's = BCE(D(hr), real) + BCE(D(sr), fake). The generator's loss sends no gradient into D and the
     discriminator's none into the generator."""
     from facesr.models import build_critic
@@ -128,9 +128,10 @@ def test_adversarial_loss_terms_and_where_their_gradients_go():
     bce = torch.nn.functional.binary_cross_entropy_with_logits
     with torch.no_grad():
         adv = bce(d(sr["hr"]), torch.ones(2))
-        mse = torch.nn.functional.mse_loss(sr["hr"], batch["hr"])
+        mse = torch.nn.functional.mse_loss(2 * sr["hr"] - 1, 2 * batch["hr"] - 1)
     assert terms["adv/x8"].item() == pytest.approx(adv.item(), rel=1e-5)
     assert terms["loss"].item() == pytest.approx(mse.item() + 0.01 * adv.item(), rel=1e-5)
+    assert terms["mse/x8"].item() == pytest.approx(mse.item() / 4, rel=1e-5)  # reported in [0, 1] units
     terms["loss"].backward(retain_graph=True)
     assert all(p.grad is None for p in d.parameters())
     assert all(p.grad is not None for p in g.parameters())
