@@ -40,6 +40,24 @@ def squeeze_file(tmp_path_factory):
     return d / "squeezenet1_1.safetensors", d / "squeezenet1_1.pth"
 
 
+def _held_loss(net: torch.nn.Module, loss_fn: torch.nn.Module, held: dict) -> float:
+    """``loss_fn``'s loss of ``net`` on the faces ``held``, in eval mode (training mode restored after)."""
+    net.eval()
+    with torch.no_grad():
+        value = loss_fn(net(held["lr"]), held)["loss"].item()
+    net.train()
+    return value
+
+
+def _minibatches(train: dict):
+    """STEPS random mini-batches of BATCH faces from ``train`` (seeded: the same draw for every test)."""
+    gen = torch.Generator().manual_seed(0)
+    n = len(train["lr"])
+    for _ in range(STEPS):
+        idx = torch.randint(0, n, (BATCH,), generator=gen)
+        yield {k: v[idx] for k, v in train.items()}
+
+
 def _trained_looking(model: str, seed: int = 0):
     """A tiny network with non-trivial output (zero-initialised last layers perturbed), in eval mode."""
     torch.manual_seed(seed)
@@ -155,25 +173,16 @@ def test_srgan_two_players_learn_on_real_faces():
     loss_fn = AdversarialLoss(d)
     opt_g, opt_d = torch.optim.Adam(g.parameters(), lr=1e-3), torch.optim.Adam(d.parameters(), lr=1e-3)
 
-    def held_mse() -> float:
-        g.eval()
-        with torch.no_grad():
-            value = MSELoss()(g(held["lr"]), held)["loss"].item()
-        g.train()
-        return value
-
-    before = held_mse()
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(STEPS):
-        idx = torch.randint(0, 64, (BATCH,), generator=gen)
-        terms = loss_fn(g(train["lr"][idx]), {k: v[idx] for k, v in train.items()})
+    before = _held_loss(g, MSELoss(), held)
+    for batch in _minibatches(train):
+        terms = loss_fn(g(batch["lr"]), batch)
         opt_g.zero_grad(set_to_none=True)
         terms["loss"].backward()
         opt_g.step()
         opt_d.zero_grad(set_to_none=True)
         terms["critic_loss"].backward()
         opt_d.step()
-    after = held_mse()
+    after = _held_loss(g, MSELoss(), held)
     assert after < 0.5 * before, (before, after)
     with torch.no_grad():
         real, fake = torch.sigmoid(d(held["hr"])), torch.sigmoid(d(g(held["lr"])["hr"]))
@@ -293,22 +302,13 @@ def test_peer_loss_falls_on_real_faces(model, loss, squeeze_file):
     loss_fn = PerceptualLoss(load_squeezenet(str(squeeze_file[0]))) if loss == "perceptual" else MSELoss()
     opt = torch.optim.Adam(net.parameters(), lr={"srcnn": 1e-3, "vdsr": 1e-3, "cascade": 10 / 3 * 1e-3}[model])
 
-    def held_loss() -> float:
-        net.eval()
-        with torch.no_grad():
-            value = loss_fn(net(held["lr"]), held)["loss"].item()
-        net.train()
-        return value
-
-    before = held_loss()
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(STEPS):
-        idx = torch.randint(0, 64, (BATCH,), generator=gen)
-        terms = loss_fn(net(train["lr"][idx]), {k: v[idx] for k, v in train.items()})
+    before = _held_loss(net, loss_fn, held)
+    for batch in _minibatches(train):
+        terms = loss_fn(net(batch["lr"]), batch)
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         opt.step()
-    after = held_loss()
+    after = _held_loss(net, loss_fn, held)
     assert after < 0.97 * before, (model, loss, before, after)
 
 
