@@ -210,16 +210,36 @@ class PriorStageConfig(StageConfig):
     # What the priors learn identities from: residual = the paper's high-pass Δx (C-SRIP's identity priors);
     # image = the whole faces, a SqueezeNet trained on faces for ℓp's features offline (perceptual_weights: priors)
     input: str = "residual"
+    # What stage 1 trains: priors = the paper's three SqueezeNets (cross-entropy; eq. (4)'s CE and ℓp-on-priors use
+    # them); recognizer = one face recognizer on whole hr faces with a margin loss, whose embeddings stage 2's
+    # identity term compares (stage2.identity_weight), for people it never saw as well (issue 25)
+    model: str = "priors"
+    margin: str = "cosface"  # recognizer: cosface (s·(cos θ − m)) or arcface (s·cos(θ + m))
+    margin_m: float = 0.35  # recognizer: the margin m (CosFace's 0.35; ArcFace's paper uses 0.5)
+    margin_s: float = 30.0  # recognizer: the scale s of the cosine logits
 
     def validate(self, key: str = "stage1") -> None:
         super().validate(key)
         from facesr.degrade import PRIOR_INPUTS
+        from facesr.losses import MARGINS
 
         if self.input not in PRIOR_INPUTS:
             raise ConfigError(f"{key}.input", f"unknown prior input {self.input!r}; choose one of {', '.join(PRIOR_INPUTS)}")
+        if self.model not in STAGE1_MODELS:
+            raise ConfigError(f"{key}.model", f"expected one of {', '.join(STAGE1_MODELS)}, got {self.model!r}")
+        if self.model == "recognizer" and self.input != "image":
+            raise ConfigError(f"{key}.input", "the recognizer learns identities from whole faces: input must be image")
+        if self.margin not in MARGINS:
+            raise ConfigError(f"{key}.margin", f"expected one of {', '.join(MARGINS)}, got {self.margin!r}")
+        if not 0 <= self.margin_m < 1.5:
+            raise ConfigError(f"{key}.margin_m", f"expected 0 to 1.5 (radians or cosine units), got {self.margin_m}")
+        if not self.margin_s > 0:
+            raise ConfigError(f"{key}.margin_s", f"must be positive, got {self.margin_s}")
         if not 0 <= self.crop_pad < 24:
             raise ConfigError(f"{key}.crop_pad", f"must be 0 to 23 lr pixels, got {self.crop_pad}")
 
+
+STAGE1_MODELS = ("priors", "recognizer")  # stage1.model
 
 # stage2.loss: eq. (4); ℓp on SqueezeNet fire2-4; SRCNN's and VDSR's pixel MSE; SRGAN's MSE + adversarial term
 SR_LOSSES = ("csrip", "perceptual", "mse", "adversarial")
@@ -242,11 +262,30 @@ class SRStageConfig(StageConfig):
     # stage 1 in the run, or stage2.priors)
     perceptual_weights: str = "imagenet"
     adversarial_weight: float = 1e-3  # SRGAN's weight of the generator's adversarial term (Ledig's 10^-3)
+    # Identity term (issue 25), added to eq. (4): identity_weight · (1 − cos) of a frozen face recognizer's
+    # embeddings of each SR output and its ground truth, at the scales listed; 0 = off (the paper's loss)
+    identity_weight: float = 0.0
+    identity_scales: list[str] = field(default_factory=lambda: ["x8"])  # outputs it acts on: x2, x4, x8
+    identity_start: int = 0  # first (0-based) epoch it acts in: SSIM alone before, so it can converge first
+    identity_ramp: int = 0  # epochs over which its weight rises linearly to identity_weight from identity_start
+    recognizer: str = ""  # trained recognizer (safetensors) when stage 1 is not in this run; "" = <run_dir>/recognizer.safetensors
 
     @property
     def uses_priors(self) -> bool:
         """Whether training needs the identity priors of stage 1 (eq. (4) with alpha > 0, or ℓp on their features)."""
         return (self.loss == "csrip" and self.alpha > 0) or (self.loss == "perceptual" and self.perceptual_weights == "priors")
+
+    @property
+    def uses_recognizer(self) -> bool:
+        """Whether training needs stage 1's face recognizer (the identity term)."""
+        return self.loss == "csrip" and self.identity_weight > 0
+
+    def identity_factor(self, epoch: int) -> float:
+        """The identity term's share of identity_weight during 0-based ``epoch``: 0 before identity_start, then a
+        linear ramp over identity_ramp epochs to 1."""
+        if epoch < self.identity_start:
+            return 0.0
+        return min(1.0, (epoch - self.identity_start + 1) / (self.identity_ramp + 1)) if self.identity_ramp else 1.0
 
     def validate(self, key: str = "stage2") -> None:
         super().validate(key)
@@ -262,6 +301,19 @@ class SRStageConfig(StageConfig):
             raise ConfigError(f"{key}.adversarial_weight", f"must be positive, got {self.adversarial_weight}")
         if self.priors and not self.uses_priors:
             raise ConfigError(f"{key}.priors", f"{key}.loss={self.loss} (alpha={self.alpha}) uses no identity priors")
+        if not self.identity_weight >= 0:
+            raise ConfigError(f"{key}.identity_weight", f"must be 0 or more, got {self.identity_weight}")
+        if self.identity_weight > 0 and self.loss != "csrip":
+            raise ConfigError(f"{key}.identity_weight", f"the identity term is part of the csrip loss, not {self.loss}")
+        from facesr.vocab import SCALES
+
+        if not self.identity_scales or any(sc not in SCALES for sc in self.identity_scales):
+            raise ConfigError(f"{key}.identity_scales", f"expected some of {', '.join(SCALES)}, got {self.identity_scales}")
+        if self.identity_start < 0 or self.identity_ramp < 0:
+            raise ConfigError(f"{key}.identity_start" if self.identity_start < 0 else f"{key}.identity_ramp",
+                              "must be 0 or more")
+        if self.recognizer and not self.uses_recognizer:
+            raise ConfigError(f"{key}.recognizer", f"identity_weight={self.identity_weight}: no identity term uses it")
 
 
 @dataclass
@@ -293,6 +345,17 @@ class TrainConfig:
         from shards.store import path
 
         return path(self.stage2.priors) if self.stage2.priors else self.run_path / "priors.safetensors"
+
+    @property
+    def recognizer_path(self):
+        from shards.store import path
+
+        return path(self.stage2.recognizer) if self.stage2.recognizer else self.run_path / "recognizer.safetensors"
+
+    @property
+    def stage1_needed(self) -> bool:
+        """Whether stage 2's loss uses what stage 1 of this config trains (priors or recognizer: stage1.model)."""
+        return self.stage2.uses_recognizer if self.stage1.model == "recognizer" else self.stage2.uses_priors
 
     @property
     def elastic(self) -> bool:
@@ -342,12 +405,24 @@ class TrainConfig:
                     raise ConfigError(e.field, f"{e.message}; an elastic run may train at any of "
                                       f"{self.world_sizes.start}..{self.world_sizes.stop - 1} workers, so the global "
                                       f"batch must be a multiple of {lcm} (or narrow cluster.min_workers)") from None
-        if 1 in self.run.stages and 2 in self.run.stages and not self.stage2.uses_priors:
-            raise ConfigError("run.stages", f"stage 1 trains the identity priors, which stage 2 does not use "
-                              f"(stage2.loss={self.stage2.loss}, alpha={self.stage2.alpha}): use run.stages=[2]")
-        if self.stage2.priors and 1 in self.run.stages:
+        both = 1 in self.run.stages and 2 in self.run.stages
+        if both and not self.stage1_needed:
+            what = "face recognizer" if self.stage1.model == "recognizer" else "identity priors"
+            raise ConfigError("run.stages", f"stage 1 trains the {what} (stage1.model={self.stage1.model}), which "
+                              f"stage 2 does not use (stage2.loss={self.stage2.loss}, alpha={self.stage2.alpha}, "
+                              f"identity_weight={self.stage2.identity_weight}): use run.stages=[2]")
+        if both and self.stage2.uses_priors and self.stage1.model != "priors" and not self.stage2.priors:
+            raise ConfigError("stage2.priors", "stage 1 trains a recognizer, not the priors that stage2.alpha uses: "
+                              "point stage2.priors at a priors file, or set stage2.alpha=0")
+        if both and self.stage2.uses_recognizer and self.stage1.model != "recognizer" and not self.stage2.recognizer:
+            raise ConfigError("stage2.recognizer", "stage 1 trains the priors, not the recognizer that "
+                              "stage2.identity_weight uses: point stage2.recognizer at a recognizer file")
+        if self.stage2.priors and 1 in self.run.stages and self.stage1.model == "priors":
             raise ConfigError("stage2.priors", "set it only for a stage-2 run (run.stages=[2]); stage 1 writes "
                               "<run_dir>/priors.safetensors")
+        if self.stage2.recognizer and 1 in self.run.stages and self.stage1.model == "recognizer":
+            raise ConfigError("stage2.recognizer", "set it only for a stage-2 run (run.stages=[2]); stage 1 writes "
+                              "<run_dir>/recognizer.safetensors")
 
 
 # ---------------------------------------------------------------- parsing
@@ -534,8 +609,10 @@ def resolve(cfg: TrainConfig, base: str | Path | None = None) -> TrainConfig:
     cfg.run = dataclasses.replace(cfg.run, run_dir=run_dir, telemetry_sd_dir=sd_dir)
     weights = cfg.stage2.perceptual_weights
     cfg.stage2 = dataclasses.replace(cfg.stage2, priors=absolute(cfg.stage2.priors),
+                                     recognizer=absolute(cfg.stage2.recognizer),
                                      perceptual_weights=weights if weights in ("imagenet", "priors") else absolute(weights))
-    if any(_is_uri(p) for p in (cfg.cluster.storage_path, run_dir, cfg.data.shards, cfg.stage2.priors)):
+    if any(_is_uri(p) for p in (cfg.cluster.storage_path, run_dir, cfg.data.shards, cfg.stage2.priors,
+                                cfg.stage2.recognizer)):
         from shards.store import settings
 
         # the driver's endpoint and region travel to every worker in the config (credentials do not)
@@ -551,8 +628,11 @@ def check(cfg: TrainConfig) -> dict:
     cfg.validate()
     _check_stores(cfg)
     manifest = _manifest(cfg)
-    if 2 in cfg.run.stages and 1 not in cfg.run.stages and cfg.stage2.uses_priors:
+    trained_here = 1 in cfg.run.stages
+    if 2 in cfg.run.stages and cfg.stage2.uses_priors and not (trained_here and cfg.stage1.model == "priors"):
         _check_priors(cfg, manifest)
+    if 2 in cfg.run.stages and cfg.stage2.uses_recognizer and not (trained_here and cfg.stage1.model == "recognizer"):
+        _check_recognizer(cfg)
     if 2 in cfg.run.stages and cfg.stage2.loss == "perceptual" and cfg.stage2.perceptual_weights != "priors":
         _check_perceptual(cfg)
     return manifest
@@ -564,7 +644,8 @@ def _check_stores(cfg: TrainConfig) -> None:
 
     configure(cfg.cluster.s3_endpoint, cfg.cluster.s3_region)
     for key, uri, write in (("run.run_dir", cfg.run.run_dir, True), ("data.shards", cfg.data.shards, False),
-                            ("stage2.priors", cfg.stage2.priors if 2 in cfg.run.stages else "", False)):
+                            ("stage2.priors", cfg.stage2.priors if 2 in cfg.run.stages else "", False),
+                            ("stage2.recognizer", cfg.stage2.recognizer if 2 in cfg.run.stages else "", False)):
         if _is_uri(uri):
             try:
                 check_reachable(uri, "", write=write)
@@ -625,3 +706,18 @@ def _check_priors(cfg: TrainConfig, manifest: dict) -> None:
         check_priors(local_copy(path), list(manifest["classes"]), cfg.preset)
     except ValueError as e:
         raise ConfigError("stage2.priors", str(e)) from None
+
+
+def _check_recognizer(cfg: TrainConfig) -> None:
+    """The stage-2 face recognizer file exists and holds a recognizer (facesr.weights.check_recognizer)."""
+    from facesr.weights import check_recognizer
+    from shards.store import local_copy
+
+    path = cfg.recognizer_path
+    if not path.is_file():
+        raise ConfigError("stage2.recognizer", f"{path}: no trained recognizer (run stage 1 with "
+                          "stage1.model=recognizer, or point stage2.recognizer at a recognizer file)")
+    try:
+        check_recognizer(local_copy(path))
+    except ValueError as e:
+        raise ConfigError("stage2.recognizer", str(e)) from None

@@ -106,6 +106,7 @@ def worker_main(config: dict) -> None:
     try:
         for epoch in range(state.epoch, stage_cfg.epochs):
             lr = stage_cfg.lr_at(epoch)
+            stage.begin_epoch(epoch)
             for e in engines:
                 set_lr(e, lr)
                 e.train()

@@ -9,6 +9,8 @@ Prometheus and dashboards. Losses run in fp32 even inside a bf16 autocast region
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -76,16 +78,26 @@ def identity_ce(logits: torch.Tensor, cls: torch.Tensor, class_weight: torch.Ten
 
 
 class CSRIPLoss(nn.Module):
-    """Eq. (4): Σ_{j ∈ {x2, x4, hr}} L_SSIM(x^j) + α L_CE(θ_SN^j, Δx^j).
+    """Eq. (4): Σ_{j ∈ {x2, x4, hr}} L_SSIM(x^j) + α L_CE(θ_SN^j, Δx^j), plus facesr's identity term
+    Σ_j β_j (1 − cos(E(x̂^j), E(x^j))) when a face recognizer E is given (issue 25).
 
     ``priors`` maps a target key (x2, x4, hr) to a frozen prior; with ``priors=None``
     or ``alpha=0`` only the SSIM terms are computed (the α = 0 ablation).
+
+    ``recognizer`` (frozen, ``facesr.models.Recognizer``) and ``identity`` (target key -> weight β): the cosine
+    distance between the recognizer's embeddings of each SR output and of its own ground truth. Unlike eq. (4)'s
+    cross-entropy it needs no class label, so it acts on every face, including people outside the class map.
+    ``identity_scale`` (a 0-d tensor, set by the stage each step: its warm-up) multiplies every β.
     """
 
-    def __init__(self, priors: dict[str, nn.Module] | None = None, alpha: float = 0.001):
+    def __init__(self, priors: dict[str, nn.Module] | None = None, alpha: float = 0.001,
+                 recognizer: nn.Module | None = None, identity: dict[str, float] | None = None):
         super().__init__()
         self.alpha = alpha
         self.priors = nn.ModuleDict(priors) if priors and alpha > 0 else None
+        self.identity = {k: w for k, w in (identity or {}).items() if w > 0} if recognizer is not None else {}
+        self.recognizer = recognizer if self.identity else None
+        self.register_buffer("identity_scale", torch.ones(()), persistent=False)
 
     def forward(self, sr: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         terms: dict[str, torch.Tensor] = {}
@@ -95,6 +107,10 @@ class CSRIPLoss(nn.Module):
             s = ssim(sr[key], batch[key])  # once per scale: the term and the loss share it
             terms[f"ssim/{scale}"] = s.detach()
             total = total + 0.5 * (1.0 - s)  # eq. (2)
+            if key in self.identity:
+                d = identity_distance(self.recognizer, sr[key], batch[key])
+                terms[f"id/{scale}"] = d.detach()
+                total = total + self.identity[key] * self.identity_scale * d
             if self.priors is not None:
                 with torch.autocast(sr[key].device.type, enabled=False):
                     # high-pass of the SR output (or the output itself, for priors on whole images), fp32
@@ -105,6 +121,15 @@ class CSRIPLoss(nn.Module):
                 total = total + self.alpha * ce
         terms["loss"] = total
         return terms
+
+
+def identity_distance(recognizer: nn.Module, sr: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cosine distance 1 − cos(E(sr), E(target)) of a frozen recognizer's unit embeddings; gradients reach
+    ``sr`` only (the target's embedding is a constant)."""
+    with torch.no_grad():
+        want = recognizer.embed(target)  # (B, D)
+    got = recognizer.embed(sr)  # (B, D)
+    return 1.0 - (got.float() * want.float()).sum(1).mean()
 
 
 class PerceptualLoss(nn.Module):
@@ -238,6 +263,51 @@ class PriorLoss(nn.Module):
             terms[f"acc5/{scale}"] = (hit.any(1) & keep).sum().float() / n
             total = total + ce
         terms["loss"] = total
+        return terms
+
+
+MARGINS = ("cosface", "arcface")
+
+
+class MarginLoss(nn.Module):
+    """Stage 1 for a face recognizer: a margin softmax on the cosines to each class centre (B, C), reported in
+    PriorLoss's vocabulary (``ce``, ``acc``, ``acc5`` at its scale) so the console and dashboards read it alike.
+
+    ``cosface`` (Wang et al. 2018): s·(cos θ_y − m); ``arcface`` (Deng et al. 2019): s·cos(θ_y + m), with
+    ArcFace's fallback s·(cos θ_y − m·sin m) where θ_y + m would pass π. Accuracy uses the plain cosines.
+    """
+
+    def __init__(self, kind: str = "cosface", margin: float = 0.35, scale: float = 30.0,
+                 class_weight: torch.Tensor | None = None):
+        super().__init__()
+        if kind not in MARGINS:
+            raise ValueError(f"unknown margin loss {kind!r}; choose one of {', '.join(MARGINS)}")
+        self.kind, self.margin, self.scale = kind, margin, scale
+        self.report = PriorLoss(class_weight)
+
+    def _target_logit(self, cos: torch.Tensor) -> torch.Tensor:
+        if self.kind == "cosface":
+            return cos - self.margin
+        sin = (1.0 - cos * cos).clamp(min=1e-7).sqrt()
+        shifted = cos * math.cos(self.margin) - sin * math.sin(self.margin)  # cos(θ + m)
+        return torch.where(cos > math.cos(math.pi - self.margin), shifted, cos - self.margin * math.sin(self.margin))
+
+    def forward(self, cosines: dict[str, torch.Tensor], cls: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = {}
+        for key, cos in cosines.items():
+            cos = cos.float()
+            target = cls.clamp(min=0).view(-1, 1)  # (B, 1); unlabelled rows are ignored by identity_ce
+            tgt = self._target_logit(cos.gather(1, target))
+            logits[key] = self.scale * cos.scatter(1, target, tgt)  # (B, C): margin on the true class only
+        terms = self.report(logits, cls)
+        for key, cos in cosines.items():  # top-1/top-5 of the plain cosines, not of the margin logits
+            scale = SCALE_OF[key]
+            keep = cls >= 0
+            n = keep.sum().clamp(min=1)
+            top = cos.detach().topk(min(5, cos.shape[1]), dim=1).indices
+            hit = top == cls[:, None]
+            terms[f"acc/{scale}"] = (hit[:, 0] & keep).sum().float() / n
+            terms[f"acc5/{scale}"] = (hit.any(1) & keep).sum().float() / n
         return terms
 
 

@@ -19,8 +19,8 @@ import torch.nn as nn
 from safetensors.torch import load_file, safe_open, save_file
 
 from .models import (
-    SR_MODELS, EmbedderConfig, FaceEmbedder, FrozenPrior, PriorConfig, build_prior, build_sr, get_preset,
-    sr_config, sr_model_name,
+    SR_MODELS, EmbedderConfig, FaceEmbedder, FrozenPrior, PriorConfig, Recognizer, RecognizerConfig, build_prior,
+    build_sr, get_preset, sr_config, sr_model_name,
 )
 from .models.embedder import freeze
 from .models.perceptual import SqueezeFeatures
@@ -189,9 +189,13 @@ def save_embedder(path, model: FaceEmbedder, classes: list[str], extra: dict | N
     return Path(path)
 
 
-def load_embedder(path, device: str | torch.device = "cpu") -> tuple[FaceEmbedder, dict]:
-    """A frozen embedder and its metadata (training identities, training settings, exclusions, …)."""
+def load_embedder(path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """A frozen embedder and its metadata (training identities, training settings, exclusions, …): ``facesr eval
+    embedder``'s, or stage 1's recognizer (flip-averaged unit embeddings, as the embedder gives)."""
     meta = read_meta(path)
+    if meta["kind"] == "recognizer":  # stage 1's recognizer verifies faces too (held-out verification, issue 25)
+        model, meta = load_recognizer(path, device)
+        return _FlipAveraged(model), {**meta, "config": meta["recognizer"]}
     if meta["kind"] != "embedder":
         raise ValueError(f"{path}: holds {meta['kind']!r}, not a face embedder")
     fields = {f.name for f in dataclasses.fields(EmbedderConfig)}  # files written before the split also held training settings
@@ -199,6 +203,45 @@ def load_embedder(path, device: str | torch.device = "cpu") -> tuple[FaceEmbedde
                          num_classes=len(meta["classes"]))
     model.net.load_state_dict(load_file(str(path), device="cpu"))
     return freeze(model.to(device)), meta
+
+
+def save_recognizer(path, model: Recognizer, classes: list[str], extra: dict | None = None) -> Path:
+    """Stage 1's face recognizer (trunk and class centres) with its architecture and the class map it learnt."""
+    model = _unwrap(model)
+    meta = {"kind": "recognizer", "recognizer": dataclasses.asdict(model.cfg), "num_classes": len(classes),
+            "classes": classes, "classes_sha256": classes_digest(classes), **(extra or {})}
+    _save(path, model.state_dict(), meta)
+    return Path(path)
+
+
+def check_recognizer(path) -> dict:
+    """The metadata of a ``save_recognizer`` file; ValueError unless it holds a recognizer."""
+    meta = read_meta(path)
+    if meta.get("kind") != "recognizer":
+        raise ValueError(f"{path}: holds {meta.get('kind')!r}, not a face recognizer (stage1.model=recognizer)")
+    return meta
+
+
+def load_recognizer(path, device: str | torch.device = "cpu") -> tuple[Recognizer, dict]:
+    """A frozen recognizer (eval mode that stays eval, no weight gradients; gradients still reach its input)
+    and its metadata."""
+    meta = check_recognizer(path)
+    model = Recognizer(RecognizerConfig(**meta["recognizer"]), num_classes=meta["num_classes"])
+    model.load_state_dict(load_file(str(path), device="cpu"))
+    model.frozen = True
+    model.eval().requires_grad_(False)
+    return model.to(device), meta
+
+
+class _FlipAveraged(nn.Module):
+    """A recognizer as a verification judge's embedder: unit embeddings of each face and its mirror, averaged."""
+
+    def __init__(self, recognizer: Recognizer):
+        super().__init__()
+        self.recognizer = recognizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(self.recognizer.embed(x) + self.recognizer.embed(x.flip(-1)), dim=1)
 
 
 def _unwrap(m: nn.Module) -> nn.Module:
