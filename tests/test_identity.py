@@ -325,3 +325,27 @@ def test_cli_drift_all_needs_chosen_people(tmp_path):
     with pytest.raises(SystemExit, match="--drift-all needs chosen people"):
         main(["eval", "identity", "--judge", "embedder", "--embedder", str(tmp_path / "e.safetensors"),
               "--drift-all", "--per-fold", "2"])
+
+
+@needs_dlib
+def test_identity_table_under_each_degradation(dlib, pairs):
+    """dlib on 20 real pairs with face B's lr made the paper's way and by PIL's antialiased bicubic: each row has
+    bicubic and each upscaler; an upscaler that is bicubic again differs from it by exactly 0 in every row, nearest
+    drifts further than bicubic (beyond its standard error), and the PIL row's lr really differs from the paper's
+    (its bicubic drift differs); the printed table names each row and says which side is better."""
+    from facesr.identity import format_degradation_table, verify_degradations
+
+    kept, counts = usable_pairs(pairs, LFW, per_fold=2)
+    ups = {"bicubic_again": lambda lr: upscale(lr, 192, "bicubic"), "nearest": lambda lr: upscale(lr, 192, "nearest")}
+    res = verify_degradations(dlib, kept, LFW, ups, ["paper", "bicubic_aa"], batch_size=64)
+    assert list(res["rows"]) == ["paper", "bicubic_aa"]
+    for row in res["rows"].values():
+        assert list(row) == ["bicubic", "bicubic_again", "nearest"]
+        assert row["bicubic_again"]["drift_minus_bicubic"]["mean"] == 0.0
+        near = row["nearest"]["drift_minus_bicubic"]
+        assert near["mean"] > 2 * near["sem"] > 0  # blocky faces lose the person more than bicubic ones
+    rows = res["rows"]
+    assert rows["paper"]["bicubic"]["drift"]["mean"] != rows["bicubic_aa"]["bicubic"]["drift"]["mean"]
+    assert res["hr"]["auc"] > rows["paper"]["bicubic"]["auc"] - 0.05  # HR verifies at least as well
+    text = format_degradation_table({"pair_counts": counts, "judge": dlib.describe(), "results": res})
+    assert "bicubic_aa" in text and "worse" in text and "acc@0.6" in text
