@@ -227,8 +227,6 @@ class PriorStageConfig(StageConfig):
             raise ConfigError(f"{key}.input", f"unknown prior input {self.input!r}; choose one of {', '.join(PRIOR_INPUTS)}")
         if self.model not in STAGE1_MODELS:
             raise ConfigError(f"{key}.model", f"expected one of {', '.join(STAGE1_MODELS)}, got {self.model!r}")
-        if self.model == "recognizer" and self.input != "image":
-            raise ConfigError(f"{key}.input", "the recognizer learns identities from whole faces: input must be image")
         if self.margin not in MARGINS:
             raise ConfigError(f"{key}.margin", f"expected one of {', '.join(MARGINS)}, got {self.margin!r}")
         if not 0 <= self.margin_m < 1.5:

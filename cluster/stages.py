@@ -6,6 +6,7 @@ the rest (engine, data, checkpoints, logging) the same way for both.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import ClassVar, Protocol
 
@@ -87,7 +88,8 @@ class PriorStage:
     def build_model(self) -> nn.Module:
         preset = get_preset(self.cfg.preset)
         if self.stage_cfg.model == "recognizer":  # one network, judged at hr: metrics ce/x8, acc/x8
-            return nn.ModuleDict({"hr": build_recognizer(preset.recognizer, len(self.classes))})
+            cfg = dataclasses.replace(preset.recognizer, input=self.stage_cfg.input)  # it makes its own view
+            return nn.ModuleDict({"hr": build_recognizer(cfg, len(self.classes))})
         return nn.ModuleDict({k: build_prior(preset.prior, len(self.classes)) for k in TARGETS})
 
     def build_critic(self) -> None:
@@ -105,8 +107,14 @@ class PriorStage:
     def val_batch(self, batch: dict, generator: torch.Generator) -> dict:
         return batch  # validation images unaugmented
 
+    @property
+    def view(self) -> str:
+        """What the loop hands the networks: the priors' input, or the whole image for a recognizer, which makes
+        its own view (Recognizer.prepare), so that stage 2 feeds it SR outputs the same way."""
+        return "image" if self.stage_cfg.model == "recognizer" else self.stage_cfg.input
+
     def forward(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        return prior_forward(model, self.loss_fn, batch, self.precision, self.stage_cfg.input)
+        return prior_forward(model, self.loss_fn, batch, self.precision, self.view)
 
     @torch.no_grad()
     def validate_batch(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
@@ -114,7 +122,7 @@ class PriorStage:
         if self.baselines is None:
             manifest = read_manifest(self.cfg.data.shards, check_files=False)
             self.baselines = prior_baselines(manifest, self.cfg.data.prior_split(manifest))
-        terms = prior_forward(model, self.loss_fn, batch, self.precision, self.stage_cfg.input)
+        terms = prior_forward(model, self.loss_fn, batch, self.precision, self.view)
         return terms | {k: torch.tensor(v, device=self.device) for k, v in self.baselines.items()}
 
     def finish(self, model: nn.Module, run_dir: Path) -> Path:

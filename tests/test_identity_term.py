@@ -122,3 +122,19 @@ def test_identity_factor_schedule():
     assert [cfg.identity_factor(e) for e in range(7)] == [0, 0, 0.25, 0.5, 0.75, 1.0, 1.0]
     assert SRStageConfig(identity_weight=0.1).identity_factor(0) == 1.0
     assert math.isclose(SRStageConfig(identity_start=1, identity_ramp=1).identity_factor(1), 0.5)
+
+
+def test_residual_recognizer_sees_only_high_frequencies():
+    """A recognizer with input=residual embeds a face and the face plus a constant brightness shift alike (the
+    shift has no high-pass part), unlike one on whole images; its file keeps the input."""
+    import tempfile
+
+    x = torch.rand(2, 3, 192, 192) * 0.8
+    for kind, same in (("residual", True), ("image", False)):
+        torch.manual_seed(0)
+        rec = Recognizer(RecognizerConfig(arch="resnet10t", size=32, dim=16, input=kind), 3).eval()
+        a, b = rec.embed(x), rec.embed(x + 0.1)
+        assert torch.allclose(a, b, atol=1e-4) == same, kind
+    with tempfile.TemporaryDirectory() as d:
+        save_recognizer(f"{d}/r.safetensors", rec, ["a", "b", "c"])
+        assert load_recognizer(f"{d}/r.safetensors")[0].cfg.input == "image"

@@ -75,6 +75,7 @@ class RecognizerConfig:
     arch: str = "resnet10t"  # timm trunk; its classifier becomes the embedding layer
     size: int = 96  # network input side: hr (192²) and every SR output are resized to size·8/7, centre-cropped
     dim: int = 128  # embedding size (unit sphere)
+    input: str = "image"  # what it learns identities from: image = the whole face; residual = the paper's high-pass Δx at hr
 
 
 class MarginHead(nn.Module):
@@ -102,6 +103,8 @@ class Recognizer(nn.Module):
         self.frozen = False
         self.trunk = timm.create_model(cfg.arch, pretrained=False, num_classes=cfg.dim)  # (B, dim)
         self.head = MarginHead(cfg.dim, num_classes)
+        # residuals are small and centred on zero: a learned input standardisation, as the priors have
+        self.input_norm = nn.BatchNorm2d(3) if cfg.input == "residual" else None
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -109,12 +112,18 @@ class Recognizer(nn.Module):
         return super().train(mode and not self.frozen)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """Resize to size·8/7, centre-crop to size, normalise: (B, 3, S, S) -> (B, 3, size, size)."""
+        """(Residual at hr,) resize to size·8/7, centre-crop to size, normalise: (B, 3, S, S) -> (B, 3, size, size)."""
+        if self.input_norm is not None:
+            from ..degrade import residual
+
+            with torch.autocast(x.device.type, enabled=False):  # residuals are small: bf16 would keep 8 bits of them
+                x = residual(x.float(), "hr")  # the paper's Δx at hr (σ = 7/3), before any resize
         pad = self.cfg.size * 8 // 7
         if x.shape[-1] != pad:
             x = F.interpolate(x, size=(pad, pad), mode="bilinear", align_corners=False, antialias=True)
         o = (pad - self.cfg.size) // 2
-        return (x[..., o : o + self.cfg.size, o : o + self.cfg.size] - self.mean) / self.std
+        x = x[..., o : o + self.cfg.size, o : o + self.cfg.size]
+        return self.input_norm(x) if self.input_norm is not None else (x - self.mean) / self.std
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.trunk(self.prepare(x)).float(), dim=1)  # (B, D)
