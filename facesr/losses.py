@@ -60,8 +60,18 @@ def ssim_moments(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: floa
 
 def ssim_from_moments(moments: tuple[torch.Tensor, ...], c1: float, c2: float) -> torch.Tensor:
     """Eq. (3)'s map from ``ssim_moments`` with constants c1, c2 (on the moments' pixel scale)."""
+    return ssim_from_terms(ssim_terms(moments), c1, c2)
+
+
+def ssim_terms(moments: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """(2μxμy, μx²+μy², 2σxy, σx²+σy²): what eq. (3) needs of the moments, whatever its constants."""
     mu1, mu2, s11, s22, s12 = moments
-    return ((2 * mu1 * mu2 + c1) * (2 * s12 + c2)) / ((mu1 * mu1 + mu2 * mu2 + c1) * (s11 + s22 + c2))
+    return 2 * mu1 * mu2, mu1 * mu1 + mu2 * mu2, 2 * s12, s11 + s22
+
+
+def ssim_from_terms(terms: tuple[torch.Tensor, ...], c1: float, c2: float) -> torch.Tensor:
+    a, b, c, d = terms
+    return ((a + c1) * (c + c2)) / ((b + c1) * (d + c2))
 
 
 def ssim_map(

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from .degrade import quantize
-from .losses import PIXEL_MAX, ssim_from_moments, ssim_moments
+from .losses import PIXEL_MAX, ssim_from_terms, ssim_moments, ssim_terms
 from .vocab import KEY_OF, SCALES, SIZES
 
 BASELINES = ("nearest", "bicubic")  # interpolation baselines, computed from the same lr
@@ -72,9 +72,9 @@ def image_scores(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Te
     pred, target = pred.float(), target.float()
     psnr = peak_signal_noise_ratio(pred, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
     with torch.autocast(pred.device.type, enabled=False):
-        moments = ssim_moments(pred, target)
-    ssim = ssim_from_moments(moments, 0.01**2, 0.03**2).mean(dim=(1, 2, 3))
-    paper = ssim_from_moments(moments, (0.01 * PAPER_DATA_RANGE) ** 2, (0.03 * PAPER_DATA_RANGE) ** 2)
+        terms = ssim_terms(ssim_moments(pred, target))
+    ssim = ssim_from_terms(terms, 0.01**2, 0.03**2).mean(dim=(1, 2, 3))
+    paper = ssim_from_terms(terms, (0.01 * PAPER_DATA_RANGE) ** 2, (0.03 * PAPER_DATA_RANGE) ** 2)
     return {"psnr": psnr.clamp(max=PSNR_CAP), "ssim": ssim, "ssim_paper": paper.mean(dim=(1, 2, 3))}
 
 
