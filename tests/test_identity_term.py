@@ -138,3 +138,60 @@ def test_residual_recognizer_sees_only_high_frequencies():
     with tempfile.TemporaryDirectory() as d:
         save_recognizer(f"{d}/r.safetensors", rec, ["a", "b", "c"])
         assert load_recognizer(f"{d}/r.safetensors")[0].cfg.input == "image"
+
+
+def test_trained_recognizer_verifies_people_it_never_saw():
+    """A small recognizer trained with the margin loss on 200 CelebA identities (400 steps on the CPU) verifies
+    pairs of 40 other CelebA identities at full resolution with ROC AUC ≥ 0.75, the stated floor, and well above
+    the same network untrained (~0.60; dlib scores ~1.0 on such pairs, the demo's recognizer 0.88 on LFW's)."""
+    from facesr.degrade import crop_hr
+    from facesr.identity.metrics import verification_metrics
+    from facesr.imageio import read_rgb
+    from tests.conftest import CELEBA
+
+    people = sorted(p for p in CELEBA.iterdir() if p.is_dir())
+    train_people, test_people = people[:200], people[-40:]
+
+    def load(folder, n):
+        files = sorted(folder.glob("*.jpg"))[:n]
+        x = torch.stack([crop_hr(read_rgb(f)) for f in files])
+        return torch.nn.functional.interpolate(x, size=(64, 64), mode="bilinear", antialias=True)  # (n, 3, 64, 64)
+
+    xs, ys = [], []
+    for label, folder in enumerate(train_people):
+        x = load(folder, 16)
+        xs.append(x)
+        ys += [label] * len(x)
+    x_train, y_train = torch.cat(xs), torch.tensor(ys)
+    test = [(i, img) for i, folder in enumerate(test_people) for img in load(folder, 6)]
+    labels = torch.tensor([i for i, _ in test])
+    x_test = torch.stack([img for _, img in test])
+    same = labels[:, None] == labels[None, :]
+    iu = torch.triu_indices(len(test), len(test), 1)
+
+    def auc(model) -> float:
+        with torch.no_grad():
+            e = model.embed(x_test)
+        scores = (e @ e.t())[iu[0], iu[1]]
+        return verification_metrics(scores, same[iu[0], iu[1]], torch.arange(len(scores)) % 10)["auc"]
+
+    torch.manual_seed(0)
+    rec = Recognizer(RecognizerConfig(arch="resnet10t", size=48, dim=64), len(train_people))
+    before = auc(rec.eval())
+    loss_fn = MarginLoss("cosface", 0.35, 30.0)
+    opt = torch.optim.Adam(rec.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=400, pct_start=0.1)
+    g = torch.Generator().manual_seed(0)
+    rec.train()
+    for step in range(400):
+        idx = torch.randint(len(y_train), (64,), generator=g)
+        x = x_train[idx]
+        x = torch.where(torch.rand(len(x), 1, 1, 1, generator=g) < 0.5, x.flip(-1), x)
+        loss = loss_fn({"hr": rec(x)}, y_train[idx])["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    after = auc(rec.eval())
+    print(f"held-out verification AUC: untrained {before:.3f}, trained {after:.3f}")
+    assert after >= 0.75 and after > before + 0.1
