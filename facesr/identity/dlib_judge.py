@@ -42,7 +42,7 @@ def model_dir(files: tuple[str, ...] = tuple(MODEL_FILES.values())) -> Path:
     """
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("face_recognition_models is not installed: pip install -e '.[dlib]'")
+        raise ModuleNotFoundError("face_recognition_models is not installed: pip install -e '.[faces]'")
     folder = Path(list(spec.submodule_search_locations)[0]) / "models"
     missing = [f for f in files if not (folder / f).is_file()]
     if missing:
