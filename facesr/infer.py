@@ -44,7 +44,7 @@ from .degrade import TooSmallError, quadruplet, quantize, to_uint8
 from .grid import render, show
 from .imageio import ImageReadError, read_rgb
 from .models import SRNet
-from .outputs import check_apart, list_inputs, output_names, shown, write_atomic
+from .outputs import check_apart, check_links, list_inputs, output_names, shown, write_atomic
 from .quality import upscale
 from .vocab import SIZES
 from .weights import load_srnet, read_meta
@@ -245,6 +245,7 @@ def super_resolve(
     dst_of = out_paths(src, files, out)
     check_apart(src, out, list(dst_of.values()))
     root = out.parent if out.suffix.lower() == ".png" and src.is_file() else out
+    check_links(root, list(dst_of.values()))
     report = SRReport()
     pending: list[tuple[Path, torch.Tensor, torch.Tensor | None]] = []  # (file, lr, reference)
 

@@ -90,6 +90,19 @@ def check_apart(src: Path, out: Path, outputs: list[Path] = ()) -> None:
             raise OutputError(f"{shown(p)}: this output would overwrite an input; give another OUT")
 
 
+def check_links(out: Path, paths: list[Path]) -> None:
+    """Before any work: refuse when a folder on the way from OUT to an output is a link (planted to send the
+    writes elsewhere). A link at an output file itself is harmless: ``write_atomic`` replaces it."""
+    seen: set[Path] = set()
+    for p in paths:
+        for folder in reversed(p.relative_to(out).parents[:-1]):  # a, a/b, ... (not OUT itself)
+            cur = out / folder
+            if cur not in seen:
+                seen.add(cur)
+                if cur.is_symlink():
+                    raise OutputError(f"{shown(cur)}: a link inside OUT; outputs are never written through one")
+
+
 def make_dirs(out: Path, folder: Path) -> None:
     """Create ``folder`` (inside ``out``) one level at a time; a level that exists as a link is refused."""
     rel = folder.relative_to(out)

@@ -76,7 +76,7 @@ def rgb_array(image) -> np.ndarray:
         if not np.issubdtype(a.dtype, np.floating) or not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
             raise ValueError(f"image of dtype {a.dtype}: expected uint8, or floats in [0, 1]")
         a = (a * 255).round().astype(np.uint8)
-    return np.ascontiguousarray(a)
+    return np.array(a, copy=True, order="C")  # ours: torch may view it, the caller's array stays untouched
 
 
 class Upscaler:

@@ -27,7 +27,7 @@ from PIL import Image
 
 from ..imageio import ImageReadError, read_rgb
 from ..infer import comparison_panel, write_png
-from ..outputs import check_apart, list_inputs, output_names, shown, write_atomic
+from ..outputs import check_apart, check_links, list_inputs, output_names, shown, write_atomic
 from .align import LR
 
 
@@ -81,6 +81,11 @@ class PhotoReport:
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (input, reason) not read
 
 
+def _plus(stem: Path, ext: str) -> Path:
+    """``stem`` + ``ext``; not ``with_suffix``, which would eat the ``.png`` of a colliding name like ``a.png``."""
+    return stem.parent / f"{stem.name}{ext}"
+
+
 def _panel(face, upscaler) -> Image.Image:
     lr = torch.from_numpy(face.lr).permute(2, 0, 1)[None].float() / 255
     sr = torch.from_numpy(face.sr).permute(2, 0, 1)[None].float() / 255
@@ -93,8 +98,13 @@ def enhance_photos(upscaler, src: str | Path, out: str | Path, *, boxes_file: st
     """Run ``upscaler.enhance`` on ``src`` (a photo or a folder of them) and write the results under ``out``."""
     src, out = Path(src), Path(out)
     files = list_inputs(src)
-    names = output_names(src, files)
-    check_apart(src, out, [out / f"{n}{ext}" for n in names.values() for ext in (".png", ".json")])
+    if src.is_file() and out.suffix.lower() == ".png":  # OUT names the picture; the rest goes beside it
+        stems, out = {src: out.with_suffix("")}, out.parent
+    else:
+        stems = {f: out / n for f, n in output_names(src, files).items()}
+    planned = [p.parent / f"{p.name}{ext}" for p in stems.values() for ext in (".png", ".json", "-faces/0.png")]
+    check_apart(src, out, planned)
+    check_links(out, planned)
     boxes = read_boxes(boxes_file, src, files) if boxes_file else {}
     report = PhotoReport()
     for f in files:
@@ -104,11 +114,11 @@ def enhance_photos(upscaler, src: str | Path, out: str | Path, *, boxes_file: st
             report.skipped.append((f, str(e)))
             log(f"skipped {shown(str(e))}")
             continue
-        stem = out / names[f]
+        stem = stems[f]
         if tuple(img.shape[1:]) == (LR, LR) and f not in boxes:  # already the network's input
             sr = upscaler.faces(img[None])[0].cpu()
-            write_png(sr, stem.with_suffix(".png"), out)
-            report.written.append(stem.with_suffix(".png"))
+            write_png(sr, _plus(stem, ".png"), out)
+            report.written.append(_plus(stem, ".png"))
             report.photos, report.faces = report.photos + 1, report.faces + 1
             continue
         photo = img.permute(1, 2, 0).numpy()
@@ -148,15 +158,15 @@ def _write_photo(f: Path, stem: Path, out: Path, photo: np.ndarray, result, repo
         notes.append(f"faces {smaller} are smaller than the detectors find here (about "
                      f"{result.detectable_eye_px:.1f} px between the outer eye corners): boxes given by the user")
     if ok and result.image is not None:
-        write_png(Image.fromarray(result.image), stem.with_suffix(".png"), out)
-        written.insert(0, stem.with_suffix(".png"))
+        write_png(Image.fromarray(result.image), _plus(stem, ".png"), out)
+        written.insert(0, _plus(stem, ".png"))
     summary = {"photo": f.name, "size": [w, h], "scale": result.scale,
                "detectable_eye_px": round(result.detectable_eye_px, 2),
                "boxes": "given" if given else "detected", "faces": [face.summary() for face in result.faces],
                "outputs": [p.relative_to(out).as_posix() for p in written], "notes": notes}
     blob = (json.dumps(summary, indent=1) + "\n").encode()
-    write_atomic(stem.with_suffix(".json"), lambda fh: fh.write(blob), out)
-    report.written += written + [stem.with_suffix(".json")]
+    write_atomic(_plus(stem, ".json"), lambda fh: fh.write(blob), out)
+    report.written += written + [_plus(stem, ".json")]
     report.faces += len(ok)
     report.photos += bool(ok)
     for note in notes:
