@@ -45,13 +45,17 @@ class EnhancedFace:
 
     def summary(self) -> dict:
         """What the JSON beside the outputs says of this face."""
-        r = lambda v: None if v is None else round(float(v), 2)  # noqa: E731
+        r = _rounded
         return {"box": [r(v) for v in self.box], "detector": self.detector,
                 "scores": {k: r(v) for k, v in self.scores.items()},
                 "eye_px": r(self.eye_px), "width_px": r(self.box[2] - self.box[0]),
                 "input_px_per_lr_px": None if self.scale is None else r(HR / LR / self.scale),
                 "landmarks": None if self.landmarks is None else np.round(self.landmarks, 2).tolist(),
                 "pasted": list(self.region) if self.region else None, "error": self.error}
+
+
+def _rounded(v) -> float | None:
+    return None if v is None else round(float(v), 2)
 
 
 @dataclass

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from facesr.degrade import crop_hr, quadruplet
+from facesr.degrade import quadruplet
 from facesr.degradations import EVAL_DEGRADATIONS
 from facesr.losses import ssim_loss
 from facesr.models import PRESETS, SRNet

@@ -86,7 +86,8 @@ def _plus(stem: Path, ext: str) -> Path:
     return stem.parent / f"{stem.name}{ext}"
 
 
-def _panel(face, upscaler) -> Image.Image:
+def _panel(face) -> Image.Image:
+    """The 24x24 input, its bicubic x8 and the network's x8, side by side."""
     lr = torch.from_numpy(face.lr).permute(2, 0, 1)[None].float() / 255
     sr = torch.from_numpy(face.sr).permute(2, 0, 1)[None].float() / 255
     return comparison_panel(lr, sr, None)
@@ -140,7 +141,7 @@ def _write_photo(f: Path, stem: Path, out: Path, photo: np.ndarray, result, repo
                 write_png(Image.fromarray(face.lr), faces_dir / f"{i}-lr.png", out)
                 written += [faces_dir / f"{i}.png", faces_dir / f"{i}-lr.png"]
                 if compare:
-                    write_png(_panel(face, None), faces_dir / f"{i}-compare.png", out)
+                    write_png(_panel(face), faces_dir / f"{i}-compare.png", out)
                     written.append(faces_dir / f"{i}-compare.png")
             except (OSError, ValueError) as e:
                 face.error = f"not written: {e}"

@@ -150,6 +150,10 @@ def recall(faces, bgs, sizes, detectors, seed, log) -> list[dict]:
     return rows
 
 
+def _t(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None] / 255  # (1, 3, H, W)
+
+
 def gain(upscaler, faces, bgs, sizes, seed, log) -> list[dict]:
     rows = []
     for d in sizes:
@@ -164,8 +168,9 @@ def gain(upscaler, faces, bgs, sizes, seed, log) -> list[dict]:
                 continue
             x0, y0 = max(0, math.floor(box[0] * 8)), max(0, math.floor(box[1] * 8))
             x1, y1 = min(scene.shape[1], math.ceil(box[2] * 8)), min(scene.shape[0], math.ceil(box[3] * 8))
-            t = lambda a: torch.from_numpy(np.ascontiguousarray(a[y0:y1, x0:x1])).permute(2, 0, 1)[None] / 255  # noqa
-            sr, bic = image_scores(t(res.image), t(scene)), image_scores(t(enlarge(photo, 8)), t(scene))
+            crop = (slice(y0, y1), slice(x0, x1))
+            sr, bic = (image_scores(_t(res.image[crop]), _t(scene[crop])),
+                       image_scores(_t(enlarge(photo, 8)[crop]), _t(scene[crop])))
             scores.append({k: (float(sr[k]), float(bic[k])) for k in ("psnr", "ssim")})
         if not scores:
             continue
@@ -182,8 +187,7 @@ def gain(upscaler, faces, bgs, sizes, seed, log) -> list[dict]:
 
 
 def run(args) -> int:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    log = lambda m: print(m, flush=True)  # noqa: E731
+    log = print
     hog1 = FaceDetector(DetectConfig(detectors=("hog",), hog_upsample=1))
     n_gain = args.n
     faces = lfw_test_faces(Path(args.faces), max(args.n, n_gain), args.seed, hog1)
