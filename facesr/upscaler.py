@@ -129,7 +129,9 @@ class Upscaler:
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, LR, LR):
             raise ValueError(f"faces: batch of shape {tuple(batch.shape)}; expected (B, 3, {LR}, {LR}) "
                              f"(or a NumPy (B, {LR}, {LR}, 3) uint8 array)")
-        x = (x.float() / 255 if x.dtype == torch.uint8 else x.float()).to(self.device)
+        # contiguous: a permuted NumPy batch is channels-last in memory, and the convolutions would pick other
+        # kernels, changing the last bit of a few outputs against the same faces given as a tensor
+        x = (x.float() / 255 if x.dtype == torch.uint8 else x.float()).contiguous().to(self.device)
         out = check_output(self.model(x), len(x), self.name).float().clamp(0, 1)  # (B, 3, 192, 192)
         if as_numpy:
             return (out * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -139,9 +141,10 @@ class Upscaler:
         return self.detector.detect(rgb_array(image))
 
     def enhance(self, image, boxes: Sequence[Sequence[float]] | None = None, scale: float = 8.0,
-                max_pixels: int = MAX_PIXELS) -> Enhanced:
+                max_pixels: int = MAX_PIXELS, landmarks: Sequence[np.ndarray] | None = None) -> Enhanced:
         """Find (or take ``boxes``: (left, top, right, bottom) photo px), align, super-resolve and paste back
-        every face of ``image``; the enlarged photo is skipped (``image`` None, a note) over ``max_pixels``."""
+        every face of ``image``; the enlarged photo is skipped (``image`` None, a note) over ``max_pixels``.
+        ``landmarks`` (one (5, 2) array per box, dlib's 5-point order) skips dlib's landmark predictor."""
         photo = rgb_array(image)
         h, w = photo.shape[:2]
         if not scale > 0:
@@ -151,6 +154,8 @@ class Upscaler:
             found = self.detector.detect(photo)
         else:
             found = [Face(tuple(float(v) for v in b), "given") for b in boxes]
+            for face, pts in zip(found, landmarks or ()):
+                face.landmarks = np.asarray(pts, np.float64).reshape(5, 2)
         faces = [EnhancedFace(f.box, f.detector, f.scores, f.landmarks) for f in found]
         inputs: list[tuple[EnhancedFace, torch.Tensor]] = []
         tensor = torch.from_numpy(photo).permute(2, 0, 1)  # (3, H, W) uint8

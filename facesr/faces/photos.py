@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from ..imageio import ImageReadError, read_rgb
-from ..infer import comparison_panel, write_png
+from ..infer import ModelOutputError, comparison_panel, write_png
 from ..outputs import check_apart, check_links, list_inputs, output_names, shown, write_atomic
 from .align import LR
 
@@ -123,15 +123,21 @@ def enhance_photos(upscaler, src: str | Path, out: str | Path, *, boxes_file: st
             report.photos, report.faces = report.photos + 1, report.faces + 1
             continue
         photo = img.permute(1, 2, 0).numpy()
-        result = upscaler.enhance(photo, boxes.get(f), scale)
-        _write_photo(f, stem, out, photo, result, report, compare, log)
+        try:
+            result = upscaler.enhance(photo, boxes.get(f), scale)
+        except ModelOutputError:
+            raise  # the model's fault: every photo would fail the same way
+        except (ValueError, RuntimeError, MemoryError) as e:  # this photo's; the others go on
+            report.skipped.append((f, str(e)))
+            log(f"skipped {shown(str(f))}: {shown(str(e))}")
+            continue
+        _write_photo(f, stem, out, photo, result, report, compare, f in boxes, log)
     return report
 
 
 def _write_photo(f: Path, stem: Path, out: Path, photo: np.ndarray, result, report: PhotoReport, compare: bool,
-                 log: Callable[[str], None]) -> None:
+                 given: bool, log: Callable[[str], None]) -> None:
     h, w = photo.shape[:2]
-    given = any(face.detector == "given" for face in result.faces)
     faces_dir = stem.parent / f"{stem.name}-faces"
     written = []
     for i, face in enumerate(result.faces):
@@ -152,7 +158,9 @@ def _write_photo(f: Path, stem: Path, out: Path, photo: np.ndarray, result, repo
     smaller = [i for i, face in enumerate(result.faces)
                if face.eye_px is not None and face.eye_px < result.detectable_eye_px]
     notes = list(result.notes)
-    if not result.faces:
+    if not result.faces and given:
+        notes.append("no boxes given for this photo in the boxes file")
+    elif not result.faces:
         notes.append(f"no face found: the detectors find faces from about {result.detectable_eye_px:.1f} px between "
                      "the outer eye corners in this photo; give smaller ones with --boxes FILE")
     elif smaller and given:
