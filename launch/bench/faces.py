@@ -48,8 +48,9 @@ def configure(p) -> None:
     p.add_argument("--backgrounds", default="../shared/data/celeba-ids", help="photos the backgrounds are cut from")
     p.add_argument("--model", help="run folder or SR-net file for the gain (omit: recall only)")
     p.add_argument("--n", type=int, default=16, help="faces per size")
-    p.add_argument("--sizes", type=int, nargs="+", default=list(RECALL_SIZES), help="recall: px between eye corners")
-    p.add_argument("--gain-sizes", type=int, nargs="+", default=list(GAIN_SIZES))
+    p.add_argument("--sizes", type=int, nargs="*", default=list(RECALL_SIZES),
+                   help="recall: px between the outer eye corners (none: no recall)")
+    p.add_argument("--gain-sizes", type=int, nargs="*", default=list(GAIN_SIZES), help="gain: the same (<= 7)")
     p.add_argument("--detectors", default="hog,cnn")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/faces.json")
