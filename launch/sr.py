@@ -31,11 +31,12 @@ def configure(p) -> None:
                    "for one photo, or {photo: [boxes]}; used instead of the detectors")
     p.add_argument("--scale", type=float, default=8.0, help="enlargement of the photo the faces are pasted into "
                    "(bicubic; default 8, the network's)")
-    p.add_argument("--detector", default="hog,cnn", help="dlib detectors to run: hog, cnn or hog,cnn (the CNN "
-                   "finds more faces and is ~100x slower on a CPU)")
+    p.add_argument("--detector", default="hog,cnn", help="dlib detectors to run: hog, cnn or hog,cnn (HOG finds "
+                   "the small faces; the CNN adds poses HOG misses, from larger sizes, ~100x slower on a CPU)")
     p.add_argument("--compare", action="store_true",
                    help="also write a before/after panel per face: the 24x24 input, bicubic x8, facesr x8")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="crops per batch with --faces-only (on photos, "
+                   "each photo's faces are one batch)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -48,6 +49,9 @@ def run(args) -> int:
         return _faces_only(args) if args.faces_only or args.fit else _photos(args)
     except (OutputError, BoxesError, ModelOutputError) as e:  # one line naming the file; nothing half-written
         print(f"facesr sr: {shown(str(e))}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:  # dlib missing: the message says which extra to install
+        print(f"facesr sr: {e}", file=sys.stderr)
         return 2
 
 
@@ -63,7 +67,11 @@ def _photos(args) -> int:
     from facesr.faces.photos import enhance_photos
     from facesr.upscaler import Upscaler
 
-    detect = DetectConfig(detectors=tuple(d.strip() for d in args.detector.split(",") if d.strip()))
+    try:
+        detect = DetectConfig(detectors=tuple(d.strip() for d in args.detector.split(",") if d.strip()))
+    except ValueError as e:
+        print(f"facesr sr: --detector: {e}", file=sys.stderr)
+        return 2
     up = Upscaler.load(args.model, args.device, detect=detect)
     rep = enhance_photos(up, args.src, args.out, boxes_file=args.boxes, scale=args.scale, compare=args.compare,
                          log=log)
