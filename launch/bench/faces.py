@@ -67,7 +67,7 @@ def lfw_test_faces(lfw: Path, n: int, seed: int, detector: FaceDetector) -> list
         img = np.asarray(Image.open(sorted((lfw / ident).glob("*.jpg"))[0]).convert("RGB"))
         found = detector.detect(img)
         if found:
-            f = min(found, key=lambda f: ((f.box[0] + f.box[2]) / 2 - 125) ** 2 + ((f.box[1] + f.box[3]) / 2 - 125) ** 2)
+            f = min(found, key=lambda f: (f.box[0] + f.box[2] - 250) ** 2 + (f.box[1] + f.box[3] - 250) ** 2)
             faces.append({"id": ident, "img": img, "box": np.array(f.box), "lm": f.landmarks, "eye": f.eye_px})
         if len(faces) == n:
             break
