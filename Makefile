@@ -14,7 +14,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,export,dlib]'
+	$(BIN)/pip install -q -e '.[train,test,export,faces]'
 	touch $(STAMP)
 
 # System parts first (Prometheus and promtool from Debian's packages, as root), then the suite; under CI=true a

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util  # find_spec: the big venv imports it by chance, a bare install does not
 import sys
 
 # subcommand -> (module, one-line help)

@@ -231,7 +231,7 @@ def test_sr_on_only_non_images_fails(capsys, tmp_path, srnet):
     src.mkdir()
     (src / "a.png").write_bytes(b"GIF89a nope")
     (src / "b.jpg").write_text("text")
-    assert main(["sr", str(srnet), str(src), str(out), "--device", "cpu"]) == 1
+    assert main(["sr", str(srnet), str(src), str(out), "--faces-only", "--device", "cpu"]) == 1
     assert "wrote 0 PNGs" in capsys.readouterr().out
     assert not out.exists() or not any(out.iterdir())
 

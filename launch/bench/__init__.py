@@ -19,6 +19,7 @@ KINDS = {  # kind -> module; heavy imports (Ray, DeepSpeed) happen inside each m
     "train": "launch.bench.train",
     "store": "launch.bench.store",
     "eval": "launch.bench.eval",
+    "faces": "launch.bench.faces",
 }
 
 
