@@ -18,7 +18,7 @@ from facesr.upscaler import Upscaler
 from facesr.weights import save_srnet
 from launch.bench.faces import compose, lfw_test_faces
 
-from .conftest import LFW, ROOT, tiny_net
+from .conftest import LFW, tiny_net
 
 HOG = DetectConfig(detectors=("hog",))  # the CNN finds the same faces here ~100x slower; the benchmark runs both
 
@@ -43,15 +43,10 @@ def bgs():
     return out
 
 
-DEMO = ROOT / "runs" / "demo" / "runs" / "demo" / "srnet.safetensors"  # the deploy model `make demo` writes
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A model that beats bicubic: the demo's deploy model when `make demo` has run in this checkout, else a tiny
-    cascade trained here (tests/faces_model.py; a few CPU minutes)."""
-    if DEMO.is_file():
-        return DEMO
+    """A model that beats bicubic: a tiny cascade trained here (tests/faces_model.py; about a CPU minute), the same
+    on every machine whatever runs/ holds."""
     from .faces_model import train_model
 
     d = tmp_path_factory.mktemp("trained")
