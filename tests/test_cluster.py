@@ -195,9 +195,16 @@ def monitor(cluster):
             import warnings
 
             warnings.warn(f"cluster.monitor did not exit within 60 s of SIGINT; log tail:\n{log.read_text()[-2000:]}")
+            import psutil  # ships with ray
+
+            children = psutil.Process(proc.pid).children(recursive=True)  # its Prometheus: ended by pid, not by name
             proc.kill()
             proc.wait(timeout=30)
-            subprocess.run(["pkill", "-f", str(cluster.tmp / "prometheus")], check=False)
+            for child in children:
+                try:
+                    child.kill()
+                except psutil.NoSuchProcess:
+                    pass
 
 
 @pytest.fixture(scope="module")
