@@ -282,8 +282,10 @@ def run_grid(args) -> int:
         _, faces = _faces(args, args.rows)
     skipped: list = []
     batch = next(folder_batches(faces, len(faces), skipped=skipped), None)
+    from .cli import printable
+
     for path, why in skipped:
-        _log(f"skipped {path}: {why}")
+        _log(printable(f"skipped {path}: {why}"))
     if batch is None:
         raise SystemExit("no readable faces for the grid")
     if names != ["paper"]:
