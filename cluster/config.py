@@ -84,15 +84,19 @@ def _at_least(section, key: str, **lows) -> None:
 
 
 def _check_finite(obj, key: str) -> None:
-    """Every float of a config (nested sections, lists) is a number: NaN and inf pass every ``<`` check."""
-    for f in dataclasses.fields(obj):
-        v, name = getattr(obj, f.name), f"{key}.{f.name}" if key else f.name
-        if dataclasses.is_dataclass(v):
-            _check_finite(v, name)
-            continue
-        for i, x in (enumerate(v) if isinstance(v, list) else [(None, v)]):
-            if isinstance(x, float) and not math.isfinite(x):
-                raise ConfigError(name if i is None else f"{name}[{i}]", f"expected a finite number, got {x}")
+    """Every float of a config (nested sections, lists, mappings such as data.degradation) is a number: NaN and
+    inf pass every ``<`` check."""
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            _check_finite(getattr(obj, f.name), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_finite(v, f"{key}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _check_finite(v, f"{key}[{i}]")
+    elif isinstance(obj, float) and not math.isfinite(obj):
+        raise ConfigError(key, f"expected a finite number, got {obj}")
 
 
 @dataclass

@@ -88,6 +88,8 @@ TRAIN = [
     ("one-element betas", ["stage2.betas=[0.9]"], "", r"stage2\.betas: expected two Adam betas"),
     ("NaN lr", ["stage1.lr=.nan"], "", r"stage1\.lr: expected a finite number, got nan"),
     ("inf lr", ["stage2.lr=.inf"], "", r"stage2\.lr: expected a finite number, got inf"),
+    ("NaN inside data.degradation", ["data.degradation={noise: {gaussian: {sigma: [.nan, 3]}}}"], "",
+     r"data\.degradation\.noise\.gaussian\.sigma\[0\]: expected a finite number, got nan"),
     ("negative weight decay", ["stage2.weight_decay=-0.1"], "", r"stage2\.weight_decay: must be 0 or more"),
     ("negative lr_gamma", ["stage1.lr_gamma=-0.5"], "", r"stage1\.lr_gamma: a decay factor in \(0, 1\]"),
     ("negative cpus_per_worker", ["cluster.cpus_per_worker=-1"], "", r"cluster\.cpus_per_worker: must be positive"),
