@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             mod = importlib.import_module(module)
             mod.configure(p)
             p.set_defaults(_run=mod.run)
-            p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+            _add_debug(p)
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = parser.parse_args(argv)
     try:
@@ -55,6 +55,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"facesr {args.command}: {'' if interrupted else 'error: '}{what}"
               f"{'' if interrupted else ' (--debug or FACESR_DEBUG=1 for the traceback)'}", file=sys.stderr)
         return 130 if interrupted else 1
+
+
+def _add_debug(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` after the command too (``facesr eval quality … --debug``), at every level of subcommands."""
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_debug(sub)
 
 
 def one_line(exn: BaseException, limit: int = 500) -> str:

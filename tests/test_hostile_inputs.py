@@ -561,13 +561,15 @@ def test_damaged_shard_in_eval_priors_is_reported(capsys, tmp_path, shards):
 
 
 def test_debug_keeps_the_traceback(capsys, monkeypatch, tmp_path):
-    """The one-line handler hides the traceback; `--debug` (either side of the command) or FACESR_DEBUG=1 lets
-    the exception through, so the traceback prints."""
+    """The one-line handler hides the traceback; `--debug` (before or after the command, at any level of
+    subcommands) or FACESR_DEBUG=1 lets the exception through, so the traceback prints."""
     args = ["export", str(_vdsr_bomb(tmp_path)), str(tmp_path / "out")]
     assert main(args) == 1 and "size of 12,000" in one_line(capsys.readouterr().err)
     for argv in (["--debug", *args], [*args, "--debug"]):
         with pytest.raises(ValueError, match="size of 12,000"):
             main(argv)
+    with pytest.raises(FileNotFoundError, match="none.safetensors"):  # a subcommand's subcommand takes it too
+        main(["eval", "quality", str(tmp_path / "none.safetensors"), "--debug"])
     monkeypatch.setenv("FACESR_DEBUG", "1")
     with pytest.raises(ValueError, match="size of 12,000"):
         main(args)
