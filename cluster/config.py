@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,12 +34,69 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A configuration problem, with the dotted name of the field at fault."""
+    """A configuration problem, with the dotted name of the field at fault (both clipped to one short line)."""
 
     def __init__(self, field_name: str, msg: str):
+        field_name, msg = _clip(field_name, 200), _clip(msg)
         super().__init__(f"{field_name}: {msg}")
         self.field = field_name
         self.message = msg
+
+
+MAX_MESSAGE = 600  # characters of a config error's message: a value is shown, never expanded
+MAX_VALUES = 10_000  # values one field may hold once YAML aliases are expanded (real configs hold a few dozen)
+_REPR = reprlib.Repr()  # Python 3.11's takes no keywords
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 6, 6, 6, 80, 80
+
+
+def _show(value) -> str:
+    """A bounded repr of a config value for messages: a YAML alias bomb or a huge number is never expanded."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an integer of {value.bit_length()} bits"
+    return _REPR.repr(value)
+
+
+def _clip(text: str, limit: int = MAX_MESSAGE) -> str:
+    """One line of at most ``limit`` characters (control characters escaped)."""
+    text = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters)"
+
+
+def _expanded_size(value, limit: int = MAX_VALUES) -> int:
+    """How many values ``value`` holds with YAML aliases expanded, counting stops past ``limit`` (bounded work)."""
+    n, stack = 0, [value]
+    while stack and n <= limit:
+        v = stack.pop()
+        n += 1
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+    return n
+
+
+def _at_least(section, key: str, **lows) -> None:
+    """Refuse any of ``section``'s named numbers below its lower bound, naming the dotted key."""
+    for name, low in lows.items():
+        v = getattr(section, name)
+        if v < low:
+            raise ConfigError(f"{key}.{name}", f"must be {low} or more, got {_show(v)}")
+
+
+def _check_finite(obj, key: str) -> None:
+    """Every float of a config (nested sections, lists, mappings such as data.degradation) is a number: NaN and
+    inf pass every ``<`` check."""
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            _check_finite(getattr(obj, f.name), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_finite(v, f"{key}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _check_finite(v, f"{key}[{i}]")
+    elif isinstance(obj, float) and not math.isfinite(obj):
+        raise ConfigError(key, f"expected a finite number, got {obj}")
 
 
 @dataclass
@@ -67,6 +125,9 @@ class RunConfig:
             port = getattr(self, name)
             if port is not None and not 0 <= port <= 65535:
                 raise ConfigError(f"{key}.{name}", f"expected a TCP port 0-65535 or null, got {port}")
+        _at_least(self, key, seed=0, log_every=1, checkpoint_every=0, keep_checkpoints=1)
+        if self.seed >= 2**63:  # torch.manual_seed's range
+            raise ConfigError(f"{key}.seed", f"must be below 2**63, got {_show(self.seed)}")
 
 
 @dataclass
@@ -92,6 +153,9 @@ class DataConfig:
     degradation: str | dict = "paper"
 
     def validate(self, key: str = "data") -> None:
+        _at_least(self, key, loader_workers=0, shuffle_buffer=0, steps_per_epoch=0, val_batches=0)
+        if self.shard_cache_gb <= 0:
+            raise ConfigError(f"{key}.shard_cache_gb", f"must be positive, got {self.shard_cache_gb}")
         self.degradation_model(key)
 
     def degradation_model(self, key: str = "data"):
@@ -102,7 +166,7 @@ class DataConfig:
             return resolve_degradation(self.degradation, f"{key}.degradation")
         except DegradationError as e:
             name, _, msg = str(e).partition(": ")
-            raise ConfigError(name, msg) from None
+            raise ConfigError(name, _clip(msg)) from None
 
     def prior_split(self, manifest: dict) -> str:
         """The split stage 1 is validated on (``prior_val_split``, with ``auto`` resolved against the shards)."""
@@ -138,6 +202,10 @@ class ClusterConfig:
         if not 0 <= self.min_workers <= self.num_workers:
             raise ConfigError(f"{key}.min_workers", f"expected 0 (fixed) to num_workers={self.num_workers}, "
                               f"got {self.min_workers}")
+        for name in ("cpus_per_worker", "gpus_per_worker", "elastic_resize_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{key}.{name}", f"must be positive, got {getattr(self, name)}")
+        _at_least(self, key, max_failures=0)  # Ray's -1 (retry forever) would loop on a deterministic failure
 
 
 @dataclass
@@ -162,6 +230,8 @@ class EngineConfig:
             raise ConfigError(f"{key}.precision", f"expected auto, bf16 or fp32, got {self.precision!r}")
         if self.bucket_mb <= 0:
             raise ConfigError(f"{key}.bucket_mb", f"must be positive, got {self.bucket_mb}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"{key}.grad_clip", f"must be 0 (off) or positive, got {self.grad_clip}")
         if self.batchnorm not in ("local", "sync"):
             raise ConfigError(f"{key}.batchnorm", f"expected local or sync, got {self.batchnorm!r}")
 
@@ -187,6 +257,17 @@ class StageConfig:
             raise ConfigError(f"{key}.lr", "must be positive")
         if self.warmup_steps < 0:
             raise ConfigError(f"{key}.warmup_steps", "must be 0 (none) or more")
+        _at_least(self, key, lr_every=0, weight_decay=0)
+        if not 0 < self.lr_gamma <= 1:
+            raise ConfigError(f"{key}.lr_gamma", f"a decay factor in (0, 1], got {self.lr_gamma}")
+        for i, m in enumerate(self.lr_milestones):
+            if m < 1:
+                raise ConfigError(f"{key}.lr_milestones[{i}]", f"a 1-based epoch, got {m}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"{key}.betas", f"expected two Adam betas [beta1, beta2], got {len(self.betas)}")
+        for i, b in enumerate(self.betas):
+            if not 0 <= b < 1:
+                raise ConfigError(f"{key}.betas[{i}]", f"an Adam beta in [0, 1), got {b}")
 
     def lr_at(self, epoch: int, step: int | None = None) -> float:
         """Learning rate during 0-based ``epoch``; stepped per epoch, except during the warm-up of the first
@@ -377,7 +458,8 @@ class TrainConfig:
         from facesr.models import PRESETS
 
         if self.preset not in PRESETS:
-            raise ConfigError("preset", f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+            raise ConfigError("preset", f"unknown preset {_show(self.preset)}; choose one of {sorted(PRESETS)}")
+        _check_finite(self, "")
         self.run.validate("run")
         self.data.validate("data")
         self.cluster.validate("cluster")
@@ -440,31 +522,31 @@ def _check_type(value, tp, name: str):
                 return _check_type(value, a, name)
             except ConfigError:
                 pass
-        raise ConfigError(name, f"expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(name, f"expected {_type_name(tp)}, got {_show(value)}")
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(name, f"expected a list of {_type_name(item)}, got {value!r}")
+            raise ConfigError(name, f"expected a list of {_type_name(item)}, got {_show(value)}")
         return [_check_type(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(name, f"expected a number, got {value!r}")
+            raise ConfigError(name, f"expected a number, got {_show(value)}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(name, f"expected an integer, got {value!r}")
+            raise ConfigError(name, f"expected an integer, got {_show(value)}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(name, f"expected true or false, got {value!r}")
+            raise ConfigError(name, f"expected true or false, got {_show(value)}")
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(name, f"expected a string, got {value!r}")
+            raise ConfigError(name, f"expected a string, got {_show(value)}")
         return value
     if tp is dict:
         if not isinstance(value, dict):
-            raise ConfigError(name, f"expected a mapping, got {value!r}")
+            raise ConfigError(name, f"expected a mapping, got {_show(value)}")
         return value
     raise ConfigError(name, f"unsupported field type {tp}")
 
@@ -478,7 +560,7 @@ def from_dict(cls, data: dict, prefix: str = ""):
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(prefix.rstrip(".") or "config", f"expected a mapping, got {data!r}")
+        raise ConfigError(prefix.rstrip(".") or "config", f"expected a mapping, got {_show(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
@@ -487,6 +569,9 @@ def from_dict(cls, data: dict, prefix: str = ""):
     obj = cls()
     for key, value in data.items():
         tp = hints[key]
+        if not dataclasses.is_dataclass(tp) and _expanded_size(value) > MAX_VALUES:  # sections: their fields say
+            raise ConfigError(f"{prefix}{key}", f"holds over {MAX_VALUES:,} values once YAML aliases are expanded "
+                              "(an alias bomb?)")
         if dataclasses.is_dataclass(tp):
             sub = from_dict(tp, value, f"{prefix}{key}.")
             # keep the parent's defaults for fields the file does not mention (e.g. stage2.lr_milestones)
@@ -517,7 +602,9 @@ def parse_overrides(overrides: list[str]) -> dict:
         try:
             value = _yaml_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
-            raise ConfigError(key.strip(), f"value {raw!r} is not valid YAML ({e})".replace("\n", " ")) from None
+            raise ConfigError(key.strip(), f"value {_show(raw)} is not valid YAML ({e})".replace("\n", " ")) from None
+        except ValueError as e:  # an integer past Python's digit limit
+            raise ConfigError(key.strip(), f"value {_show(raw)}: {e}") from None
         _set_dotted(tree, key.strip(), value)
     return tree
 
@@ -529,6 +616,9 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a run config is a few KB; anything larger was given by mistake
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """YAML file (optional) + dotted overrides -> TrainConfig; raises ConfigError naming the field."""
     data: dict = {}
@@ -536,10 +626,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise ConfigError("--config", f"{p}: no such file")
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError("--config", f"{p}: {p.stat().st_size:,} bytes, not a run config (those are a few KB)")
         try:
-            data = _yaml_load(p.read_text()) or {}
+            data = _yaml_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise ConfigError("--config", f"{p}: not a UTF-8 text file (a run config is YAML)") from None
         except yaml.YAMLError as e:
             raise ConfigError("--config", f"{p}: not valid YAML ({e})".replace("\n", " ")) from None
+        except (ValueError, RecursionError) as e:  # an integer past Python's digit limit, nesting past the stack
+            raise ConfigError("--config", f"{p}: unreadable YAML value ({type(e).__name__}: {e})") from None
+        if not isinstance(data, dict):  # /etc/passwd parses as one long string: say what it is, not what it says
+            raise ConfigError("--config", f"{p}: expected a YAML mapping of sections (preset, run, data, ...), "
+                              f"got a {type(data).__name__}")
     data = _merge(data, parse_overrides(overrides or []))
     return from_dict(TrainConfig, data)
 

@@ -180,12 +180,25 @@ def _shard_batches(root: str, split: str, batch_size: int):
     from shards.manifest import shard_urls
     from shards.stream import read_in_order
 
+    from .cli import printable
+
     errors: list = []
-    for b in read_in_order(shard_urls(root, split), LEVELS, batch_size, errors):
+    skipped = 0
+
+    def report() -> None:  # damage is said where it is met, and counted: the evaluation never shrinks silently
+        nonlocal skipped
         for key, why in errors:
-            _log(f"skipped shard sample {key}: {why}")
+            _log(printable(f"skipped damaged shard sample or shard {key}: {why}"))
+        skipped += len(errors)
         errors.clear()
+
+    for b in read_in_order(shard_urls(root, split), LEVELS, batch_size, errors):
+        report()
         yield {**{k: b[k].float() / 255 for k in LEVELS}, "name": b["key"]}
+    report()
+    if skipped:
+        _log(f"warning: {skipped} damaged samples or shards of split {split!r} were skipped: the scores above "
+             "and below cover fewer faces than the split holds")
 
 
 def _faces(args, n: int = 0):
@@ -274,8 +287,10 @@ def run_grid(args) -> int:
         _, faces = _faces(args, args.rows)
     skipped: list = []
     batch = next(folder_batches(faces, len(faces), skipped=skipped), None)
+    from .cli import printable
+
     for path, why in skipped:
-        _log(f"skipped {path}: {why}")
+        _log(printable(f"skipped {path}: {why}"))
     if batch is None:
         raise SystemExit("no readable faces for the grid")
     if names != ["paper"]:
