@@ -45,12 +45,12 @@ def bgs():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A model that beats bicubic: a tiny cascade trained here (tests/faces_model.py; about a CPU minute), the same
-    on every machine whatever runs/ holds."""
-    from .faces_model import train_model
+    """A model that beats bicubic: the tiny cascade trained on the robust degradation (tests/faces_model.py; a CPU
+    minute, shared with tests/test_learning.py), the same on every machine whatever runs/ holds."""
+    from .faces_model import trained as tiny_trained
 
     d = tmp_path_factory.mktemp("trained")
-    save_srnet(d / "srnet.safetensors", train_model())
+    save_srnet(d / "srnet.safetensors", tiny_trained("robust"))
     return d
 
 

@@ -8,29 +8,21 @@ the distributed machinery (tests/test_train.py does that).
 """
 
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from facesr.degrade import quadruplet
-from facesr.losses import ssim, ssim_loss
-from facesr.models import PRESETS, SRNet
+from facesr.losses import ssim
 from facesr.vocab import TARGETS
 
 from .conftest import LFW
-
-BATCH, LR = 8, 10 / 3 * 1e-3  # the paper's stage-2 Adam lr and batch
+from .faces_model import faces, trained as tiny_trained
 
 
 def _faces(n: int, skip: int = 0) -> dict[str, torch.Tensor]:
-    """Quadruplets of n LFW faces, one per person, people in name order from ``skip``."""
-    people = sorted(p for p in LFW.iterdir() if p.is_dir())[skip:skip + n]
-    imgs = [torch.from_numpy(np.asarray(Image.open(sorted(p.iterdir())[0]).convert("RGB")).copy())
-            .permute(2, 0, 1).float() / 255 for p in people]
-    quads = [quadruplet(img) for img in imgs]
-    return {k: torch.stack([q[k] for q in quads]) for k in quads[0]}
+    """Quadruplets of n LFW faces, one per person, people in name order from ``skip`` (held out: the models of
+    tests/faces_model.py train on train identities at the start of the alphabet)."""
+    return faces(sorted(p.name for p in LFW.iterdir() if p.is_dir())[skip:skip + n])
 
 
 @pytest.fixture(scope="module")
@@ -69,32 +61,11 @@ def test_beats_bicubic_on_unseen_faces(trained):
 
 # ---------------------------------------------------------------- robust degradation (issue 12)
 
-ROBUST_STEPS = 300  # measured on 32 unseen faces: robust +0.34/+0.35 dB over bicubic at 300, -0.12 at 100
-
-
-def _train(kind: str, train: dict) -> SRNet:
-    """The tiny cascade trained ROBUST_STEPS steps on lr made by ``kind`` (paper: the shards' lr)."""
-    from facesr.degradations import DEGRADATIONS, degrade_lr
-
-    torch.manual_seed(0)
-    net = SRNet(PRESETS["tiny"].sr)
-    opt = torch.optim.Adam(net.parameters(), lr=LR)
-    gen, deg = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
-    for _ in range(ROBUST_STEPS):
-        idx = torch.randint(0, train["hr"].shape[0], (BATCH,), generator=gen)
-        lr = train["lr"][idx] if kind == "paper" else degrade_lr(train["hr"][idx], DEGRADATIONS[kind], deg)
-        out = net(lr)
-        loss = sum(ssim_loss(out[k], train[k][idx]) for k in TARGETS)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return net.eval()
-
-
 @pytest.fixture(scope="module")
 def fixed_and_robust():
-    train = _faces(64)
-    return {kind: _train(kind, train) for kind in ("paper", "robust")}, _faces(32, skip=2000)
+    """The tiny cascade trained on the paper's fixed degradation and on the robust one (tests/faces_model.py: once
+    a session, shared with the photo tests), and 32 faces of people neither saw."""
+    return {kind: tiny_trained(kind) for kind in ("paper", "robust")}, _faces(32, skip=2000)
 
 
 @pytest.mark.parametrize("made_by", ["bicubic_aa", "area"])
