@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--out", default="bench/gpu", help="folder of gpu_check.json and the stages' logs")
     p.add_argument("--pack", default=str(ROOT / ".gpupack"), help="what make gpu-pack built (wheels/, shards/)")
-    p.add_argument("--budget-s", type=float, default=360.0, help="the whole run's time; stages past it are skipped")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="the whole run's time; stages past it are skipped (default 360 on CUDA, 1800 on the CPU)")
     p.add_argument("--seconds", type=float, default=4.0, help="timed steps per step variant")
     p.add_argument("--batch", type=int, default=8, help="images a GPU per step (scale.yaml's per-GPU batch)")
     p.add_argument("--steps", type=int, default=4, help="checked optimizer steps of the worker step")
@@ -189,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--result", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.stages = [s for s in a.stages.split(",") if s]
+    a.budget_s = a.budget_s or (360.0 if a.device == "cuda" else 1800.0)
     if a.run_stage:
         return child(a)
     out = Path(a.out)
