@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from facesr.degradations import DEGRADATIONS, degrade_lr
@@ -62,6 +63,7 @@ def test_naive_degradation_is_what_the_probe_compares_against():
     assert c.total >= 8 and lr.shape == (8, 3, 24, 24) and np.isfinite(lr.numpy()).all()
 
 
+@pytest.mark.slow  # 14 DeepSpeed engines: a few minutes on 2 quiet cores
 def test_every_shipped_configuration_steps_without_host_syncs():
     """Every distinct step of launch/configs/*.yaml (both stages; robust and paper degradation, the SRGAN critic,
     ℓp, MSE peers, class-balanced priors, BatchNorm local and sync, bf16 and fp32, accumulation 2) runs three
