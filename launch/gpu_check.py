@@ -162,8 +162,14 @@ def train_kill_resume(workers: int, out: Path) -> dict:
 def child(a) -> int:
     """``--run-stage``: one stage in this process; its result JSON at ``--result``."""
     kw = json.loads(a.kwargs)
-    if (Path(a.pack) / "site").is_dir():
-        sys.path.append(str(Path(a.pack) / "site"))
+    site = Path(a.pack) / "site"
+    if site.is_dir():
+        sys.path.append(str(site))
+        spec = importlib.util.find_spec("deepspeed") if importable("deepspeed") is None else None
+        if spec and spec.origin and spec.origin.startswith(str(site)):
+            # the pack's DeepSpeed JIT-builds its ops from its own sources: in a folder of its own, never the
+            # shared cache an installed DeepSpeed (built from other paths) would then find stale and rebuild
+            os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(a.pack) / "torch_extensions"))
     try:
         result = {"status": "ok", **run_stage(a.run_stage, kw, a.device, Path(a.out))}
     except Exception as e:  # reported in the summary, with where it came from
