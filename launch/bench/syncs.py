@@ -81,7 +81,8 @@ def naive_degrade_lr(hr: torch.Tensor, cfg, generator: torch.Generator) -> torch
         return r[0] + (r[1] - r[0]) * rand()
 
     def pick(weights):
-        return torch.multinomial(torch.tensor(weights, dtype=torch.float64, device=g.device), n, True, generator=g).cpu()
+        w = torch.tensor(weights, dtype=torch.float64, device=g.device)
+        return torch.multinomial(w, n, True, generator=g).cpu()
 
     b, nz = cfg.blur, cfg.noise
     blurred = rand() < b.p
