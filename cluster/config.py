@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,12 +34,69 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A configuration problem, with the dotted name of the field at fault."""
+    """A configuration problem, with the dotted name of the field at fault (both clipped to one short line)."""
 
     def __init__(self, field_name: str, msg: str):
+        field_name, msg = _clip(field_name, 200), _clip(msg)
         super().__init__(f"{field_name}: {msg}")
         self.field = field_name
         self.message = msg
+
+
+MAX_MESSAGE = 600  # characters of a config error's message: a value is shown, never expanded
+MAX_VALUES = 10_000  # values one field may hold once YAML aliases are expanded (real configs hold a few dozen)
+_REPR = reprlib.Repr()  # Python 3.11's takes no keywords
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 6, 6, 6, 80, 80
+
+
+def _show(value) -> str:
+    """A bounded repr of a config value for messages: a YAML alias bomb or a huge number is never expanded."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an integer of {value.bit_length()} bits"
+    return _REPR.repr(value)
+
+
+def _clip(text: str, limit: int = MAX_MESSAGE) -> str:
+    """One line of at most ``limit`` characters (control characters escaped)."""
+    text = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters)"
+
+
+def _expanded_size(value, limit: int = MAX_VALUES) -> int:
+    """How many values ``value`` holds with YAML aliases expanded, counting stops past ``limit`` (bounded work)."""
+    n, stack = 0, [value]
+    while stack and n <= limit:
+        v = stack.pop()
+        n += 1
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+    return n
+
+
+def _at_least(section, key: str, **lows) -> None:
+    """Refuse any of ``section``'s named numbers below its lower bound, naming the dotted key."""
+    for name, low in lows.items():
+        v = getattr(section, name)
+        if v < low:
+            raise ConfigError(f"{key}.{name}", f"must be {low} or more, got {_show(v)}")
+
+
+def _check_finite(obj, key: str) -> None:
+    """Every float of a config (nested sections, lists, mappings such as data.degradation) is a number: NaN and
+    inf pass every ``<`` check."""
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            _check_finite(getattr(obj, f.name), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_finite(v, f"{key}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _check_finite(v, f"{key}[{i}]")
+    elif isinstance(obj, float) and not math.isfinite(obj):
+        raise ConfigError(key, f"expected a finite number, got {obj}")
 
 
 @dataclass
@@ -67,6 +125,9 @@ class RunConfig:
             port = getattr(self, name)
             if port is not None and not 0 <= port <= 65535:
                 raise ConfigError(f"{key}.{name}", f"expected a TCP port 0-65535 or null, got {port}")
+        _at_least(self, key, seed=0, log_every=1, checkpoint_every=0, keep_checkpoints=1)
+        if self.seed >= 2**63:  # torch.manual_seed's range
+            raise ConfigError(f"{key}.seed", f"must be below 2**63, got {_show(self.seed)}")
 
 
 @dataclass
@@ -92,6 +153,9 @@ class DataConfig:
     degradation: str | dict = "paper"
 
     def validate(self, key: str = "data") -> None:
+        _at_least(self, key, loader_workers=0, shuffle_buffer=0, steps_per_epoch=0, val_batches=0)
+        if self.shard_cache_gb <= 0:
+            raise ConfigError(f"{key}.shard_cache_gb", f"must be positive, got {self.shard_cache_gb}")
         self.degradation_model(key)
 
     def degradation_model(self, key: str = "data"):
@@ -102,7 +166,7 @@ class DataConfig:
             return resolve_degradation(self.degradation, f"{key}.degradation")
         except DegradationError as e:
             name, _, msg = str(e).partition(": ")
-            raise ConfigError(name, msg) from None
+            raise ConfigError(name, _clip(msg)) from None
 
     def prior_split(self, manifest: dict) -> str:
         """The split stage 1 is validated on (``prior_val_split``, with ``auto`` resolved against the shards)."""
@@ -141,6 +205,10 @@ class ClusterConfig:
         if not 0 <= self.min_workers <= self.num_workers:
             raise ConfigError(f"{key}.min_workers", f"expected 0 (fixed) to num_workers={self.num_workers}, "
                               f"got {self.min_workers}")
+        for name in ("cpus_per_worker", "gpus_per_worker", "elastic_resize_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{key}.{name}", f"must be positive, got {getattr(self, name)}")
+        _at_least(self, key, max_failures=0)  # Ray's -1 (retry forever) would loop on a deterministic failure
         if self.placement_timeout_s < 0:
             raise ConfigError(f"{key}.placement_timeout_s", f"must be 0 (refuse at once) or more, got "
                               f"{self.placement_timeout_s}")
@@ -172,6 +240,8 @@ class EngineConfig:
             raise ConfigError(f"{key}.precision", f"expected auto, bf16 or fp32, got {self.precision!r}")
         if self.bucket_mb <= 0:
             raise ConfigError(f"{key}.bucket_mb", f"must be positive, got {self.bucket_mb}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"{key}.grad_clip", f"must be 0 (off) or positive, got {self.grad_clip}")
         if self.batchnorm not in ("local", "sync"):
             raise ConfigError(f"{key}.batchnorm", f"expected local or sync, got {self.batchnorm!r}")
         from facesr.step import STEP_COMPILE
@@ -202,6 +272,17 @@ class StageConfig:
             raise ConfigError(f"{key}.lr", "must be positive")
         if self.warmup_steps < 0:
             raise ConfigError(f"{key}.warmup_steps", "must be 0 (none) or more")
+        _at_least(self, key, lr_every=0, weight_decay=0)
+        if not 0 < self.lr_gamma <= 1:
+            raise ConfigError(f"{key}.lr_gamma", f"a decay factor in (0, 1], got {self.lr_gamma}")
+        for i, m in enumerate(self.lr_milestones):
+            if m < 1:
+                raise ConfigError(f"{key}.lr_milestones[{i}]", f"a 1-based epoch, got {m}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"{key}.betas", f"expected two Adam betas [beta1, beta2], got {len(self.betas)}")
+        for i, b in enumerate(self.betas):
+            if not 0 <= b < 1:
+                raise ConfigError(f"{key}.betas[{i}]", f"an Adam beta in [0, 1), got {b}")
 
     def lr_at(self, epoch: int, step: int | None = None) -> float:
         """Learning rate during 0-based ``epoch``; stepped per epoch, except during the warm-up of the first
@@ -225,16 +306,34 @@ class PriorStageConfig(StageConfig):
     # What the priors learn identities from: residual = the paper's high-pass Δx (C-SRIP's identity priors);
     # image = the whole faces, a SqueezeNet trained on faces for ℓp's features offline (perceptual_weights: priors)
     input: str = "residual"
+    # What stage 1 trains: priors = the paper's three SqueezeNets (cross-entropy; eq. (4)'s CE and ℓp-on-priors use
+    # them); recognizer = one face recognizer on whole hr faces with a margin loss, whose embeddings stage 2's
+    # identity term compares (stage2.identity_weight), for people it never saw as well (issue 25)
+    model: str = "priors"
+    margin: str = "cosface"  # recognizer: cosface (s·(cos θ − m)) or arcface (s·cos(θ + m))
+    margin_m: float = 0.35  # recognizer: the margin m (CosFace's 0.35; ArcFace's paper uses 0.5)
+    margin_s: float = 30.0  # recognizer: the scale s of the cosine logits
 
     def validate(self, key: str = "stage1") -> None:
         super().validate(key)
         from facesr.degrade import PRIOR_INPUTS
+        from facesr.losses import MARGINS
 
         if self.input not in PRIOR_INPUTS:
             raise ConfigError(f"{key}.input", f"unknown prior input {self.input!r}; choose one of {', '.join(PRIOR_INPUTS)}")
+        if self.model not in STAGE1_MODELS:
+            raise ConfigError(f"{key}.model", f"expected one of {', '.join(STAGE1_MODELS)}, got {self.model!r}")
+        if self.margin not in MARGINS:
+            raise ConfigError(f"{key}.margin", f"expected one of {', '.join(MARGINS)}, got {self.margin!r}")
+        if not 0 <= self.margin_m < 1.5:
+            raise ConfigError(f"{key}.margin_m", f"expected 0 to 1.5 (radians or cosine units), got {self.margin_m}")
+        if not self.margin_s > 0:
+            raise ConfigError(f"{key}.margin_s", f"must be positive, got {self.margin_s}")
         if not 0 <= self.crop_pad < 24:
             raise ConfigError(f"{key}.crop_pad", f"must be 0 to 23 lr pixels, got {self.crop_pad}")
 
+
+STAGE1_MODELS = ("priors", "recognizer")  # stage1.model
 
 # stage2.loss: eq. (4); ℓp on SqueezeNet fire2-4; SRCNN's and VDSR's pixel MSE; SRGAN's MSE + adversarial term
 SR_LOSSES = ("csrip", "perceptual", "mse", "adversarial")
@@ -257,11 +356,30 @@ class SRStageConfig(StageConfig):
     # stage 1 in the run, or stage2.priors)
     perceptual_weights: str = "imagenet"
     adversarial_weight: float = 1e-3  # SRGAN's weight of the generator's adversarial term (Ledig's 10^-3)
+    # Identity term (issue 25), added to eq. (4): identity_weight · (1 − cos) of a frozen face recognizer's
+    # embeddings of each SR output and its ground truth, at the scales listed; 0 = off (the paper's loss)
+    identity_weight: float = 0.0
+    identity_scales: list[str] = field(default_factory=lambda: ["x8"])  # outputs it acts on: x2, x4, x8
+    identity_start: int = 0  # first (0-based) epoch it acts in: SSIM alone before, so it can converge first
+    identity_ramp: int = 0  # epochs over which its weight rises linearly to identity_weight from identity_start
+    recognizer: str = ""  # trained recognizer (safetensors) when stage 1 is not in this run; "" = <run_dir>/recognizer.safetensors
 
     @property
     def uses_priors(self) -> bool:
         """Whether training needs the identity priors of stage 1 (eq. (4) with alpha > 0, or ℓp on their features)."""
         return (self.loss == "csrip" and self.alpha > 0) or (self.loss == "perceptual" and self.perceptual_weights == "priors")
+
+    @property
+    def uses_recognizer(self) -> bool:
+        """Whether training needs stage 1's face recognizer (the identity term)."""
+        return self.loss == "csrip" and self.identity_weight > 0
+
+    def identity_factor(self, epoch: int) -> float:
+        """The identity term's share of identity_weight during 0-based ``epoch``: 0 before identity_start, then a
+        linear ramp over identity_ramp epochs to 1."""
+        if epoch < self.identity_start:
+            return 0.0
+        return min(1.0, (epoch - self.identity_start + 1) / (self.identity_ramp + 1)) if self.identity_ramp else 1.0
 
     def validate(self, key: str = "stage2") -> None:
         super().validate(key)
@@ -277,6 +395,19 @@ class SRStageConfig(StageConfig):
             raise ConfigError(f"{key}.adversarial_weight", f"must be positive, got {self.adversarial_weight}")
         if self.priors and not self.uses_priors:
             raise ConfigError(f"{key}.priors", f"{key}.loss={self.loss} (alpha={self.alpha}) uses no identity priors")
+        if not self.identity_weight >= 0:
+            raise ConfigError(f"{key}.identity_weight", f"must be 0 or more, got {self.identity_weight}")
+        if self.identity_weight > 0 and self.loss != "csrip":
+            raise ConfigError(f"{key}.identity_weight", f"the identity term is part of the csrip loss, not {self.loss}")
+        from facesr.vocab import SCALES
+
+        if not self.identity_scales or any(sc not in SCALES for sc in self.identity_scales):
+            raise ConfigError(f"{key}.identity_scales", f"expected some of {', '.join(SCALES)}, got {self.identity_scales}")
+        if self.identity_start < 0 or self.identity_ramp < 0:
+            raise ConfigError(f"{key}.identity_start" if self.identity_start < 0 else f"{key}.identity_ramp",
+                              "must be 0 or more")
+        if self.recognizer and not self.uses_recognizer:
+            raise ConfigError(f"{key}.recognizer", f"identity_weight={self.identity_weight}: no identity term uses it")
 
 
 @dataclass
@@ -310,6 +441,17 @@ class TrainConfig:
         return path(self.stage2.priors) if self.stage2.priors else self.run_path / "priors.safetensors"
 
     @property
+    def recognizer_path(self):
+        from shards.store import path
+
+        return path(self.stage2.recognizer) if self.stage2.recognizer else self.run_path / "recognizer.safetensors"
+
+    @property
+    def stage1_needed(self) -> bool:
+        """Whether stage 2's loss uses what stage 1 of this config trains (priors or recognizer: stage1.model)."""
+        return self.stage2.uses_recognizer if self.stage1.model == "recognizer" else self.stage2.uses_priors
+
+    @property
     def elastic(self) -> bool:
         return 0 < self.cluster.min_workers < self.cluster.num_workers
 
@@ -331,7 +473,8 @@ class TrainConfig:
         from facesr.models import PRESETS
 
         if self.preset not in PRESETS:
-            raise ConfigError("preset", f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+            raise ConfigError("preset", f"unknown preset {_show(self.preset)}; choose one of {sorted(PRESETS)}")
+        _check_finite(self, "")
         self.run.validate("run")
         self.data.validate("data")
         self.cluster.validate("cluster")
@@ -360,12 +503,24 @@ class TrainConfig:
                     raise ConfigError(e.field, f"{e.message}; an elastic run may train at any of "
                                       f"{self.world_sizes.start}..{self.world_sizes.stop - 1} workers, so the global "
                                       f"batch must be a multiple of {lcm} (or narrow cluster.min_workers)") from None
-        if 1 in self.run.stages and 2 in self.run.stages and not self.stage2.uses_priors:
-            raise ConfigError("run.stages", f"stage 1 trains the identity priors, which stage 2 does not use "
-                              f"(stage2.loss={self.stage2.loss}, alpha={self.stage2.alpha}): use run.stages=[2]")
-        if self.stage2.priors and 1 in self.run.stages:
+        both = 1 in self.run.stages and 2 in self.run.stages
+        if both and not self.stage1_needed:
+            what = "face recognizer" if self.stage1.model == "recognizer" else "identity priors"
+            raise ConfigError("run.stages", f"stage 1 trains the {what} (stage1.model={self.stage1.model}), which "
+                              f"stage 2 does not use (stage2.loss={self.stage2.loss}, alpha={self.stage2.alpha}, "
+                              f"identity_weight={self.stage2.identity_weight}): use run.stages=[2]")
+        if both and self.stage2.uses_priors and self.stage1.model != "priors" and not self.stage2.priors:
+            raise ConfigError("stage2.priors", "stage 1 trains a recognizer, not the priors that stage2.alpha uses: "
+                              "point stage2.priors at a priors file, or set stage2.alpha=0")
+        if both and self.stage2.uses_recognizer and self.stage1.model != "recognizer" and not self.stage2.recognizer:
+            raise ConfigError("stage2.recognizer", "stage 1 trains the priors, not the recognizer that "
+                              "stage2.identity_weight uses: point stage2.recognizer at a recognizer file")
+        if self.stage2.priors and 1 in self.run.stages and self.stage1.model == "priors":
             raise ConfigError("stage2.priors", "set it only for a stage-2 run (run.stages=[2]); stage 1 writes "
                               "<run_dir>/priors.safetensors")
+        if self.stage2.recognizer and 1 in self.run.stages and self.stage1.model == "recognizer":
+            raise ConfigError("stage2.recognizer", "set it only for a stage-2 run (run.stages=[2]); stage 1 writes "
+                              "<run_dir>/recognizer.safetensors")
 
 
 # ---------------------------------------------------------------- parsing
@@ -385,31 +540,31 @@ def _check_type(value, tp, name: str):
                 return _check_type(value, a, name)
             except ConfigError:
                 pass
-        raise ConfigError(name, f"expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(name, f"expected {_type_name(tp)}, got {_show(value)}")
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(name, f"expected a list of {_type_name(item)}, got {value!r}")
+            raise ConfigError(name, f"expected a list of {_type_name(item)}, got {_show(value)}")
         return [_check_type(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(name, f"expected a number, got {value!r}")
+            raise ConfigError(name, f"expected a number, got {_show(value)}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(name, f"expected an integer, got {value!r}")
+            raise ConfigError(name, f"expected an integer, got {_show(value)}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(name, f"expected true or false, got {value!r}")
+            raise ConfigError(name, f"expected true or false, got {_show(value)}")
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(name, f"expected a string, got {value!r}")
+            raise ConfigError(name, f"expected a string, got {_show(value)}")
         return value
     if tp is dict:
         if not isinstance(value, dict):
-            raise ConfigError(name, f"expected a mapping, got {value!r}")
+            raise ConfigError(name, f"expected a mapping, got {_show(value)}")
         return value
     raise ConfigError(name, f"unsupported field type {tp}")
 
@@ -423,7 +578,7 @@ def from_dict(cls, data: dict, prefix: str = ""):
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(prefix.rstrip(".") or "config", f"expected a mapping, got {data!r}")
+        raise ConfigError(prefix.rstrip(".") or "config", f"expected a mapping, got {_show(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
@@ -432,6 +587,9 @@ def from_dict(cls, data: dict, prefix: str = ""):
     obj = cls()
     for key, value in data.items():
         tp = hints[key]
+        if not dataclasses.is_dataclass(tp) and _expanded_size(value) > MAX_VALUES:  # sections: their fields say
+            raise ConfigError(f"{prefix}{key}", f"holds over {MAX_VALUES:,} values once YAML aliases are expanded "
+                              "(an alias bomb?)")
         if dataclasses.is_dataclass(tp):
             sub = from_dict(tp, value, f"{prefix}{key}.")
             # keep the parent's defaults for fields the file does not mention (e.g. stage2.lr_milestones)
@@ -462,7 +620,9 @@ def parse_overrides(overrides: list[str]) -> dict:
         try:
             value = _yaml_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
-            raise ConfigError(key.strip(), f"value {raw!r} is not valid YAML ({e})".replace("\n", " ")) from None
+            raise ConfigError(key.strip(), f"value {_show(raw)} is not valid YAML ({e})".replace("\n", " ")) from None
+        except ValueError as e:  # an integer past Python's digit limit
+            raise ConfigError(key.strip(), f"value {_show(raw)}: {e}") from None
         _set_dotted(tree, key.strip(), value)
     return tree
 
@@ -474,6 +634,9 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a run config is a few KB; anything larger was given by mistake
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """YAML file (optional) + dotted overrides -> TrainConfig; raises ConfigError naming the field."""
     data: dict = {}
@@ -481,10 +644,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise ConfigError("--config", f"{p}: no such file")
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError("--config", f"{p}: {p.stat().st_size:,} bytes, not a run config (those are a few KB)")
         try:
-            data = _yaml_load(p.read_text()) or {}
+            data = _yaml_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise ConfigError("--config", f"{p}: not a UTF-8 text file (a run config is YAML)") from None
         except yaml.YAMLError as e:
             raise ConfigError("--config", f"{p}: not valid YAML ({e})".replace("\n", " ")) from None
+        except (ValueError, RecursionError) as e:  # an integer past Python's digit limit, nesting past the stack
+            raise ConfigError("--config", f"{p}: unreadable YAML value ({type(e).__name__}: {e})") from None
+        if not isinstance(data, dict):  # /etc/passwd parses as one long string: say what it is, not what it says
+            raise ConfigError("--config", f"{p}: expected a YAML mapping of sections (preset, run, data, ...), "
+                              f"got a {type(data).__name__}")
     data = _merge(data, parse_overrides(overrides or []))
     return from_dict(TrainConfig, data)
 
@@ -552,8 +724,10 @@ def resolve(cfg: TrainConfig, base: str | Path | None = None) -> TrainConfig:
     cfg.run = dataclasses.replace(cfg.run, run_dir=run_dir, telemetry_sd_dir=sd_dir)
     weights = cfg.stage2.perceptual_weights
     cfg.stage2 = dataclasses.replace(cfg.stage2, priors=absolute(cfg.stage2.priors),
+                                     recognizer=absolute(cfg.stage2.recognizer),
                                      perceptual_weights=weights if weights in ("imagenet", "priors") else absolute(weights))
-    if any(_is_uri(p) for p in (cfg.cluster.storage_path, run_dir, cfg.data.shards, cfg.stage2.priors)):
+    if any(_is_uri(p) for p in (cfg.cluster.storage_path, run_dir, cfg.data.shards, cfg.stage2.priors,
+                                cfg.stage2.recognizer)):
         from shards.store import settings
 
         # the driver's endpoint and region travel to every worker in the config (credentials do not)
@@ -569,8 +743,11 @@ def check(cfg: TrainConfig) -> dict:
     cfg.validate()
     _check_stores(cfg)
     manifest = _manifest(cfg)
-    if 2 in cfg.run.stages and 1 not in cfg.run.stages and cfg.stage2.uses_priors:
+    trained_here = 1 in cfg.run.stages
+    if 2 in cfg.run.stages and cfg.stage2.uses_priors and not (trained_here and cfg.stage1.model == "priors"):
         _check_priors(cfg, manifest)
+    if 2 in cfg.run.stages and cfg.stage2.uses_recognizer and not (trained_here and cfg.stage1.model == "recognizer"):
+        _check_recognizer(cfg)
     if 2 in cfg.run.stages and cfg.stage2.loss == "perceptual" and cfg.stage2.perceptual_weights != "priors":
         _check_perceptual(cfg)
     return manifest
@@ -582,7 +759,8 @@ def _check_stores(cfg: TrainConfig) -> None:
 
     configure(cfg.cluster.s3_endpoint, cfg.cluster.s3_region)
     for key, uri, write in (("run.run_dir", cfg.run.run_dir, True), ("data.shards", cfg.data.shards, False),
-                            ("stage2.priors", cfg.stage2.priors if 2 in cfg.run.stages else "", False)):
+                            ("stage2.priors", cfg.stage2.priors if 2 in cfg.run.stages else "", False),
+                            ("stage2.recognizer", cfg.stage2.recognizer if 2 in cfg.run.stages else "", False)):
         if _is_uri(uri):
             try:
                 check_reachable(uri, "", write=write)
@@ -643,3 +821,18 @@ def _check_priors(cfg: TrainConfig, manifest: dict) -> None:
         check_priors(local_copy(path), list(manifest["classes"]), cfg.preset)
     except ValueError as e:
         raise ConfigError("stage2.priors", str(e)) from None
+
+
+def _check_recognizer(cfg: TrainConfig) -> None:
+    """The stage-2 face recognizer file exists and holds a recognizer (facesr.weights.check_recognizer)."""
+    from facesr.weights import check_recognizer
+    from shards.store import local_copy
+
+    path = cfg.recognizer_path
+    if not path.is_file():
+        raise ConfigError("stage2.recognizer", f"{path}: no trained recognizer (run stage 1 with "
+                          "stage1.model=recognizer, or point stage2.recognizer at a recognizer file)")
+    try:
+        check_recognizer(local_copy(path))
+    except ValueError as e:
+        raise ConfigError("stage2.recognizer", str(e)) from None

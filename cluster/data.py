@@ -63,11 +63,12 @@ def build_loader(cfg: TrainConfig, number: int, split: str, micro_batch: int, ra
         workers=cfg.data.loader_workers,
         shuffle=cfg.data.shuffle_buffer if train else 0,
         labelled_only=priors,
-        levels=PRIOR_LEVELS if priors else _sr_levels(cfg),
+        levels=(("hr",) if cfg.stage1.model == "recognizer" else PRIOR_LEVELS) if priors else _sr_levels(cfg),
         seed=cfg.run.seed,
         pin_memory=cfg.cluster.use_gpu,  # asynchronous host-to-device copies of the uint8 batches
         cache_dir=cfg.data.shard_cache,
         cache_bytes=int(cfg.data.shard_cache_gb * 2**30),
+        num_classes=len(manifest["classes"]),  # a cls past the class map is a decode error, not a loss crash
     )
     urls = shard_urls(cfg.data.shards, name, manifest=manifest)
     return stream(urls, scfg, rank=rank, world_size=world_size, epoch=epoch if train else 0)

@@ -4,10 +4,18 @@ Body of a step (BasicSR-style, the engine's backward/step are the only
 DeepSpeed lines): group ``accumulation`` micro-batches, forward each through
 the stage, ``engine.backward``, ``engine.step``; then log and maybe checkpoint.
 
-Resume: the checkpoint's client state holds (epoch, step in epoch, global
-step). The loader of an epoch is a function of the epoch number, so resuming
-replays the same data epoch and skips the micro-batches already consumed; the
-LR is recomputed from the epoch, so it is the one the uninterrupted run had.
+Resume is exact (bitwise on the CPU; tests/test_resume_exact.py): the
+checkpoint's client state holds (epoch, step in epoch, global step). The
+loader of an epoch is a function of the epoch number, so resuming replays the
+same data epoch and skips the ``step_in_epoch * accumulation`` micro-batches
+already consumed; the LR is recomputed from the epoch, so it is the one the
+uninterrupted run had. Every random draw of a micro-batch is a function of
+(seed, epoch, rank, micro-batch index): augmentation and degradation from their
+own generator, and torch's global generator (dropout in the priors) reseeded
+before each forward, so a resumed process draws what the first one would have.
+BatchNorm running statistics are averaged over the ranks before every
+checkpoint, mid-epoch ones too: DeepSpeed saves rank 0's module only, which
+would otherwise hand rank 0's statistics to every rank on resume.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from itertools import islice
 import torch
 import torch.distributed as dist
 
-from facesr.augment import step_generator
+from facesr.augment import step_generator, step_seed
 from facesr.step import TermSums, compile_forward, resolve_precision, to_device
 
 from .config import TrainConfig, from_dict
@@ -107,6 +115,7 @@ def worker_main(config: dict) -> None:
     try:
         for epoch in range(state.epoch, stage_cfg.epochs):
             lr = stage_cfg.lr_at(epoch)
+            stage.begin_epoch(epoch)
             for e in engines:
                 set_lr(e, lr)
                 e.train()
@@ -144,6 +153,8 @@ def worker_main(config: dict) -> None:
                     t_last, samples, wait = time.perf_counter(), 0, 0.0
                 mid_epoch = state.step_in_epoch < steps  # the epoch's last step is checkpointed after validation
                 if cfg.run.checkpoint_every and state.global_step % cfg.run.checkpoint_every == 0 and mid_epoch:
+                    for e in engines:
+                        average_buffers(e.module)  # what rank 0 saves is every rank's model (see the docstring)
                     _checkpoint(eng, state, recorder, {"epoch": epoch, "step": state.global_step, "lr": get_lr(eng)},
                                 critic_eng)
             decode_errors += loader.decode_errors
@@ -222,6 +233,7 @@ def train_step(eng, stage, group: list[dict], sums, device, precision, seed: tup
     run_seed, epoch, rank, first = seed
     samples = 0
     for j, micro in enumerate(group):
+        torch.manual_seed(step_seed(run_seed, epoch, rank, first + j, "global"))  # dropout: the same draw on resume
         batch = to_device(micro, device, precision)
         batch = stage.train_batch(batch, step_generator(run_seed, epoch, rank, first + j, device))
         terms = forward(eng.module, batch)  # ZeRO ≤ 2 needs no forward hooks

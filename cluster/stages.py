@@ -6,6 +6,7 @@ the rest (engine, data, checkpoints, logging) the same way for both.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import ClassVar, Protocol
 
@@ -14,13 +15,13 @@ import torch.nn as nn
 
 from facesr.augment import flip_crop
 from facesr.degradations import PAPER, degrade_lr
-from facesr.losses import AdversarialLoss, CSRIPLoss, MSELoss, PerceptualLoss, PriorLoss
-from facesr.models import build_critic, build_prior, build_sr, get_preset
+from facesr.losses import AdversarialLoss, CSRIPLoss, MarginLoss, MSELoss, PerceptualLoss, PriorLoss
+from facesr.models import build_critic, build_prior, build_recognizer, build_sr, get_preset
 from facesr.models.perceptual import PriorFeatures
 from facesr.quality import finish, image_scores
 from facesr.step import Precision, prior_forward, sr_forward
-from facesr.vocab import SCALE_OF, TARGETS
-from facesr.weights import load_priors, load_squeezenet, save_priors, save_srnet
+from facesr.vocab import KEY_OF, SCALE_OF, TARGETS
+from facesr.weights import load_priors, load_recognizer, load_squeezenet, save_priors, save_recognizer, save_srnet
 from shards.manifest import class_counts, read_manifest
 from shards.store import local_copy, staged
 
@@ -37,6 +38,8 @@ class Stage(Protocol):
     def build_model(self) -> nn.Module: ...  # the trained module (DeepSpeed wraps it)
 
     def build_critic(self) -> nn.Module | None: ...  # a second network trained beside it (SRGAN's discriminator)
+
+    def begin_epoch(self, epoch: int) -> None: ...  # before each training epoch (schedules inside the loss)
 
     def train_batch(self, batch: dict, generator: torch.Generator) -> dict: ...  # on the device: augment/degrade
 
@@ -58,7 +61,9 @@ def prior_baselines(manifest: dict, split: str) -> dict[str, float]:
 
 
 class PriorStage:
-    """Stage 1: three SqueezeNet priors on residual images of x2, x4, hr (or whole images: stage1.input); cross-entropy."""
+    """Stage 1: three SqueezeNet priors on residual images of x2, x4, hr (or whole images: stage1.input);
+    cross-entropy. Or (stage1.model=recognizer) one face recognizer on whole hr faces with a margin loss, for
+    stage 2's identity term; same data, loop, metrics (ce, acc, acc5 at x8) and validation."""
 
     number = 1
     telemetry_name = "prior"
@@ -66,7 +71,11 @@ class PriorStage:
     def __init__(self, cfg: TrainConfig, classes: list[str], device: torch.device, precision: Precision):
         self.cfg, self.classes, self.device, self.precision = cfg, classes, device, precision
         self.stage_cfg = cfg.stage1
-        self.loss_fn = PriorLoss(self._class_weight() if self.stage_cfg.class_balance else None)
+        weight = self._class_weight() if self.stage_cfg.class_balance else None
+        if self.stage_cfg.model == "recognizer":
+            self.loss_fn = MarginLoss(self.stage_cfg.margin, self.stage_cfg.margin_m, self.stage_cfg.margin_s, weight)
+        else:
+            self.loss_fn = PriorLoss(weight)
         self.baselines: dict[str, float] | None = None  # chance and majority rates, read at the first validation
 
     def _class_weight(self) -> torch.Tensor:
@@ -77,11 +86,17 @@ class PriorStage:
         return (weight * (n > 0).sum() / weight.sum()).to(self.device)
 
     def build_model(self) -> nn.Module:
-        prior = get_preset(self.cfg.preset).prior
-        return nn.ModuleDict({k: build_prior(prior, len(self.classes)) for k in TARGETS})
+        preset = get_preset(self.cfg.preset)
+        if self.stage_cfg.model == "recognizer":  # one network, judged at hr: metrics ce/x8, acc/x8
+            cfg = dataclasses.replace(preset.recognizer, input=self.stage_cfg.input)  # it makes its own view
+            return nn.ModuleDict({"hr": build_recognizer(cfg, len(self.classes))})
+        return nn.ModuleDict({k: build_prior(preset.prior, len(self.classes)) for k in TARGETS})
 
     def build_critic(self) -> None:
         return None
+
+    def begin_epoch(self, epoch: int) -> None:
+        pass
 
     def train_batch(self, batch: dict, generator: torch.Generator) -> dict:
         """The paper's random flips and crops, on the device (the loader only decodes)."""
@@ -92,8 +107,14 @@ class PriorStage:
     def val_batch(self, batch: dict, generator: torch.Generator) -> dict:
         return batch  # validation images unaugmented
 
+    @property
+    def view(self) -> str:
+        """What the loop hands the networks: the priors' input, or the whole image for a recognizer, which makes
+        its own view (Recognizer.prepare), so that stage 2 feeds it SR outputs the same way."""
+        return "image" if self.stage_cfg.model == "recognizer" else self.stage_cfg.input
+
     def forward(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        return prior_forward(model, self.loss_fn, batch, self.precision, self.stage_cfg.input)
+        return prior_forward(model, self.loss_fn, batch, self.precision, self.view)
 
     @torch.no_grad()
     def validate_batch(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
@@ -101,15 +122,22 @@ class PriorStage:
         if self.baselines is None:
             manifest = read_manifest(self.cfg.data.shards, check_files=False)
             self.baselines = prior_baselines(manifest, self.cfg.data.prior_split(manifest))
-        terms = prior_forward(model, self.loss_fn, batch, self.precision, self.stage_cfg.input)
+        terms = prior_forward(model, self.loss_fn, batch, self.precision, self.view)
         return terms | {k: torch.tensor(v, device=self.device) for k, v in self.baselines.items()}
 
     def finish(self, model: nn.Module, run_dir: Path) -> Path:
         """The trained priors, frozen by stage 2: safetensors with class map and preset."""
+        extra = {"preset": self.cfg.preset, "run": self.cfg.run.name, "input": self.stage_cfg.input}
+        if self.stage_cfg.model == "recognizer":
+            path = self.cfg.recognizer_path
+            with staged(path) as local:
+                save_recognizer(local, model["hr"], self.classes, extra={**extra, "margin": self.stage_cfg.margin,
+                                                                         "margin_m": self.stage_cfg.margin_m,
+                                                                         "margin_s": self.stage_cfg.margin_s})
+            return path
         path = self.cfg.priors_path
         with staged(path) as local:  # a run in an object store: written here, then uploaded
-            save_priors(local, dict(model.items()), get_preset(self.cfg.preset).prior, self.classes,
-                        extra={"preset": self.cfg.preset, "run": self.cfg.run.name, "input": self.stage_cfg.input})
+            save_priors(local, dict(model.items()), get_preset(self.cfg.preset).prior, self.classes, extra=extra)
         return path
 
 
@@ -126,11 +154,14 @@ def sr_loss(cfg: TrainConfig, classes: list[str], device: torch.device, precisio
         return MSELoss()
     if stage_cfg.loss == "adversarial":
         return AdversarialLoss(weight=stage_cfg.adversarial_weight)  # its discriminator: SRStage.build_critic
-    priors = None
+    priors = recognizer = None
     if stage_cfg.uses_priors:
         priors = load_priors(local_copy(cfg.priors_path), device, classes=classes)
         priors = {k: precision.module(p) for k, p in priors.items()}
-    return CSRIPLoss(priors, alpha=stage_cfg.alpha).to(device)
+    if stage_cfg.uses_recognizer:
+        recognizer = precision.module(load_recognizer(local_copy(cfg.recognizer_path), device)[0])
+    identity = {KEY_OF[sc]: stage_cfg.identity_weight for sc in stage_cfg.identity_scales}
+    return CSRIPLoss(priors, alpha=stage_cfg.alpha, recognizer=recognizer, identity=identity).to(device)
 
 
 class SRStage:
@@ -157,6 +188,12 @@ class SRStage:
         self.loss_fn.critic = build_critic(self.cfg.preset).to(self.device)
         return self.loss_fn.critic
 
+    def begin_epoch(self, epoch: int) -> None:
+        """The identity term's schedule (stage2.identity_start, identity_ramp): its weight for this epoch, set on
+        the device once (no host sync in the step)."""
+        if isinstance(self.loss_fn, CSRIPLoss) and self.loss_fn.identity:
+            self.loss_fn.identity_scale.fill_(self.stage_cfg.identity_factor(epoch))
+
     def train_batch(self, batch: dict, generator: torch.Generator) -> dict:
         """The network's input: the shards' lr, or hr degraded on the device by the configured model."""
         if self.fixed:
@@ -176,14 +213,15 @@ class SRStage:
         dashboard's val ssim/x8 and the eval table's are the same number on the same images.
 
         Validation identities are outside the priors' class map (prep splits by identity), so their
-        identity term is zero and eq. (4)'s loss is the SSIM part; ce/* is not reported here. A peer with
-        one output reports x8 only.
+        identity term is zero and eq. (4)'s loss is the SSIM part; ce/* is not reported here. The recognizer's
+        identity term needs no class: ``id/*`` on these unseen people is the held-out measure of identity kept.
+        A peer with one output reports x8 only.
         """
         with self.precision.autocast(batch["lr"].device):
             sr = model(batch["lr"])
             terms = self.loss_fn(sr, batch)
-        out = {"loss": terms["loss"].float()} | {k: v.float() for k, v in terms.items() if k.startswith("critic")
-                                                 and k != "critic_loss"}
+        out = {"loss": terms["loss"].float()} | {k: v.float() for k, v in terms.items()
+                                                 if (k.startswith("critic") and k != "critic_loss") or k.startswith("id/")}
         for key in (k for k in TARGETS if k in sr):
             scores = image_scores(finish(sr[key]), batch[key])  # {metric: (B,)}
             out[f"ssim/{SCALE_OF[key]}"] = scores["ssim"].mean()

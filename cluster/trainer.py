@@ -7,6 +7,7 @@ Run folder (``run.run_dir``, default ``<cluster.storage_path>/<run.name>``)::
     metrics.jsonl            one JSON object per train/val record (docs/INTERFACES.md)
     stage1/checkpoint_*/     Ray Train checkpoints of stage 1 (DeepSpeed folders, all ranks' parts)
     priors.safetensors       trained priors + class map and preset (frozen in stage 2)
+    recognizer.safetensors   or, with stage1.model=recognizer, the face recognizer of the identity term
     stage1.done.json         final step, epoch, LR of stage 1
     stage2/checkpoint_*/     ... of stage 2
     srnet.safetensors        the trained cascade
@@ -31,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig, _check_priors, _is_uri, check, resolve, to_yaml
+from .config import ConfigError, TrainConfig, _check_priors, _check_recognizer, _is_uri, check, resolve, to_yaml
 from .recorder import done_path
 
 log = logging.getLogger("facesr.train")
@@ -68,8 +69,11 @@ def train(cfg: TrainConfig) -> Path:
         if done.exists():
             log.info("stage %d already done (%s); skipping", number, done)
             continue
-        if number == 2 and 1 in cfg.run.stages:  # check() already read a stage-2-only run's priors
-            _check_priors(cfg, manifest)  # stage 1 of this run must have produced them
+        if number == 2 and 1 in cfg.run.stages:  # check() already read a stage-2-only run's priors/recognizer
+            if cfg.stage2.uses_priors:
+                _check_priors(cfg, manifest)  # stage 1 of this run must have produced them
+            if cfg.stage2.uses_recognizer:
+                _check_recognizer(cfg)
         _fit(cfg, number, manifest)
         log.info("stage %d finished: %s", number, json.dumps(json.loads(done.read_text())) if done.exists() else "no marker")
     _summarise(run_dir)
@@ -136,7 +140,7 @@ def _fit(cfg: TrainConfig, number: int, manifest: dict) -> None:
     )
     steps = planned_steps(cfg, number, manifest)
     # a Table 1 peer says which network stage 2 trains (and SRGAN that a discriminator trains beside it)
-    title = ""
+    title = "stage 1 (recognizer)" if number == 1 and cfg.stage1.model == "recognizer" else ""
     if number == 2 and (cfg.stage2.model != "cascade" or cfg.stage2.loss == "adversarial"):
         name = {"srresnet": "SRResNet"}.get(cfg.stage2.model, cfg.stage2.model.upper())
         title = f"stage 2 ({name}{' + discriminator' if cfg.stage2.loss == 'adversarial' else ''})"

@@ -17,10 +17,15 @@ import torch.nn.functional as F
 from .vocab import LEVELS, SIZES
 
 
+def step_seed(seed: int, epoch: int, rank: int, index: int, use: str = "aug") -> int:
+    """A 63-bit seed from (seed, epoch, rank, micro-batch index) and what it seeds: reproducible on resume."""
+    digest = hashlib.sha256(f"{use}:{seed}:{epoch}:{rank}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def step_generator(seed: int, epoch: int, rank: int, index: int, device: torch.device | str) -> torch.Generator:
     """A generator on ``device`` seeded from (seed, epoch, rank, micro-batch index): reproducible on resume."""
-    digest = hashlib.sha256(f"aug:{seed}:{epoch}:{rank}:{index}".encode()).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return torch.Generator(device=device).manual_seed(step_seed(seed, epoch, rank, index))
 
 
 def flip_crop(batch: dict, generator: torch.Generator, flip: bool = True, crop_pad: int = 0) -> dict:

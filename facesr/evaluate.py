@@ -29,8 +29,8 @@ from .degradations import describe, lr_under
 from .degrade import DEFAULT, DegradeConfig, TooSmallError, crop_hr, degrade, quantize
 from .imageio import ImageReadError, read_rgb
 from .models import SRNet
-from .quality import BASELINES, PAPER_DATA_RANGE, QualityMeter, baselines, finish
-from .vocab import KEY_OF, LEVELS, SCALE_OF, SCALES
+from .quality import BASELINES, PAPER_DATA_RANGE, QualityMeter, baselines, finish, upscale
+from .vocab import KEY_OF, LEVELS, SCALE_OF, SCALES, SIZES
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -150,6 +150,7 @@ def score_degradations(
     """
     names = list(dict.fromkeys(degradations))
     meters = {d: QualityMeter(shift_compensated) for d in names}
+    deployed = {name: net.deploy() if hasattr(net, "deploy") else net for name, net in models.items()}
     seen, t0 = 0, time.time()
     for m in models.values():
         m.to(device).eval()
@@ -159,7 +160,10 @@ def score_degradations(
         take = batch["lr"].shape[0] if not limit else min(batch["lr"].shape[0], limit - seen)
         quad = {k: batch[k][:take].float() for k in LEVELS}
         for d in names:
-            _score_quad(meters[d], models, {**quad, "lr": lr_under(d, quad)}, device)
+            if d == "paper":  # the main table: every scale, nearest too
+                _score_quad(meters[d], models, {**quad, "lr": lr_under(d, quad)}, device)
+            else:  # a robustness row is x8 of bicubic and each model: the deploy path, three times less scoring
+                _score_x8(meters[d], deployed, quad["hr"], lr_under(d, quad), device)
         seen += take
         if log:
             log(_progress(seen, limit, time.time() - t0))
@@ -189,6 +193,14 @@ def _score_quad(meter: QualityMeter, models: dict[str, SRNet], quad: dict, devic
             key = KEY_OF[scale]
             if key in sr:
                 meter.update(name, scale, finish(sr[key]).cpu(), quad[key])
+
+
+def _score_x8(meter: QualityMeter, deployed: dict, hr: torch.Tensor, lr: torch.Tensor, device) -> None:
+    """x8 only, bicubic and each model's deploy network (no x2/x4 branches) from the same lr."""
+    meter.update("bicubic", "x8", upscale(lr, SIZES["hr"], "bicubic"), hr)
+    lr = lr.to(device)
+    for name, net in deployed.items():
+        meter.update(name, "x8", finish(net(lr)).cpu(), hr)
 
 
 def protocol(source: str, cfg: DegradeConfig = DEFAULT) -> dict:

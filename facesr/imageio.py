@@ -118,9 +118,11 @@ def to_rgb(img: Image.Image, path: str | os.PathLike = "<image>") -> np.ndarray:
     if mode == "RGB" and "transparency" not in img.info:
         return np.asarray(img)
     if mode in SIXTEEN_BIT:
-        v = np.asarray(img).astype(np.int64).clip(0, 65535)  # (H, W)
+        v = np.asarray(img)  # (H, W) uint16 (I;16*) or int32 (I); no wider copy: a 9450² image is 179 MB as uint16
+        if v.dtype != np.uint16:
+            v = v.clip(0, 65535)
         grey = (v >> 8).astype(np.uint8)  # the high byte, as PIL decodes 16-bit RGB
-        return np.repeat(grey[:, :, None], 3, axis=2)
+        return np.broadcast_to(grey[:, :, None], (*grey.shape, 3))  # a view; read_rgb makes the one copy
     if mode == "F":
         raise ImageReadError(path, "colour-mode", "32-bit float pixels (mode F): no agreed brightness range")
     try:

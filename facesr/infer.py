@@ -21,7 +21,11 @@ network's ×8 — what a user looks at to judge the model on their own photos.
 
 Inputs are read by ``facesr.imageio`` (formats by content from an allowlist, a
 pixel limit, EXIF orientation, modes to RGB); what it refuses is reported with
-the reason and skipped; the run goes on.
+the reason and skipped; the run goes on. Outputs are named and written by
+``facesr.outputs`` (distinct names, OUT apart from IN, no link in OUT followed).
+
+This is ``facesr sr --faces-only``: inputs that are face crops. Photos with faces
+anywhere in them go through ``facesr.upscaler.Upscaler.enhance``.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from .degrade import TooSmallError, quadruplet, quantize, to_uint8
 from .grid import render, show
 from .imageio import ImageReadError, read_rgb
 from .models import SRNet
+from .outputs import check_apart, check_links, list_inputs, output_names, shown, write_atomic
 from .quality import upscale
 from .vocab import SIZES
 from .weights import load_srnet, read_meta
@@ -49,11 +54,25 @@ SRNET_FILE = "srnet.safetensors"  # what the training job writes into runs/<name
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript")
 
 
-def write_png(img: torch.Tensor, path: str | Path) -> None:
-    """[0, 1] float (3, H, W) -> PNG."""
+def write_png(img: torch.Tensor | Image.Image, path: str | Path, out: str | Path | None = None) -> None:
+    """[0, 1] float (3, H, W) (or a PIL image) -> PNG, written through a temporary file inside ``out``
+    (default: the PNG's folder), so a link planted at ``path`` is replaced, never followed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(to_uint8(img).permute(1, 2, 0).cpu().numpy()).save(path)
+    pil = img if isinstance(img, Image.Image) else Image.fromarray(to_uint8(img).permute(1, 2, 0).cpu().numpy())
+    write_atomic(path, lambda f: pil.save(f, format="PNG"), Path(out) if out is not None else path.parent)
+
+
+class ModelOutputError(ValueError):
+    """A model whose output is not (B, 3, 192, 192) for a (B, 3, 24, 24) input: the message names it."""
+
+
+def check_output(hr, batch: int, name: str) -> torch.Tensor:
+    """``hr`` if it is a (batch, 3, 192, 192) tensor, else ``ModelOutputError`` naming the model."""
+    shape = tuple(hr.shape) if isinstance(hr, torch.Tensor) else type(hr).__name__
+    if shape != (batch, 3, HR, HR):
+        raise ModelOutputError(f"{shown(name)}: gives {shape} for a ({batch}, 3, {LR}, {LR}) input; a facesr model "
+                               f"gives ({batch}, 3, {HR}, {HR})")
+    return hr
 
 
 # ---------------------------------------------------------------- models
@@ -130,10 +149,23 @@ def load_upscaler(path: str | Path, device: str | torch.device = "cpu") -> Calla
     if path.suffix in TORCHSCRIPT_SUFFIXES:
         with warnings.catch_warnings():  # TorchScript is deprecated in favour of torch.export, still supported
             warnings.simplefilter("ignore", FutureWarning)
-            return torch.jit.load(str(path), map_location=device).eval()
+            return probed(torch.jit.load(str(path), map_location=device).eval(), path, device)
     if path.suffix == ".onnx":
-        return OnnxUpscaler(path)
+        return probed(OnnxUpscaler(path), path, "cpu")
     raise ValueError(f"{path}: unknown model format (run folder, .safetensors, {', '.join(TORCHSCRIPT_SUFFIXES)}, .onnx)")
+
+
+@torch.inference_mode()
+def probed(model, path: Path, device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An exported graph is whatever its file says: run it once on two black faces and check the output shape
+    before any input is read (a wrong export would otherwise fail, or write wrong PNGs, image by image)."""
+    try:
+        out = model(torch.zeros(2, 3, LR, LR, device=device))
+    except Exception as e:  # a graph that cannot run on this input at all
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise ModelOutputError(f"{shown(path)}: fails on a (2, 3, {LR}, {LR}) input: {first}") from None
+    check_output(out, 2, str(path))
+    return model
 
 
 # ---------------------------------------------------------------- inputs
@@ -157,17 +189,6 @@ def to_lr(img: torch.Tensor, fit: bool = False) -> tuple[torch.Tensor, str | Non
     return quantize(lr[0]), f"{w}x{h} input resized to {LR}x{LR}{crop}; the model expects {LR}x{LR} faces"
 
 
-def list_inputs(src: str | Path, recursive: bool = True) -> list[Path]:
-    """Every file under ``src`` (or ``src`` itself), sorted; readability is checked when read."""
-    src = Path(src)
-    if src.is_file():
-        return [src]
-    if not src.is_dir():
-        raise FileNotFoundError(f"{src}: no such file or folder")
-    files = src.rglob("*") if recursive else src.iterdir()
-    return sorted(p for p in files if p.is_file() and not p.name.startswith("."))
-
-
 @dataclass
 class SRReport:
     written: list[Path] = field(default_factory=list)  # PNGs written
@@ -175,10 +196,12 @@ class SRReport:
     resized: list[tuple[Path, str]] = field(default_factory=list)  # (input, what was done) non-24² inputs
 
 
-def _out_path(src_root: Path, file: Path, out: Path, single: bool) -> Path:
-    if single:
-        return out if out.suffix.lower() == ".png" else out / f"{file.stem}.png"
-    return (out / file.relative_to(src_root)).with_suffix(".png")
+def out_paths(src: Path, files: list[Path], out: Path, suffix: str = ".png") -> dict[Path, Path]:
+    """input -> its output: ``out`` itself for one image given with OUT ending in ``suffix``, else under ``out``
+    by ``outputs.output_names`` (colliding stems keep their extension)."""
+    if src.is_file() and out.suffix.lower() == suffix:
+        return {src: out}
+    return {f: out / f"{n}{suffix}" for f, n in output_names(src, files).items()}
 
 
 def reference(img: torch.Tensor, fit: bool = False) -> torch.Tensor | None:
@@ -220,7 +243,10 @@ def super_resolve(
     """Super-resolve ``src`` (image or folder) into PNGs under ``out`` (a folder, or a .png for one image)."""
     src, out = Path(src), Path(out)
     files = list_inputs(src)
-    single = src.is_file()
+    dst_of = out_paths(src, files, out)
+    check_apart(src, out, list(dst_of.values()))
+    root = out.parent if out.suffix.lower() == ".png" and src.is_file() else out
+    check_links(root, list(dst_of.values()))
     report = SRReport()
     pending: list[tuple[Path, torch.Tensor, torch.Tensor | None]] = []  # (file, lr, reference)
 
@@ -228,14 +254,10 @@ def super_resolve(
         if not pending:
             return
         lr = torch.stack([x for _, x, _ in pending]).to(device)  # (B, 3, 24, 24)
-        hr = model(lr).float().clamp(0, 1)  # (B, 3, 192, 192)
+        hr = check_output(model(lr), len(lr), "the model").float().clamp(0, 1)  # (B, 3, 192, 192)
         for i, ((f, _, ref), img) in enumerate(zip(pending, hr)):
-            dst = _out_path(src, f, out, single)
-            if compare:
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                comparison_panel(lr[i : i + 1].cpu(), img.unsqueeze(0).cpu(), ref).save(dst)
-            else:
-                write_png(img, dst)
+            dst = dst_of[f]
+            write_png(comparison_panel(lr[i : i + 1].cpu(), img.unsqueeze(0).cpu(), ref) if compare else img, dst, root)
             report.written.append(dst)
         pending.clear()
 
@@ -244,12 +266,12 @@ def super_resolve(
             img = read_rgb(f)
         except ImageReadError as e:
             report.skipped.append((f, str(e)))
-            log(f"skipped {e}")
+            log(f"skipped {shown(str(e))}")
             continue
         lr, note = to_lr(img, fit)
         if note:
             report.resized.append((f, note))
-            log(f"warning: {f}: {note}; use --fit for face photos framed like LFW")
+            log(f"warning: {shown(f)}: {note}; use --fit for face photos framed like LFW")
         pending.append((f, lr, reference(img, fit) if compare else None))
         if len(pending) >= batch_size:
             flush()

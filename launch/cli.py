@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util  # find_spec: the big venv imports it by chance, a bare install does not
+import os
 import sys
 
+DEBUG_HELP = "show the traceback of an error, not its one-line message (also FACESR_DEBUG=1)"
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("launch.info", "shapes, layer counts, parameters and GFLOPs of a preset"),
@@ -40,8 +43,43 @@ def main(argv: list[str] | None = None) -> int:
             mod = importlib.import_module(module)
             mod.configure(p)
             p.set_defaults(_run=mod.run)
+            _add_debug(p)
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = parser.parse_args(argv)
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except (Exception, KeyboardInterrupt) as exn:  # every error a user can cause: one line naming the file or key
+        if args.debug or os.environ.get("FACESR_DEBUG", "") not in ("", "0"):
+            raise
+        interrupted = isinstance(exn, KeyboardInterrupt)
+        what = "interrupted; what finished is kept, the same command resumes" if interrupted else one_line(exn)
+        print(f"facesr {args.command}: {'' if interrupted else 'error: '}{what}"
+              f"{'' if interrupted else ' (--debug or FACESR_DEBUG=1 for the traceback)'}", file=sys.stderr)
+        return 130 if interrupted else 1
+
+
+def _add_debug(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` after the command too (``facesr eval quality … --debug``), at every level of subcommands."""
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_debug(sub)
+
+
+def one_line(exn: BaseException, limit: int = 500) -> str:
+    """An exception as one bounded line, control characters escaped (a file name cannot forge output lines)."""
+    text = " ".join(line.strip() for line in str(exn).splitlines() if line.strip()) or type(exn).__name__
+    if isinstance(exn, OSError) and exn.filename is not None and str(exn.filename) not in text:
+        text = f"{exn.filename}: {text}"
+    text = printable(text)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters)"
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (and undecodable bytes of file names) escaped: one line that a name
+    cannot forge or break."""
+    return text if text.isprintable() else text.encode("unicode_escape", "backslashreplace").decode("ascii")
 
 
 if __name__ == "__main__":

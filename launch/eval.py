@@ -107,6 +107,11 @@ def configure(parser) -> None:
     i.add_argument("--drift-all", action="store_true",
                    help="measure drift on every LFW image of the chosen people (--manifest/--ids), not only the "
                    "pairs' faces B: more faces for the paired comparison of upscalers")
+    _add_degradations(i)
+    i.add_argument("--drawn-pairs", type=int, default=0, metavar="N",
+                   help="instead of --pairs, N same-person and N different-person pairs drawn among the chosen "
+                   "people only (--manifest/--ids): both faces unseen by a model trained on the other splits "
+                   "(e.g. a stage-1 recognizer as --embedder: its held-out verification)")
 
     from . import eval_priors
 
@@ -175,12 +180,25 @@ def _shard_batches(root: str, split: str, batch_size: int):
     from shards.manifest import shard_urls
     from shards.stream import read_in_order
 
+    from .cli import printable
+
     errors: list = []
-    for b in read_in_order(shard_urls(root, split), LEVELS, batch_size, errors):
+    skipped = 0
+
+    def report() -> None:  # damage is said where it is met, and counted: the evaluation never shrinks silently
+        nonlocal skipped
         for key, why in errors:
-            _log(f"skipped shard sample {key}: {why}")
+            _log(printable(f"skipped damaged shard sample or shard {key}: {why}"))
+        skipped += len(errors)
         errors.clear()
+
+    for b in read_in_order(shard_urls(root, split), LEVELS, batch_size, errors):
+        report()
         yield {**{k: b[k].float() / 255 for k in LEVELS}, "name": b["key"]}
+    report()
+    if skipped:
+        _log(f"warning: {skipped} damaged samples or shards of split {split!r} were skipped: the scores above "
+             "and below cover fewer faces than the split holds")
 
 
 def _faces(args, n: int = 0):
@@ -269,8 +287,10 @@ def run_grid(args) -> int:
         _, faces = _faces(args, args.rows)
     skipped: list = []
     batch = next(folder_batches(faces, len(faces), skipped=skipped), None)
+    from .cli import printable
+
     for path, why in skipped:
-        _log(f"skipped {path}: {why}")
+        _log(printable(f"skipped {path}: {why}"))
     if batch is None:
         raise SystemExit("no readable faces for the grid")
     if names != ["paper"]:
@@ -295,9 +315,11 @@ def _judge(args, pairs):
     from facesr.weights import load_embedder
 
     model, meta = load_embedder(args.embedder, args.device)
-    leaked = set(meta.get("classes", [])) & {f"lfw/{n}" for p in pairs for n in (p.a[0], p.b[0])}
+    people = {n for p in pairs for n in (p.a[0], p.b[0])}
+    leaked = set(meta.get("classes", [])) & (people | {f"lfw/{n}" for n in people})  # one folder's prep, or several
     if leaked:
-        raise SystemExit(f"{args.embedder} was trained on {len(leaked)} people of the pairs: not a fair judge")
+        raise SystemExit(f"{args.embedder} was trained on {len(leaked)} people of the pairs: not a fair judge "
+                         f"(e.g. {sorted(leaked)[0]}); choose people it never saw (--drawn-pairs with --manifest)")
     return EmbedderJudge(model, meta, args.embedder, args.device)
 
 
@@ -315,13 +337,19 @@ def _drift_faces(lfw: str, identities: list[str] | None) -> list[tuple[str, int]
 
 def run_identity(args) -> int:
     from facesr.evaluate import write_json
-    from facesr.identity import format_identity_table, read_pairs, usable_pairs, verify
+    from facesr.identity import (drawn_pairs, format_degradation_table, format_identity_table, read_pairs,
+                                 usable_pairs, verify_degradations)
 
     extra = _drift_faces(args.lfw, _identities(args)) if args.drift_all else []  # refused before any loading
     models, where = _load_models(args.models, args.device)
-    pairs = read_pairs(args.pairs)
-    judge = _judge(args, pairs)
+    if args.drawn_pairs:
+        if _identities(args) is None:
+            raise SystemExit("--drawn-pairs needs chosen people (--manifest with --split, or --ids)")
+        pairs = drawn_pairs(args.lfw, _identities(args), args.drawn_pairs, args.seed)
+    else:
+        pairs = read_pairs(args.pairs)
     kept, counts = usable_pairs(pairs, args.lfw, _identities(args), args.per_fold)
+    judge = _judge(args, kept)
     _log(f"{counts['used']} pairs used; {counts['absent']} skipped (image absent), "
          f"{counts['outside_selection']} with face B outside the chosen identities, "
          f"{counts['over_per_fold']} over --per-fold")
@@ -330,22 +358,31 @@ def run_identity(args) -> int:
     if args.drift_all:
         _log(f"--drift-all: drift measured on {len(extra)} faces of the chosen people (and every pair's face B)")
     upscalers = {name: net.deploy() for name, net in models.items()}
+    rows = _degradations(args.degradations)
     try:
-        results = verify(judge, kept, args.lfw, upscalers, batch_size=args.batch_size, device=args.device, log=_log,
-                         drift_faces=extra)
+        results = verify_degradations(judge, kept, args.lfw, upscalers, rows, batch_size=args.batch_size,
+                                      device=args.device, log=_log, drift_faces=extra)
     finally:
         getattr(judge, "close", lambda: None)()
     report = {
         "protocol": "LFW View 2 pairs; face A = HR 192x192 crop, face B = HR | bicubic x8 | model x8 from B's "
         "24x24 lr (facesr.degrade.quadruplet); score = minus the judge's distance; "
         "accuracy = 10-fold CV threshold (LFW protocol); accuracy_fixed = the judge's own threshold; "
-        "accuracy_best = best single threshold; ROC AUC; drift = judge distance of restored face B to its HR",
+        "accuracy_best = best single threshold; ROC AUC; drift = judge distance of restored face B to its HR; "
+        "results.rows: face B's 24x24 lr made by each named degradation (facesr.degradations.EVAL_DEGRADATIONS)",
         "judge": judge.describe(),
+        "pairs": (f"{args.drawn_pairs} same + {args.drawn_pairs} different drawn among the chosen people "
+                  f"(seed {args.seed})" if args.drawn_pairs else str(args.pairs)),
         "pair_counts": counts,
         "models": where,
-        "results": results,
+        # the paper's lr row as the LFW-protocol table has always had it (hr, bicubic, each model) ...
+        "results": {"hr": results["hr"], **results["rows"].get("paper", {})},
+        "rows": results["rows"],  # ... and every --degradations row: {degradation: {bicubic|model: metrics}}
     }
-    print(format_identity_table(report))
+    if rows == ["paper"]:  # the paper's lr only: the LFW-protocol table, as before the rows existed
+        print(format_identity_table(report))
+    else:
+        print(format_degradation_table({**report, "results": results}))
     print(f"wrote {write_json(report, Path(args.out) / 'identity.json')}")
     return 0
 

@@ -56,14 +56,24 @@ def run(args) -> int:
         priors = load_priors(local_copy(str(path)), args.device, classes=manifest["classes"])
     except ValueError as exn:
         raise SystemExit(str(exn)) from None
+    damaged: list = []  # (sample key or shard, reason): reported below, never a silently smaller evaluation
     batches = ({k: b[k].float() / 255 for k in TARGETS} | {"cls": b["cls"]}
-               for b in read_in_order(shard_urls(shards, split, manifest=manifest), TARGETS, args.batch_size))
+               for b in read_in_order(shard_urls(shards, split, manifest=manifest), TARGETS, args.batch_size,
+                                      damaged, manifest["num_classes"]))
     if args.limit:
         batches = itertools.islice(batches, -(-args.limit // args.batch_size))
     scores = score_priors(priors, batches, args.device)
     base = prior_baselines(manifest, split)
+    expected = manifest["splits"][split].get("labelled", scores["images"])
     report = {"priors": str(path), "shards": str(shards), "split": split, "classes": manifest["num_classes"],
-              "held_out": split == "prior_val", **base, **scores}
+              "held_out": split == "prior_val", **base, **scores, "damaged": len(damaged)}
+    if damaged:  # the count and the first reason, escaped: a sample key is a name from the shard
+        from .cli import printable
+
+        where, why = damaged[0]
+        print(printable(f"facesr eval priors: warning: {len(damaged)} damaged samples or shards skipped, scored "
+                        f"{scores['images']:,} of the split's {expected:,} labelled images (first: {where}: {why})"),
+              file=sys.stderr)
     print(f"priors {path} on {scores['images']:,} images of split {split!r} ({manifest['num_classes']:,} classes"
           f"{'' if split == 'prior_val' else '; NOT held out: these images trained the priors'})")
     print(f"{'scale':<6} {'top-1':>7} {'top-5':>7} {'chance':>7} {'majority':>9} {'top-1/majority':>15}")

@@ -34,9 +34,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__.splitlines()[0])
-    configure(parser)
-    return run(parser.parse_args(argv))
+    """``python -m launch.train`` (what `ray job submit` runs): `facesr train`, with its one-line errors."""
+    from launch.cli import main as facesr
+
+    return facesr(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

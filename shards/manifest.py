@@ -9,6 +9,7 @@ once per run on rank 0, not in every worker).
 from __future__ import annotations
 
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from .store import ObjectPath, StoreError, is_uri, path as store_path
 
 FORMAT = "facesr-shards"
 SUPPORTED_VERSIONS = (1,)
+SHARD_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}\.tar")  # a plain name in the shard folder: no '/', no '..'
 REQUIRED = ("format", "version", "classes", "num_classes", "identities", "splits", "degrade")
 
 
@@ -42,9 +44,42 @@ def _load(path) -> dict:
     if missing:
         raise ManifestError(f"{path}: missing keys {missing}")
     if m["format"] != FORMAT or m["version"] not in SUPPORTED_VERSIONS:
-        raise ManifestError(f"{path}: format {m['format']!r} v{m['version']}, this reader knows "
+        raise ManifestError(f"{path}: format {str(m['format'])[:40]!r} v{str(m['version'])[:20]}, this reader knows "
                             f"{FORMAT!r} v{SUPPORTED_VERSIONS}")
+    _check_shape(path, m)
     return m
+
+
+def _expect(path, where: str, value, tp, what: str):
+    if not isinstance(value, tp) or isinstance(value, bool) and tp is not bool:
+        raise ManifestError(f"{path}: {where}: expected {what}, got {type(value).__name__}")
+    return value
+
+
+def _check_shape(path, m: dict) -> None:
+    """Types of everything the readers index into, and shard names that stay inside the shard folder: a
+    manifest listing ``../../../../etc/passwd`` is refused here, before any shard path is made or opened."""
+    classes = _expect(path, "classes", m["classes"], list, "a list of names")
+    if not all(isinstance(c, str) for c in classes):
+        raise ManifestError(f"{path}: classes: expected a list of names")
+    _expect(path, "num_classes", m["num_classes"], int, "an integer")
+    for name, info in _expect(path, "identities", m["identities"], dict, "a mapping name -> {split, images, cls}").items():
+        _expect(path, f"identities[{name[:60]!r}]", info, dict, "a mapping {split, images, cls}")
+        for key in ("cls", "images", "prior_val"):
+            if key in info:
+                _expect(path, f"identities[{name[:60]!r}].{key}", info[key], int, "an integer")
+    for split, d in _expect(path, "splits", m["splits"], dict, "a mapping split -> {samples, shards}").items():
+        where = f"splits.{str(split)[:20]}"
+        _expect(path, where, d, dict, "a mapping {samples, shards}")
+        _expect(path, f"{where}.samples", d.get("samples"), int, "an integer")
+        for i, s in enumerate(_expect(path, f"{where}.shards", d.get("shards"), list, "a list of shards")):
+            _expect(path, f"{where}.shards[{i}]", s, dict, "a mapping {name, samples, bytes, sha256}")
+            name = _expect(path, f"{where}.shards[{i}].name", s.get("name"), str, "a file name")
+            if not SHARD_FILE.fullmatch(name):
+                raise ManifestError(f"{path}: {where}.shards[{i}].name {name[:80]!r} is not a shard file name in "
+                                    "its folder (a plain name ending .tar): refused, not opened")
+            for key in ("samples", "bytes"):
+                _expect(path, f"{where}.shards[{i}].{key}", s.get(key), int, "an integer")
 
 
 def _object_sizes(root: ObjectPath) -> dict[str, int]:

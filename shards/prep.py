@@ -197,7 +197,7 @@ def _roots(src) -> dict:
 
 def _write_rejects(out, rejects: list[Reject]) -> None:
     lines = ["path\tkind\tdetail"] + [f"{tsv_field(r.path)}\t{r.kind}\t{tsv_field(r.detail)}" for r in sorted(rejects)]
-    atomic_write(out / "rejects.tsv", ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))
+    atomic_write(out / "rejects.tsv", ("\n".join(lines) + "\n").encode("utf-8"))  # tsv_field escaped every surrogate
 
 
 def _software() -> dict:

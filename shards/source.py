@@ -13,6 +13,7 @@ summary count by it.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 from dataclasses import dataclass
@@ -106,6 +107,15 @@ def scan(src: Src) -> Scan:
     return Scan(candidates, rejects)
 
 
+def _kind(entry: os.DirEntry) -> str:
+    """``dir``, ``file``, ``other`` (dangling link, device, FIFO) or the reason it cannot be known: following a
+    link can fail (a symlink loop: ELOOP), which must reject that entry, not end the scan."""
+    try:
+        return "dir" if entry.is_dir() else "file" if entry.is_file() else "other"
+    except OSError as exn:
+        return f"{'symlink loop' if exn.errno == errno.ELOOP else 'cannot follow'}: {exn.strerror or exn}"
+
+
 def _scan(src: str | os.PathLike) -> Scan:
     src = Path(src)
     candidates, rejects = [], []
@@ -113,9 +123,11 @@ def _scan(src: str | os.PathLike) -> Scan:
         if top.name.startswith("."):
             rejects.append(Reject(top.name, "hidden"))
             continue
-        if not top.is_dir():  # follows symlinks: a linked identity folder is fine
-            rejects.append(Reject(top.name, "stray-file" if top.is_file() else "unreadable",
-                                  "" if top.is_file() else "not a file or folder (dangling symlink?)"))
+        kind = _kind(top)  # follows symlinks: a linked identity folder is fine
+        if kind != "dir":
+            rejects.append(Reject(top.name, "stray-file" if kind == "file" else "unreadable",
+                                  "" if kind == "file" else "not a file or folder (dangling symlink?)"
+                                  if kind == "other" else kind))
             continue
         try:
             entries = sorted(os.scandir(top.path), key=lambda e: e.name)
@@ -127,10 +139,13 @@ def _scan(src: str | os.PathLike) -> Scan:
             continue
         for e in entries:
             rel = f"{top.name}/{e.name}"
+            kind = _kind(e)
             if e.name.startswith("."):
                 rejects.append(Reject(rel, "hidden"))
-            elif e.is_dir():
+            elif kind == "dir":
                 rejects.append(Reject(rel, "not-a-file", "a folder"))
+            elif kind not in ("file", "other"):
+                rejects.append(Reject(rel, "unreadable", kind))
             else:  # files, symlinks, specials: open_face finds out what they really are
                 candidates.append((top.name, rel))
     return Scan(candidates, rejects)
@@ -177,5 +192,16 @@ def check_chunk(src: Src, paths: list[str], cfg: DegradeConfig = DEFAULT) -> lis
 
 
 def tsv_field(s: str) -> str:
-    """Escape a path or detail for one TSV cell (tabs and newlines in file names happen)."""
-    return s.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    """Escape a path or detail for one TSV cell of valid UTF-8: tabs, newlines and every other control character
+    as ``\\t``, ``\\n``, ``\\xNN``; bytes of a name that are not UTF-8 (os.fsdecode's surrogates) as ``\\xNN``."""
+    return "".join(_escape(c) for c in s)
+
+
+def _escape(c: str) -> str:
+    if c == "\\":
+        return "\\\\"
+    if c.isprintable():
+        return c
+    if "\udc80" <= c <= "\udcff":  # an undecodable byte of a file name
+        return f"\\x{ord(c) - 0xDC00:02x}"
+    return {"\t": "\\t", "\n": "\\n", "\r": "\\r"}.get(c) or c.encode("unicode_escape").decode("ascii")

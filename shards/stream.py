@@ -39,6 +39,7 @@ import queue
 import random
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,7 @@ class StreamConfig:
     pin_memory: bool = False  # page-locked batches, so a CUDA copy with non_blocking=True is asynchronous
     cache_dir: str = ""  # local folder keeping object-store shards once streamed; "" = stream them every time
     cache_bytes: int = 0  # bound on cache_dir (least recently used shards dropped); 0 = no bound
+    num_classes: int = 0  # the manifest's class count: a cls outside -1..num_classes-1 is refused; 0 = unchecked
 
     def epoch_batches(self, world_size: int) -> int:
         n = self.batches_per_epoch or self.num_samples // (world_size * self.batch_size)
@@ -123,10 +125,12 @@ def decode_png(data: bytes, size: int) -> torch.Tensor:
 
     PIL, not torchvision.io.decode_png: that is ~20% faster but deprecated since torchvision 0.29.
     """
-    img = Image.open(io.BytesIO(data), formats=["PNG"])
-    img.load()
-    if img.mode != "RGB" or img.size != (size, size):
+    with warnings.catch_warnings():  # the size check below refuses what PIL would only warn about
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data), formats=["PNG"])  # the header only
+    if img.mode != "RGB" or img.size != (size, size):  # before a pixel is decoded: a 13000² PNG costs nothing
         raise DecodeError(f"expected a {size}x{size} RGB PNG, got {img.size[0]}x{img.size[1]} {img.mode}")
+    img.load()
     return torch.from_numpy(np.array(img)).permute(2, 0, 1)  # (3, S, S) uint8
 
 
@@ -137,21 +141,26 @@ def decode_u8(data: bytes, size: int) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()).view(3, size, size)
 
 
-def check_members(raw: dict) -> int:
-    """Refuse a sample holding any member outside ``MEMBERS`` (before anything is decoded); returns its cls."""
+def check_members(raw: dict, num_classes: int = 0) -> int:
+    """Refuse a sample holding any member outside ``MEMBERS`` (before anything is decoded); returns its cls, which
+    must be -1 (unlabelled) or a class index below ``num_classes`` (when given): an index past the class map
+    would reach the loss as an out-of-range target."""
     refused = sorted(k for k in raw if not k.startswith("__") and k not in MEMBERS)
     if refused:
         raise DecodeError(f"{raw.get('__key__')}: refusing members {refused} (only {sorted(MEMBERS)} are decoded; "
                           "pickle-capable members are never loaded)")
     try:
-        return int(raw["cls"].decode("ascii"))
+        cls = int(raw["cls"][:20].decode("ascii"))
     except (KeyError, UnicodeDecodeError, ValueError):
         raise DecodeError(f"{raw.get('__key__')}: missing or malformed cls") from None
+    if cls < -1 or num_classes and cls >= num_classes:
+        raise DecodeError(f"{raw.get('__key__')}: cls {cls} outside -1..{num_classes - 1 if num_classes else 'N'}")
+    return cls
 
 
-def decode_sample(raw: dict, levels=LEVELS) -> dict:
+def decode_sample(raw: dict, levels=LEVELS, num_classes: int = 0) -> dict:
     """A WebDataset raw sample (bytes per member) -> {level: uint8 (3, S, S), "cls": int}; never unpickles."""
-    out = {"cls": check_members(raw)}
+    out = {"cls": check_members(raw, num_classes)}
     for lvl in levels:
         raw_bytes = f"{lvl}.u8" in raw
         if not raw_bytes and f"{lvl}.png" not in raw:
@@ -188,7 +197,7 @@ class _WorkerStream(IterableDataset):
             if self.stop is not None and self.stop.is_set():
                 return
             try:
-                s = decode_sample(r, cfg.levels)
+                s = decode_sample(r, cfg.levels, cfg.num_classes)
             except DecodeError as exn:
                 errors(exn)
                 continue
@@ -209,7 +218,7 @@ class _WorkerStream(IterableDataset):
                 if self.stop is not None and self.stop.is_set():
                     return  # the prefetch thread's consumer is gone; don't read (or log) any further
                 try:
-                    cls = check_members(raw)
+                    cls = check_members(raw, cfg.num_classes)
                 except DecodeError as exn:
                     errors(exn)
                     continue
@@ -395,18 +404,22 @@ class ShardLoader:
             del it  # shuts the worker processes down
 
 
-def read_in_order(urls: list[str], levels=LEVELS, batch_size: int = 32, errors: list | None = None) -> Iterator[dict]:
+def read_in_order(urls: list[str], levels=LEVELS, batch_size: int = 32, errors: list | None = None,
+                  num_classes: int = 0) -> Iterator[dict]:
     """Every sample of ``urls`` exactly once, in shard order, decoded as training decodes it (evaluation:
-    the training stream resamples, evaluation must not). Batches ``{level: uint8, "cls", "key"}``; damaged
-    samples are skipped and appended to ``errors`` as (key, reason)."""
+    the training stream resamples, evaluation must not). Batches ``{level: uint8, "cls", "key"}``. With an
+    ``errors`` list, damaged samples are skipped and appended to it as (key, reason), and a shard that cannot
+    be read on (a damaged tar) as (its url, reason), the stream going on with the next shard: the caller
+    reports them (an evaluation must not shrink silently). Without one, damage raises."""
     batch: list[dict] = []
-    for raw in (raw for u in urls for raw in shard_samples(u, None)):
+    for raw in (raw for u in urls for raw in shard_samples(u, _Recorder(u, errors) if errors is not None else None)):
         try:
-            s = decode_sample(raw, levels)
+            s = decode_sample(raw, levels, num_classes)
         except DecodeError as exn:
             if errors is not None:
                 errors.append((raw.get("__key__"), str(exn)))
-            continue
+                continue
+            raise
         s["key"] = raw["__key__"]
         batch.append(s)
         if len(batch) == batch_size:
@@ -414,6 +427,17 @@ def read_in_order(urls: list[str], levels=LEVELS, batch_size: int = 32, errors: 
             batch = []
     if batch:
         yield _stack(batch, levels)
+
+
+class _Recorder:
+    """WebDataset handler of ``read_in_order``: a damaged tar is recorded against its shard and the stream goes on."""
+
+    def __init__(self, url: str, errors: list):
+        self.url, self.errors = url, errors
+
+    def __call__(self, exn: Exception) -> bool:
+        self.errors.append((self.url, " ".join(str(exn).split())[:300]))
+        return True
 
 
 def _stack(batch: list[dict], levels) -> dict:

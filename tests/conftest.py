@@ -6,7 +6,11 @@ functions of tests/ these call (``tests.fixtures_faces.make_src``, a module's
 ``_face`` helper, ...) name a path under ``DATA`` (``LFW``, ``CELEBA``, a file
 such as ``DATA / "lfw-pairs.txt"``). Such tests get the ``needs_faces`` marker
 (``pytest -m "not needs_faces"`` runs the rest) and are skipped, with the
-missing folder as the reason, when it is absent; every other test runs.
+missing folder as the reason, when it is absent; every other test runs. Under ``CI=true`` a missing data
+folder or system part fails those tests instead: a CI run that skipped half the suite has not tested it.
+
+The system parts (Prometheus, promtool, iproute2) are installed at session start (``tests/system.py``), so no
+test depends on another having installed them first; the session ends with the skips counted by reason.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import dis
 import importlib
 import inspect
 import os
+import shutil
 import types
 from pathlib import Path
 
@@ -24,6 +29,24 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("FACESR_TEST_DATA") or ROOT.parent / "shared" / "data").resolve()
 LFW = DATA / "lfw"
 CELEBA = DATA / "celeba-ids"
+
+
+CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+MISSING_SYSTEM: dict[str, str] = {}  # binary -> package, still missing after tests.system.ensure()
+
+
+def pytest_sessionstart(session):
+    from tests import system
+
+    MISSING_SYSTEM.update(system.ensure(log=lambda m: print(m, flush=True)))
+
+
+def needs_system(binary: str) -> None:
+    """Skip the calling test when a system part is missing (a failure under CI=true)."""
+    from tests.system import skip_reason
+
+    if binary in MISSING_SYSTEM or shutil.which(binary) is None:
+        pytest.skip(skip_reason(binary))  # a failure under CI (pytest_runtest_makereport)
 
 
 def _under_data(p: object) -> bool:
@@ -78,7 +101,35 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(pytest.mark.needs_faces)
         missing = sorted({_top(p) for p in paths if not _top(p).exists()})
         if missing:
-            item.add_marker(pytest.mark.skip(reason=_skip_reason(missing)))
+            if CI:
+                item.stash[_MISSING] = _skip_reason(missing)
+            else:
+                item.add_marker(pytest.mark.skip(reason=_skip_reason(missing)))
+
+
+_MISSING = pytest.StashKey[str]()
+
+
+def pytest_runtest_setup(item):
+    """Under CI=true a test whose faces are missing fails at setup, naming the folder."""
+    if _MISSING in item.stash:
+        pytest.fail(f"CI=true: {item.stash[_MISSING]}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many tests skipped, and why (one line per reason), whatever -r was asked for."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        terminalreporter.write_line("facesr: 0 tests skipped")
+        return
+    reasons: dict[str, int] = {}
+    for rep in skipped:
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        reasons[reason] = reasons.get(reason, 0) + 1
+    terminalreporter.write_line(f"facesr: {len(skipped)} tests skipped")
+    for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"  {n:4d}  {reason}")
 
 
 @pytest.hookimpl(wrapper=True)
@@ -88,11 +139,16 @@ def pytest_runtest_makereport(item, call):
     place a missing file under it stays a failure."""
     rep = yield
     exc = call.excinfo.value if call.excinfo else None
-    if rep.failed and isinstance(exc, FileNotFoundError) and _under_data(exc.filename):
+    if not CI and rep.failed and isinstance(exc, FileNotFoundError) and _under_data(exc.filename):
         top = _top(Path(exc.filename))
         if not top.exists():
             rep.outcome = "skipped"
             rep.longrepr = (str(item.path), item.location[1], f"Skipped: {_skip_reason([top])}")
+    if CI and rep.skipped and not hasattr(rep, "wasxfail") and item.get_closest_marker("gpu") is None:
+        # CI runs as root with the data and every extra installed: only a missing GPU may skip a test
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        rep.outcome = "failed"
+        rep.longrepr = f"CI=true: a skip is a failure here (only -m gpu tests may skip): {reason}"
     return rep
 
 

@@ -5,6 +5,8 @@ folder, with something broken, and checks (1) the exit status and the message an
 before (finished shards, a run folder with its checkpoints and metrics, earlier outputs) is byte-for-byte
 unchanged. Refusals that can be made before Ray starts are made there, so these tests need no cluster.
 
+Bad config values and files, broken shard folders and manifests, impossible batch sizes, stage-2 priors of
+another class map, and lying weights files: the tables of tests/test_hostile_inputs.py.
 Covered elsewhere, not repeated here: every kind of unusable image in prep (corrupt, zero-byte, text, greyscale,
 CMYK, alpha, palette, too small, folder, dangling link, hidden, empty identity, stray file) in
 tests/test_prep.py::test_every_bad_input_rejected_with_reason; missing/empty SRC and unwritable OUT in
@@ -18,9 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -65,111 +65,7 @@ def copy_of(tmp_path):
     return make
 
 
-@pytest.fixture
-def earlier_run(tmp_path) -> Path:
-    """A run folder as an earlier run left it (config, metrics, a checkpoint part, priors): must stay untouched."""
-    run = tmp_path / "runs" / "cpu"
-    (run / "stage1" / "checkpoint_s00000002_e0000" / "state").mkdir(parents=True)
-    (run / "stage1" / "checkpoint_s00000002_e0000" / "state" / "mp_rank_00_model_states.pt").write_bytes(b"\1" * 64)
-    (run / "config.yaml").write_text("preset: tiny\n")
-    (run / "metrics.jsonl").write_text(json.dumps({"stage": 1, "split": "train", "step": 1, "loss": 1.0}) + "\n")
-    return run
-
-
-def train(capsys, *overrides: str, config: str = CPU) -> tuple[int, str]:
-    rc = main(["train", "--config", config, *overrides])
-    return rc, capsys.readouterr().err
-
-
-# ---------------------------------------------------------------- training inputs and config
-
-
-@pytest.mark.parametrize("kind, breakage, message", [
-    ("shard list with a missing file", "unlink", r"data\.shards: .*shard listed in .*manifest\.json is missing"),
-    ("manifest and shard disagree (truncated shard)", "truncate",
-     r"data\.shards: .*bytes, .*manifest\.json says \d+ \(truncated or replaced\?\)"),
-    ("garbled manifest", "garble-manifest", r"data\.shards: .*cannot read manifest"),
-    ("no manifest (interrupted prep)", "no-manifest", r"data\.shards: .*no manifest .*interrupted prep"),
-])
-def test_train_refuses_broken_shard_folder(capsys, shards, copy_of, earlier_run, kind, breakage, message):
-    """`facesr train` on a shard folder that does not match its manifest exits 2 before Ray starts, naming the
-    field and the file; the earlier run folder and the remaining shards are unchanged."""
-    root = copy_of(shards)
-    m = json.loads((root / "manifest.json").read_text())
-    shard = root / m["splits"]["train"]["shards"][1]["name"]
-    if breakage == "unlink":
-        shard.unlink()
-    elif breakage == "truncate":
-        shard.write_bytes(shard.read_bytes()[:-4096])
-    elif breakage == "garble-manifest":
-        (root / "manifest.json").write_text((root / "manifest.json").read_text()[:-200])
-    else:
-        (root / "manifest.json").unlink()
-    before, shards_before = snapshot(earlier_run), snapshot(root)
-    rc, err = train(capsys, f"data.shards={root}", f"cluster.storage_path={earlier_run.parent}")
-    assert rc == 2, kind
-    assert err.startswith("facesr train: config error: ")
-    assert re.search(message, err), err
-    assert snapshot(earlier_run) == before and snapshot(root) == shards_before
-
-
-@pytest.mark.parametrize("kind, text, message", [
-    ("unknown key", "stage2:\n  lrr: 0.1\n", r"stage2\.lrr: unknown key \(known: .*\blr\b"),
-    ("unknown section", "trainer:\n  epochs: 3\n", r"trainer: unknown key"),
-    ("wrong type", "stage2:\n  epochs: three\n", r"stage2\.epochs: expected an integer, got 'three'"),
-    ("YAML that does not parse", "stage2: [epochs: 3\n", r"--config: .*(?i:yaml)"),
-])
-def test_train_refuses_bad_config_file(capsys, tmp_path, shards, earlier_run, kind, text, message):
-    """A run config file with an unknown key, a wrong type or broken YAML: exit 2 with the field named (or the
-    parse error), no traceback, the earlier run folder untouched."""
-    cfg = tmp_path / "bad.yaml"
-    cfg.write_text(Path(ROOT / CPU).read_text() + text)
-    before = snapshot(earlier_run)
-    try:
-        rc, err = train(capsys, f"data.shards={shards}", f"cluster.storage_path={earlier_run.parent}",
-                        config=str(cfg))
-    except Exception as e:  # noqa: BLE001 - what a user would see: a traceback
-        pytest.fail(f"{kind}: traceback instead of a config error: {type(e).__name__}: {e}")
-    assert rc == 2, kind
-    assert re.search(message, err), err
-    assert snapshot(earlier_run) == before
-
-
-@pytest.mark.parametrize("overrides, message", [
-    (["stage2.batch_size=7"], r"stage2\.batch_size: global batch 7 cannot be split over 2 workers"),
-    (["stage1.batch_size=1"], r"stage1\.batch_size: global batch 1 is smaller than the 2 workers"),
-    (["stage1.batch_size=4096", "stage1.max_micro_batch=4096"],
-     r"stage1\.batch_size: 4096 exceeds the \d+ usable training samples"),
-    (["stage2.batch_size=0"], r"stage2\.batch_size: must be at least 1"),
-])
-def test_train_refuses_impossible_batch_sizes(capsys, shards, earlier_run, overrides, message):
-    """Batch sizes that no worker split or no data can serve: exit 2 naming the stage's field; nothing touched."""
-    before = snapshot(earlier_run)
-    rc, err = train(capsys, f"data.shards={shards}", f"cluster.storage_path={earlier_run.parent}", *overrides)
-    assert rc == 2 and re.search(message, err), err
-    assert snapshot(earlier_run) == before
-
-
-def test_stage2_refuses_priors_of_another_class_map(capsys, tmp_path, shards, earlier_run):
-    """Stage 2 pointed at priors trained on another class map (one identity different): exit 2 naming
-    stage2.priors and both class counts; the loader itself refuses them too (facesr.weights.load_priors)."""
-    from facesr.models import build_prior, get_preset
-    from facesr.weights import load_priors, save_priors
-    from shards.manifest import read_manifest
-
-    classes = read_manifest(shards)["classes"]
-    other = classes[:-1] + ["Someone_Else"]
-    prior = get_preset("tiny").prior
-    path = tmp_path / "other-priors.safetensors"
-    save_priors(path, {k: build_prior(prior, len(other)) for k in ("x2", "x4", "hr")}, prior, other)
-    before, priors_before = snapshot(earlier_run), path.read_bytes()
-    rc, err = train(capsys, f"data.shards={shards}", f"cluster.storage_path={earlier_run.parent}",
-                    "run.stages=[2]", f"stage2.priors={path}")
-    assert rc == 2 and f"stage2.priors: {path}: priors were trained on another class map" in err, err
-    with pytest.raises(ValueError, match="another class map"):
-        load_priors(path, classes=classes)
-    assert snapshot(earlier_run) == before and path.read_bytes() == priors_before
-
+# ---------------------------------------------------------------- training inputs
 
 
 def test_priors_of_an_older_build_are_refused_saying_what_to_do(tmp_path):
@@ -231,7 +127,7 @@ def test_sr_on_only_non_images_fails(capsys, tmp_path, srnet):
     src.mkdir()
     (src / "a.png").write_bytes(b"GIF89a nope")
     (src / "b.jpg").write_text("text")
-    assert main(["sr", str(srnet), str(src), str(out), "--device", "cpu"]) == 1
+    assert main(["sr", str(srnet), str(src), str(out), "--faces-only", "--device", "cpu"]) == 1
     assert "wrote 0 PNGs" in capsys.readouterr().out
     assert not out.exists() or not any(out.iterdir())
 

@@ -173,13 +173,17 @@ def monitor(cluster):
     registry (cluster/discovery.py) and runs Prometheus on the head's loopback with HTTP SD only: no file_sd
     folder, so every worker it scrapes was found without a shared one."""
     from tests.cluster_netns import PY, ROOT
+    from tests.conftest import needs_system
 
+    needs_system("prometheus")
     log = cluster.tmp / "monitor.log"
     cmd = cluster.exec_cmd("head", PY, "-m", "cluster.monitor", f"--address={cluster.gcs}", "--sd-dir=",
                            "--scrape-interval=1s", f"--data-dir={cluster.tmp / 'prometheus'}", "--port=9090",
                            f"--ray-sd-file={cluster.raytmp / 'h' / 'prom_metrics_service_discovery.json'}")
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, env=cluster.env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        # its own process group: the monitor and the Prometheus it starts can be ended together, by pid
+        proc = subprocess.Popen(cmd, env=cluster.env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     try:
         found = wait_for(lambda: proc.poll() is None and re.search(r"discovery: registry (\S+)", log.read_text()) or
                          proc.poll() is not None and "exited", "monitor to start Prometheus", 300)
@@ -195,9 +199,8 @@ def monitor(cluster):
             import warnings
 
             warnings.warn(f"cluster.monitor did not exit within 60 s of SIGINT; log tail:\n{log.read_text()[-2000:]}")
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)  # the monitor and its Prometheus
             proc.wait(timeout=30)
-            subprocess.run(["pkill", "-f", str(cluster.tmp / "prometheus")], check=False)
 
 
 @pytest.fixture(scope="module")

@@ -38,13 +38,17 @@ def test_hr_is_the_central_crop_without_resampling():
 
 
 def test_batched_equals_single_and_is_deterministic():
-    """Batch-first functions give the same result per image and on every call."""
-    imgs = torch.stack([_face(p) for p in sorted((LFW / "Aaron_Eckhart").glob("*.jpg"))[:1]] * 3)
+    """Batch-first functions give each image of a batch of three different faces what it gets alone (a batch
+    that mixed images, or used the first one's for all, would differ), and the same on every call."""
+    people = ("Aaron_Eckhart", "Colin_Powell", "George_W_Bush")
+    imgs = torch.stack([_face(sorted((LFW / p).glob("*.jpg"))[0]) for p in people])
     a, b = quadruplet(imgs), quadruplet(imgs)
-    single = quadruplet(imgs[0])
-    for k in LEVELS:
-        assert torch.equal(a[k], b[k])
-        assert torch.equal(a[k][0], single[k])
+    for i in range(len(people)):
+        single = quadruplet(imgs[i])
+        for k in LEVELS:
+            assert torch.equal(a[k], b[k])
+            assert torch.equal(a[k][i], single[k]), (people[i], k)
+    assert not torch.equal(a["lr"][0], a["lr"][1]) and not torch.equal(a["lr"][1], a["lr"][2])
 
 
 def test_kernels_are_normalised():

@@ -209,14 +209,21 @@ def robustness(faces):
 
 
 def test_robustness_rows_keep_the_clean_targets(robustness, faces):
-    """The paper row equals today's score; other rows change only lr (bicubic scores drop, x8 targets stay clean)."""
+    """The paper row equals today's score; other rows change only lr (bicubic scores drop, x8 targets stay clean)
+    and score x8 only, of bicubic and the model's deploy network, which gives the full cascade's x8 numbers."""
     by_deg, n = robustness
     assert n == 4 and list(by_deg) == ROBUST_ROWS
     plain, _ = score({"tiny": tiny_net()}, folder_batches(faces[:4], 4))
     assert by_deg["paper"] == plain
     for d in ROBUST_ROWS:
-        assert set(by_deg[d]) == {"nearest", "bicubic", "tiny"} and by_deg[d]["bicubic"]["x8"]["n"] == 4
+        want = {"nearest", "bicubic", "tiny"} if d == "paper" else {"bicubic", "tiny"}
+        assert set(by_deg[d]) == want and by_deg[d]["bicubic"]["x8"]["n"] == 4
         assert 15 < by_deg[d]["bicubic"]["x8"]["psnr"] < 30
+        if d != "paper":
+            assert set(by_deg[d]["tiny"]) == {"x8"}
+    net = tiny_net()
+    batch = next(folder_batches(faces[:4], 4))
+    assert torch.equal(net.deploy()(batch["lr"]), net(batch["lr"])["hr"])  # the rows' deploy path is the same x8
     x8 = {d: by_deg[d]["bicubic"]["x8"]["psnr"] for d in ROBUST_ROWS}
     assert x8["jpeg50"] < x8["bicubic_aa"]  # the same resize, then JPEG
 
@@ -266,3 +273,39 @@ def test_default_quality_output_unchanged(scored):
     res, n = scored
     report = build_report(res, n, "LFW test", {"tiny": "runs/tiny"})
     assert "robustness" not in report and "lr_degradations" not in report["protocol"]
+
+
+class _RankedPrior(torch.nn.Module):
+    """A stand-in prior over 8 classes that puts sample i's label at rank ``ranks[i]``: it reads the sample's
+    index from its (constant) image and returns logits with the label's score below ``ranks[i]`` others."""
+
+    input = "image"
+
+    def __init__(self, labels: list[int], ranks: list[int]):
+        super().__init__()
+        self.labels, self.ranks = labels, ranks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = []
+        for i in (x[:, 0, 0, 0] * 100).round().long().tolist():
+            logits = torch.arange(8, 0, -1, dtype=torch.float32)  # class c scores 8 - c: class 0 ranks first
+            order = [c for c in range(8) if c != self.labels[i]]
+            order.insert(self.ranks[i], self.labels[i])  # the label placed at its rank
+            out.append(logits[torch.tensor(order).argsort()])
+        return torch.stack(out)
+
+
+def test_score_priors_top1_and_top5_count_the_label_rank():
+    """facesr.evaluate.score_priors on 8 classes (more than 5, so top-5 can miss): top-1 is the share of samples
+    whose label ranks first, top-5 the share ranking in the first five; unlabelled samples (cls -1) are not
+    counted. With 4 classes, as in the training test, top-5 is 1 whatever the prior does."""
+    from facesr.evaluate import score_priors
+
+    labels, ranks = [3, 0, 7, 5, 2, 6, 1, 4, 0, 0], [0, 0, 4, 5, 7, 1, 0, 2, 6, 0]
+    cls = torch.tensor(labels[:9] + [-1])  # the last sample is unlabelled: its rank 0 must not count
+    x = (torch.arange(10, dtype=torch.float32) / 100).view(10, 1, 1, 1).expand(10, 3, 48, 48)
+    batches = [{"x2": x[:6], "cls": cls[:6]}, {"x2": x[6:], "cls": cls[6:]}]
+    out = score_priors({"x2": _RankedPrior(labels, ranks)}, batches)
+    assert out["images"] == 9
+    assert out["x2"]["top1"] == pytest.approx(3 / 9)  # ranks 0 at samples 0, 1, 6
+    assert out["x2"]["top5"] == pytest.approx(6 / 9)  # ranks < 5 at samples 0, 1, 2, 5, 6, 7

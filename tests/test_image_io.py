@@ -177,7 +177,7 @@ def sr_run(src, tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("sr-out")
     cap_out, cap_err = io.StringIO(), io.StringIO()
     with redirect_stdout(cap_out), redirect_stderr(cap_err):
-        rc = main(["sr", str(tiny_run), str(src), str(out), "--device", "cpu"])
+        rc = main(["sr", str(tiny_run), str(src), str(out), "--faces-only", "--device", "cpu"])
     return rc, cap_out.getvalue(), cap_err.getvalue(), out
 
 

@@ -99,7 +99,7 @@ def test_cli_sr(tiny_run, inputs, tmp_path, capsys):
     """`facesr sr MODEL IN OUT` writes the PNGs and reports what it resized and skipped."""
     from launch.cli import main
 
-    assert main(["sr", str(tiny_run), str(inputs), str(tmp_path / "o"), "--device", "cpu"]) == 0
+    assert main(["sr", str(tiny_run), str(inputs), str(tmp_path / "o"), "--faces-only", "--device", "cpu"]) == 0
     cap = capsys.readouterr()
     assert "wrote 3 PNGs" in cap.out and "1 resized, 2 skipped" in cap.out
     assert "broken.jpg" in cap.err
@@ -111,8 +111,8 @@ def test_compare_panels(tiny_run, inputs, tmp_path):
     from launch.cli import main
 
     plain, panels = tmp_path / "plain", tmp_path / "panels"
-    assert main(["sr", str(tiny_run), str(inputs), str(plain), "--device", "cpu"]) == 0
-    assert main(["sr", str(tiny_run), str(inputs), str(panels), "--device", "cpu", "--compare"]) == 0
+    assert main(["sr", str(tiny_run), str(inputs), str(plain), "--faces-only", "--device", "cpu"]) == 0
+    assert main(["sr", str(tiny_run), str(inputs), str(panels), "--faces-only", "--device", "cpu", "--compare"]) == 0
     cell, gap, header = 192, 2, 22
     for name, cols in [("face0.png", 3), ("sub/face1.png", 3), ("photo.png", 4)]:
         panel = np.asarray(Image.open(panels / name).convert("RGB"))

@@ -25,6 +25,7 @@ import pytest
 from cluster import monitor
 from cluster.summary import write_summary
 from facesr.vocab import SCALES
+from tests.conftest import needs_system
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "cluster" / "grafana" / "dashboards" / "facesr.json"
@@ -88,10 +89,7 @@ def prometheus(tmp_path_factory):
     (cluster/discovery.py's, served on loopback); yields (url, sd_dir, sd_table)."""
     from cluster.discovery import SDServer, TargetTable
 
-    try:
-        monitor.prometheus_binary(install=True)
-    except (FileNotFoundError, subprocess.CalledProcessError) as e:
-        pytest.skip(f"prometheus unavailable and not installable here: {e}")
+    needs_system("prometheus")  # installed at session start (tests/system.py)
     tmp = tmp_path_factory.mktemp("prometheus")
     sd_dir = tmp / "sd"
     sd_dir.mkdir()
@@ -138,9 +136,8 @@ def run_window(prometheus):
 
 def test_rendered_config_is_valid(prometheus, tmp_path):
     """promtool accepts the project's config once rendered with other paths and interval."""
+    needs_system("promtool")
     promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not installed")
     cfg = tmp_path / "prometheus.yml"
     cfg.write_text(monitor.render_config(str(tmp_path), scrape_interval="1s"))
     out = subprocess.run([promtool, "check", "config", str(cfg)], capture_output=True, text=True)

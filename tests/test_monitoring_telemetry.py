@@ -79,15 +79,36 @@ def test_decode_errors_and_restarts_are_counters(tmp_path):
     assert [s.value for s in fams["facesr_restarts"] if s.name.endswith("_total")] == [3]
 
 
-def test_checkpoint_age_is_computed_at_scrape_time(tel):
+class _WallClock:
+    """Stands in for the ``time`` module where a test moves the wall clock itself."""
+
+    def __init__(self, now: list[float]):
+        self.now = now
+
+    def time(self) -> float:
+        return self.now[0]
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+def test_checkpoint_age_is_computed_at_scrape_time(tel, monkeypatch):
     """The age grows between scrapes without any log() and resets on checkpoint_saved()."""
+    from cluster import telemetry
+
+    now = [5000.0]  # wall clock moved by hand: no margin for a slow scrape on a loaded machine
+
     def age():
         return scrape(tel)["facesr_checkpoint_age_seconds"][0].value
     first = age()
-    time.sleep(0.3)
-    assert age() >= first + 0.25
+    monkeypatch.setattr(telemetry, "time", _WallClock(now))
     tel.checkpoint_saved()
-    assert age() < 0.25
+    now[0] += 42.0
+    assert age() == 42.0 and age() == 42.0  # computed at each scrape, from the clock alone
+    now[0] += 8.0
+    assert age() == 50.0
+    tel.checkpoint_saved()
+    assert age() == 0.0 and first >= 0
 
 
 def test_set_stage_drops_previous_stage_series(tel):
@@ -161,24 +182,44 @@ def test_discovery_file_written_atomically_and_removed(tel, tmp_path):
     assert list(sd.iterdir()) == []
 
 
-def test_http_sd_table_serves_groups_and_expires_stale_entries():
+class _Clock:
+    """Stands in for the ``time`` module where a test moves the monotonic clock itself."""
+
+    def __init__(self, now: list[float]):
+        self.now = now
+
+    def monotonic(self) -> float:
+        return self.now[0]
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+def test_http_sd_table_serves_groups_and_expires_stale_entries(monkeypatch):
     """The registry's table, served over HTTP as Prometheus' http_sd wants (JSON list of target groups): an
     entry not renewed within its TTL is gone, a renewed one stays, other paths are 404."""
     import urllib.error
 
     from cluster.discovery import PATH, SDServer, TargetTable
 
+    from cluster import discovery
+
+    now = [1000.0]  # the table's clock, moved by hand: expiry is tested without racing a loaded machine
+    monkeypatch.setattr(discovery, "time", _Clock(now))
     table = TargetTable()
     server = SDServer(table, "127.0.0.1", 0)
     try:
-        table.put("r/n0/r0", "10.0.0.1:9400", {"run": "r", "node": "n0", "rank": 0}, ttl_s=0.5)
+        table.put("r/n0/r0", "10.0.0.1:9400", {"run": "r", "node": "n0", "rank": 0}, ttl_s=15)
         table.put("r/n1/r1", "10.0.0.2:9401", {"run": "r", "node": "n1", "rank": 1}, ttl_s=30)
         get = lambda path=PATH: urllib.request.urlopen(server.url.replace(PATH, path), timeout=5)  # noqa: E731
         with get() as r:
             assert r.headers["Content-Type"] == "application/json"
             assert json.load(r) == [{"targets": ["10.0.0.1:9400"], "labels": {"run": "r", "node": "n0", "rank": "0"}},
                                     {"targets": ["10.0.0.2:9401"], "labels": {"run": "r", "node": "n1", "rank": "1"}}]
-        time.sleep(0.7)
+        now[0] += 14.9  # both still within their TTL
+        with get() as r:
+            assert len(json.load(r)) == 2
+        now[0] += 0.2  # the first one's 15 s are over, the second's 30 are not
         with get() as r:
             assert [g["targets"] for g in json.load(r)] == [["10.0.0.2:9401"]]
         table.drop("r/n1/r1")

@@ -32,6 +32,22 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+_PROBE = ("import sys, ray; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False); "
+          "sys.exit(0 if any(n['Alive'] for n in ray.nodes()) else 1)")
+
+
+def _wait_for_a_node(address: str, deadline: float) -> None:
+    """Poll until a driver can join ``address`` and sees a live node (what prep's ray.init then finds)."""
+    while time.monotonic() < deadline:
+        try:
+            if subprocess.run([sys.executable, "-c", _PROBE, address], capture_output=True, timeout=60).returncode == 0:
+                return
+        except subprocess.TimeoutExpired:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"no live Ray node at {address} before the deadline")
+
+
 @pytest.mark.cluster
 @pytest.mark.slow
 def test_prep_joins_the_cluster_named_by_ray_address(tmp_path):
@@ -54,7 +70,7 @@ def test_prep_joins_the_cluster_named_by_ray_address(tmp_path):
                 if s.connect_ex(tuple(address.rsplit(":", 1)[:1]) + (gcs,)) == 0:
                     break
             time.sleep(1)
-        time.sleep(5)  # GCS up; give the raylet a moment to register
+        _wait_for_a_node(address, time.monotonic() + 120)  # GCS up is not enough: prep needs the head's raylet registered
         env = dict(os.environ, RAY_ADDRESS=address)
         cmd = [sys.executable, "-m", "launch.cli", "prep", str(src), str(out), *PREP_ARGS]
         run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

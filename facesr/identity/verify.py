@@ -35,62 +35,87 @@ HR = SIZES["hr"]
 
 
 @torch.inference_mode()
-def verify(
+def verify_degradations(
     judge: Judge,
     pairs: list[Pair],
     root: str | Path,
     upscalers: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    degradations: Iterable[str] = ("paper",),
     *,
     batch_size: int = 32,
     device: str | torch.device = "cpu",
     log: Callable[[str], None] | None = None,
     drift_faces: Iterable[tuple[str, int]] = (),
 ) -> dict:
-    """Metrics per condition: ``hr``, ``bicubic`` and each upscaler (lr (B,3,24,24) -> (B,3,192,192)).
+    """Metrics of ``hr`` and, per lr degradation (``facesr.degradations.EVAL_DEGRADATIONS``: the same names as
+    ``facesr eval quality --degradations``), of ``bicubic`` and each upscaler (lr (B,3,24,24) -> (B,3,192,192)).
 
-    Returns ``{condition: {accuracy, auc, …, [drift], fallbacks}}``; every face is embedded once. Drift is
-    measured on every pair's face B and on ``drift_faces`` (more faces of the chosen people: a paired
-    comparison of the upscalers on all of them, not only on the few that LFW's pairs name); each upscaler's
-    ``drift_minus_bicubic`` is its per-face difference to bicubic's drift, mean and standard error.
+    Returns ``{"hr": metrics, "rows": {degradation: {condition: metrics}}}``; every face is embedded once per
+    condition. Drift is measured on every pair's face B and on ``drift_faces`` (more faces of the chosen people:
+    a paired comparison on all of them, not only on the few that LFW's pairs name); each upscaler's
+    ``drift_minus_bicubic`` is its per-face difference to bicubic's drift under the same degradation, mean and
+    standard error.
     """
+    from ..degradations import EVAL_DEGRADATIONS
+
     upscalers = upscalers or {}
-    conditions = ["hr", "bicubic", *upscalers]
+    rows = list(dict.fromkeys(degradations))
+    unknown = [d for d in rows if d not in EVAL_DEGRADATIONS]
+    if unknown or not rows:
+        raise ValueError(f"unknown degradation {', '.join(unknown) or '(none)'}; known: {', '.join(EVAL_DEGRADATIONS)}")
+    methods = ["bicubic", *upscalers]
     b_set = {p.b for p in pairs} | set(drift_faces)
     hr_faces = sorted({p.a for p in pairs} | b_set)
-    emb: dict[str, dict[tuple[str, int], torch.Tensor]] = {c: {} for c in conditions}
-    fallbacks = dict.fromkeys(conditions, 0)
+    hr_emb: dict[tuple[str, int], torch.Tensor] = {}
+    emb: dict[tuple[str, str], dict[tuple[str, int], torch.Tensor]] = {(d, m): {} for d in rows for m in methods}
+    fallbacks = {("hr", "hr"): 0, **dict.fromkeys(emb, 0)}
     t0 = time.time()
     for i in range(0, len(hr_faces), batch_size):
         chunk = hr_faces[i : i + batch_size]
         hr = torch.stack([crop_hr(read_rgb(image_path(root, f))) for f in chunk])  # (B, 3, 192, 192)
         quad = {k: quantize(v) for k, v in degrade(hr).items()}  # batched: what quadruplet gives per image
-        outs = {"hr": (list(range(len(chunk))), quad["hr"])}
+        outs = {("hr", "hr"): (list(range(len(chunk))), quad["hr"])}
         sel = [j for j, f in enumerate(chunk) if f in b_set]  # only the B side is degraded
         if sel:
-            lr = quad["lr"][sel].to(device)  # (b, 3, 24, 24)
-            outs["bicubic"] = (sel, upscale(lr, HR, "bicubic"))
-            outs.update({name: (sel, finish(up(lr))) for name, up in upscalers.items()})  # (b, 3, 192, 192)
+            for d in rows:
+                lr = (quad["lr"][sel] if d == "paper" else EVAL_DEGRADATIONS[d](quad["hr"][sel])).to(device)  # (b, 3, 24, 24)
+                outs[(d, "bicubic")] = (sel, upscale(lr, HR, "bicubic"))
+                outs.update({(d, name): (sel, finish(up(lr))) for name, up in upscalers.items()})  # (b, 3, 192, 192)
         for c, (idx, img) in outs.items():
             before = judge.fallbacks
+            target = hr_emb if c == ("hr", "hr") else emb[c]
             for j, e in zip(idx, judge.embed(img)):
-                emb[c][chunk[j]] = e
+                target[chunk[j]] = e
             fallbacks[c] += judge.fallbacks - before
         if log:
-            log(f"  embedded {min(i + batch_size, len(hr_faces))}/{len(hr_faces)} faces ({time.time() - t0:.0f} s)")
+            log(f"  embedded {min(i + batch_size, len(hr_faces))}/{len(hr_faces)} faces x {1 + len(rows) * len(methods)} "
+                f"conditions ({time.time() - t0:.0f} s)")
     same = torch.tensor([p.same for p in pairs])
     folds = torch.tensor([p.fold for p in pairs])
     fixed = -judge.threshold if judge.threshold is not None else None  # score = -distance
-    out = {}
-    for c in conditions:
-        a = torch.stack([emb["hr"][p.a] for p in pairs])
-        b = torch.stack([emb[c][p.b] for p in pairs])
-        out[c] = verification_metrics(-judge.distance(a, b), same, folds, fixed)
-        if c != "hr":
-            out[c]["drift"] = identity_drift(judge, emb["hr"], emb[c])
-        if c not in ("hr", "bicubic"):
-            out[c]["drift_minus_bicubic"] = drift_difference(judge, emb["hr"], emb[c], emb["bicubic"])
-        out[c]["fallbacks"] = fallbacks[c]
+    a = torch.stack([hr_emb[p.a] for p in pairs])
+
+    def scores(table: dict) -> dict:
+        b = torch.stack([table[p.b] for p in pairs])
+        return verification_metrics(-judge.distance(a, b), same, folds, fixed)
+
+    out = {"hr": {**scores(hr_emb), "fallbacks": fallbacks[("hr", "hr")]}, "rows": {}}
+    for d in rows:
+        row = out["rows"][d] = {}
+        for m in methods:
+            row[m] = scores(emb[(d, m)]) | {"drift": identity_drift(judge, hr_emb, emb[(d, m)])}
+            if m != "bicubic":
+                row[m]["drift_minus_bicubic"] = drift_difference(judge, hr_emb, emb[(d, m)], emb[(d, "bicubic")])
+            row[m]["fallbacks"] = fallbacks[(d, m)]
     return out
+
+
+def verify(judge: Judge, pairs: list[Pair], root: str | Path,
+           upscalers: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None, **kw) -> dict:
+    """The paper degradation's row of ``verify_degradations`` as ``{condition: metrics}`` (hr, bicubic, each
+    upscaler): the table ``format_identity_table`` prints."""
+    res = verify_degradations(judge, pairs, root, upscalers, ("paper",), **kw)
+    return {"hr": res["hr"], **res["rows"]["paper"]}
 
 
 def identity_drift(judge: Judge, hr: dict, restored: dict) -> dict:
@@ -142,3 +167,38 @@ def format_identity_table(report: dict) -> str:
         "restored face to its own HR face (every pair's face B, and with --drift-all every face of the chosen people)"
     )
     return "\n".join(lines)
+
+
+def format_degradation_table(report: dict) -> str:
+    """The identity table under each lr degradation (issue 25): per row and method, ROC AUC, accuracy at the
+    judge's threshold and 10-fold, drift to the face's own HR, and each model's drift minus bicubic's (paired,
+    ± standard error; negative = the model keeps the person better than bicubic)."""
+    res, c = report["results"], report["pair_counts"]
+    judge = report.get("judge", {})
+    thr = judge.get("threshold")
+    hr = res["hr"]
+    n_drift = next(iter(next(iter(res["rows"].values())).values()))["drift"]["faces"]
+    fixed = f"acc@{thr:g}" if thr is not None else "acc@thr"
+    lines = [
+        f"identity under each lr degradation: judge {judge.get('name', '?')}, {c['used']} LFW pairs "
+        f"(face A at HR, face B restored from 24x24), drift over {n_drift} faces",
+        f"{'lr made by':<16}{'face B as':<18}{'ROC AUC':>9}{fixed:>10}{'acc 10-fold':>13}{'drift':>9}"
+        f"{'drift - bicubic':>26}",
+        f"{'':<16}{'hr':<18}{hr['auc']:>9.4f}{_pct(hr.get('accuracy_fixed')):>10}{_pct(hr['accuracy']):>13}",
+    ]
+    for d, row in res["rows"].items():
+        for m, r in row.items():
+            diff = ""
+            if "drift_minus_bicubic" in r:
+                x = r["drift_minus_bicubic"]
+                verdict = "better" if x["mean"] + 2 * x["sem"] < 0 else "worse" if x["mean"] - 2 * x["sem"] > 0 else "tie"
+                diff = f"{x['mean']:+.4f} ± {x['sem']:.4f} {verdict:>6}"
+            lines.append(f"{d:<16}{m:<18}{r['auc']:>9.4f}{_pct(r.get('accuracy_fixed')):>10}{_pct(r['accuracy']):>13}"
+                         f"{r['drift']['mean']:>9.4f}{diff:>26}")
+    lines.append("drift: mean judge distance of each restored face B to its own HR face (lower keeps the person); "
+                 "drift - bicubic: paired per face, ± standard error; better/worse: beyond 2 standard errors")
+    return "\n".join(lines)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"

@@ -13,7 +13,7 @@ import timm
 import torch.nn as nn
 
 from .csrnet import SRNet, SRNetConfig, SRNetDeploy, conv_depth
-from .embedder import EmbedderConfig, FaceEmbedder
+from .embedder import EmbedderConfig, FaceEmbedder, MarginHead, Recognizer, RecognizerConfig
 from .peers import (SRCNN, VDSR, Discriminator, DiscriminatorConfig, HROnly, SRCNNConfig, SRResNet, SRResNetConfig,
                     VDSRConfig)
 from .prior import FrozenPrior, PriorConfig, SqueezeNetResidual
@@ -27,6 +27,7 @@ class ModelPreset:
     vdsr: VDSRConfig = VDSRConfig()  # Table 1 peer: 20-layer VDSR
     srresnet: SRResNetConfig = SRResNetConfig()  # Table 1 peer: SRGAN's generator (16 blocks of 64)
     critic: DiscriminatorConfig = DiscriminatorConfig()  # SRGAN's discriminator (stage2.loss=adversarial)
+    recognizer: RecognizerConfig = RecognizerConfig()  # the identity term's face recognizer (stage1.model=recognizer)
 
 
 PRESETS: dict[str, ModelPreset] = {
@@ -81,6 +82,11 @@ def sr_model_name(net: nn.Module) -> str:
     raise ValueError(f"{type(net).__name__} is not one of the SR models {sorted(SR_MODELS)}")
 
 
+def build_recognizer(cfg: RecognizerConfig, num_classes: int) -> Recognizer:
+    """A fresh face recognizer (the identity term's), with a margin head over ``num_classes`` identities."""
+    return Recognizer(cfg, num_classes)
+
+
 def build_prior(cfg: PriorConfig, num_classes: int) -> nn.Module:
     """A fresh identity prior from timm's registry."""
     return timm.create_model(cfg.name, num_classes=num_classes, width=cfg.width, dropout=cfg.dropout, norm=cfg.norm)
@@ -93,5 +99,5 @@ __all__ = [
     "SRCNN", "SRCNNConfig", "VDSR", "VDSRConfig", "HROnly", "SRResNet", "SRResNetConfig",
     "Discriminator", "DiscriminatorConfig",
     "FrozenPrior", "PriorConfig", "SqueezeNetResidual",
-    "EmbedderConfig", "FaceEmbedder",
+    "EmbedderConfig", "FaceEmbedder", "MarginHead", "Recognizer", "RecognizerConfig", "build_recognizer",
 ]

@@ -19,6 +19,8 @@ KINDS = {  # kind -> module; heavy imports (Ray, DeepSpeed) happen inside each m
     "train": "launch.bench.train",
     "store": "launch.bench.store",
     "syncs": "launch.bench.syncs",
+    "eval": "launch.bench.eval",
+    "faces": "launch.bench.faces",
 }
 
 

@@ -1,0 +1,108 @@
+"""Evaluation speed: face-rows scored per second by `facesr eval quality --degradations`, against the naive path.
+
+Both score the same real faces under the same lr degradations with the same model in one process:
+
+* naive: what evaluation did before issue 27 — for every degradation row, nearest, bicubic and the model's full
+  cascade at every scale, each image scored by torchmetrics' PSNR and its SSIM twice (standard and paper
+  constants, each a 2-D 11x11 Gaussian convolution);
+* facesr: ``facesr.evaluate.score_degradations`` — both SSIMs from one set of moments (separable Gaussian as
+  matmuls), every scale and nearest in the paper row only, the robustness rows x8 of bicubic and the model's
+  deploy network.
+
+A face-row is one face under one degradation. Figures go to ``bench/eval.json`` with the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+ROOT = Path(__file__).resolve().parents[2]
+ROWS = "paper,decimate0,bicubic_aa,area,bilinear_noise,jpeg50,heldout"
+
+
+def configure(p) -> None:
+    p.add_argument("--faces", default=str(ROOT.parent / "shared" / "data" / "lfw"), help="identity folder")
+    p.add_argument("--model", default="", help="SR weights or run folder (default: a tiny cascade, random weights)")
+    p.add_argument("-n", "--images", type=int, default=64, help="faces scored by each path")
+    p.add_argument("--degradations", default=ROWS)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", default="bench/eval.json")
+
+
+def _naive_scores(pred: torch.Tensor, target: torch.Tensor) -> dict:
+    from facesr.quality import PAPER_DATA_RANGE
+
+    return {"psnr": peak_signal_noise_ratio(pred, target, data_range=1.0, reduction="none", dim=(1, 2, 3)),
+            "ssim": structural_similarity_index_measure(pred, target, data_range=1.0, reduction="none"),
+            "ssim_paper": structural_similarity_index_measure(pred, target, data_range=PAPER_DATA_RANGE,
+                                                              reduction="none")}
+
+
+@torch.inference_mode()
+def naive(model, batches: list[dict], rows: list[str]) -> dict:
+    """Every method at every scale for every row, two torchmetrics SSIMs per image; returns the mean x8 PSNR per
+    (row, method), to check that both paths score the same numbers."""
+    from facesr.degradations import lr_under
+    from facesr.quality import baselines, finish
+    from facesr.vocab import KEY_OF, SCALES
+
+    sums: dict = {}
+    for batch in batches:
+        for d in rows:
+            lr = lr_under(d, batch)
+            outs = baselines(lr)
+            sr = model(lr)
+            outs["model"] = {s: finish(sr[KEY_OF[s]]) for s in SCALES}
+            for method, by_scale in outs.items():
+                for s, img in by_scale.items():
+                    sc = _naive_scores(img, batch[KEY_OF[s]])
+                    if s == "x8":
+                        sums[(d, method)] = sums.get((d, method), 0.0) + float(sc["psnr"].sum())
+    n = sum(len(b["lr"]) for b in batches)
+    return {k: v / n for k, v in sums.items()}
+
+
+def run(args) -> int:
+    from facesr.evaluate import folder_batches, list_faces, score_degradations, select
+    from facesr.hardware import machine_info
+    from facesr.infer import load_cascade
+    from facesr.models import PRESETS, SRNet
+
+    rows = [r for r in args.degradations.split(",") if r]
+    faces = select(list_faces(args.faces), args.images, 0)
+    batches = list(folder_batches(faces, args.batch_size))  # decoded once: both paths time scoring, not JPEG reading
+    if args.model:
+        model = load_cascade(args.model, "cpu")
+    else:
+        torch.manual_seed(0)
+        model = SRNet(PRESETS["tiny"].sr).eval()
+    n = sum(len(b["lr"]) for b in batches)
+    print(f"bench eval: {n} faces x {len(rows)} rows ({', '.join(rows)}), {torch.get_num_threads()} threads", flush=True)
+
+    t0 = time.perf_counter()
+    ours, _ = score_degradations({"model": model}, iter(batches), rows)
+    t_ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ref = naive(model, batches, rows)
+    t_naive = time.perf_counter() - t0
+    worst = max(abs(ours[d][m]["x8"]["psnr"] - ref[(d, m)]) for d in rows for m in ("bicubic", "model"))
+    result = {
+        "machine": machine_info(),
+        "faces": n, "rows": rows, "threads": torch.get_num_threads(), "model": args.model or "tiny (random)",
+        "naive_s": t_naive, "facesr_s": t_ours,
+        "naive_face_rows_per_s": n * len(rows) / t_naive, "facesr_face_rows_per_s": n * len(rows) / t_ours,
+        "speedup": t_naive / t_ours, "max_x8_psnr_difference_db": worst,
+    }
+    print(f"naive   {result['naive_face_rows_per_s']:8.1f} face-rows/s  ({t_naive:.1f} s)\n"
+          f"facesr  {result['facesr_face_rows_per_s']:8.1f} face-rows/s  ({t_ours:.1f} s)\n"
+          f"speedup {result['speedup']:.1f}x; the two paths' x8 PSNR agree within {worst:.2e} dB")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
