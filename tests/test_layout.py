@@ -16,7 +16,8 @@ ALLOWED = {  # third-party and sibling packages each folder may import (the stan
     "shards": {"facesr", "shards", "torch", "numpy", "PIL", "webdataset", "tqdm", "pyarrow"},
     "launch": {"facesr", "shards", "cluster", "launch", "torch"},
     # every benchmark: each layer, plus the libraries its naive baselines use; Ray and DeepSpeed only via cluster
-    "launch/bench": {"facesr", "shards", "cluster", "launch", "torch", "numpy", "PIL"},
+    "launch/bench": {"facesr", "shards", "cluster", "launch", "torch", "numpy", "PIL",
+                     "torchmetrics"},  # bench eval's naive path: torchmetrics' PSNR and SSIM per image
     "cluster": {"facesr", "shards", "cluster", "torch", "ray", "deepspeed", "prometheus_client", "psutil", "yaml",
                 "matplotlib"},
 }
