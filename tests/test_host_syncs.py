@@ -78,9 +78,9 @@ def test_every_shipped_configuration_steps_without_host_syncs():
 
     covered = {n for r in rows for n in r["configs"]}
     assert {n for _, names in shipped() for n in names} <= covered
-    assert any(r["signature"]["degradation"] == "robust" for r in rows)
-    assert any(r["signature"]["batchnorm"] == "sync" for r in rows)
-    assert any(r["signature"]["precision"] == "fp32" for r in rows)
+    assert any(r["signature"].get("degradation") == "robust" for r in rows)
+    assert any(r["signature"].get("batchnorm") == "sync" for r in rows)
+    assert any(r["signature"].get("precision") == "fp32" for r in rows)
     for r in rows:
         ours = r["ours"]
         assert ours["accumulation"] == 2

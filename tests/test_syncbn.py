@@ -57,7 +57,7 @@ def test_two_ranks_equal_one_batchnorm_over_the_whole_batch():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = mp.Manager().dict()
-    mp.start_processes(_rank, args=(port, out), nprocs=WORLD, start_method="fork")
+    mp.start_processes(_rank, args=(port, out), nprocs=WORLD, start_method="spawn")  # fork deadlocks in OpenMP once the parent ran torch ops
     ref = _net().train()
     x = _batch().requires_grad_(True)
     for _ in range(2):

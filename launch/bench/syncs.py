@@ -37,12 +37,13 @@ def signature(cfg, number: int) -> dict:
               "zero_stage": e.zero_stage, "compile": e.compile}
     if number == 1:
         s = cfg.stage1
-        return {**common, "augment": s.augment, "crop_pad": s.crop_pad if s.augment else 0,
+        return {**common, "model": s.model, "augment": s.augment, "crop_pad": s.crop_pad if s.augment else 0,
                 "class_balance": s.class_balance, "input": s.input}
     s = cfg.stage2
     deg = cfg.data.degradation if isinstance(cfg.data.degradation, str) else "custom"
     weights = s.perceptual_weights if s.loss == "perceptual" else ""
     return {**common, "model": s.model, "loss": s.loss, "priors": s.uses_priors, "degradation": deg,
+            "identity": sorted(s.identity_scales) if s.identity_weight else [],
             "perceptual_weights": "priors" if weights == "priors" else ("file" if weights else "")}
 
 
