@@ -7,7 +7,7 @@ FACES   ?= ../shared/data/lfw
 
 SD_DIR  ?= runs/prometheus_sd
 
-.PHONY: test demo venv clean bench monitor train-cpu shards-id eval identity identity-embedder export gpu-check table1
+.PHONY: test demo venv clean bench monitor train-cpu shards-id eval identity identity-embedder export gpu-check gpu-pack table1
 
 venv: $(STAMP)
 
@@ -34,9 +34,15 @@ bench: $(STAMP)
 	$(BIN)/facesr bench step --preset paper
 	$(BIN)/facesr bench data --faces $(FACES)
 
-# On a GPU machine: driver check, step benchmarks on CUDA, GPU tests, 2-GPU train -> kill -> resume (bench/gpu/).
-gpu-check: $(STAMP)
-	$(BIN)/python -m launch.gpu_check --faces ../shared/data/celeba-ids
+# On a GPU machine, even a bare one (python3 with a CUDA torch, no venv, no network; .gpupack/ copied beside):
+# driver, the worker step under CUDA's sync check, step benchmarks eager / CUDA graphs / compiled, DeepSpeed on
+# NCCL, GPU tests, and on a full host a train -> kill -> resume; bench/gpu/gpu_check.json after every stage.
+gpu-check:
+	$(PY) -m launch.gpu_check --out bench/gpu
+
+# Here (PyPI and ../shared/data): what a bare GPU host lacks for gpu-check, into .gpupack/ (<= 64 MiB).
+gpu-pack: $(STAMP)
+	$(BIN)/python -m launch.gpu_pack --out .gpupack
 
 # A short two-stage run on CelebA identities (the cpu.yaml smoke config).
 train-cpu: $(STAMP)

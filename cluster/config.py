@@ -195,6 +195,9 @@ class ClusterConfig:
     s3_endpoint: str = ""
     s3_region: str = ""  # region of the bucket; "" = AWS_REGION / AWS_DEFAULT_REGION if set (credentials: never here)
     max_failures: int = 2  # worker-group restarts from the latest checkpoint before the run fails
+    # seconds the driver asks an autoscaler for the nodes the workers need before refusing the run (too few CPUs
+    # or GPUs is an error, not a wait); 0 = refuse at once when the cluster's nodes cannot place them
+    placement_timeout_s: float = 0.0
 
     def validate(self, key: str = "cluster") -> None:
         if self.num_workers < 1:
@@ -206,6 +209,9 @@ class ClusterConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{key}.{name}", f"must be positive, got {getattr(self, name)}")
         _at_least(self, key, max_failures=0)  # Ray's -1 (retry forever) would loop on a deterministic failure
+        if self.placement_timeout_s < 0:
+            raise ConfigError(f"{key}.placement_timeout_s", f"must be 0 (refuse at once) or more, got "
+                              f"{self.placement_timeout_s}")
 
 
 @dataclass
@@ -220,6 +226,10 @@ class EngineConfig:
     batchnorm: str = "local"  # local = per-worker batch statistics, running stats averaged each epoch; sync = SyncBatchNorm (GPU only)
     grad_clip: float = 0.0  # gradient-norm clip; 0 = off (the paper does not clip)
     compile: bool = False  # torch.compile the trained module (DeepSpeed engine.compile); measured in README
+    # torch.compile of the whole step's forward + loss (facesr.step.compile_forward): off | default (fused
+    # kernels) | reduce-overhead (+ CUDA graphs: a launch per graph, not per kernel). off until measured faster
+    # on a GPU (`python -m launch.gpu_check` measures all three); SRGAN's two losses need off
+    step_compile: str = "off"
     overlap_comm: bool = True  # reduce gradients in buckets while backward is still running (ZeRO-2 hooks)
     bucket_mb: float = 8.0  # gradient bucket size in MB of fp32: ~2 buckets for the paper cascade (17 MB of grads)
 
@@ -234,6 +244,11 @@ class EngineConfig:
             raise ConfigError(f"{key}.grad_clip", f"must be 0 (off) or positive, got {self.grad_clip}")
         if self.batchnorm not in ("local", "sync"):
             raise ConfigError(f"{key}.batchnorm", f"expected local or sync, got {self.batchnorm!r}")
+        from facesr.step import STEP_COMPILE
+
+        if self.step_compile not in STEP_COMPILE:
+            raise ConfigError(f"{key}.step_compile", f"expected one of {', '.join(STEP_COMPILE)}, got "
+                              f"{self.step_compile!r}")
 
 
 @dataclass
@@ -471,6 +486,9 @@ class TrainConfig:
             raise ConfigError("engine.zero_stage", f"elastic training (cluster.min_workers={self.cluster.min_workers} "
                               f"< num_workers={self.cluster.num_workers}) needs checkpoints that load at another world "
                               f"size: ZeRO {self.engine.zero_stage} shards the optimizer state per worker; use 0")
+        if self.engine.step_compile != "off" and 2 in self.run.stages and self.stage2.loss == "adversarial":
+            raise ConfigError("engine.step_compile", "SRGAN backpropagates its two losses through one forward, "
+                              "which a compiled graph frees after the first: use off")
         if self.engine.batchnorm == "sync" and not self.cluster.use_gpu:
             raise ConfigError("engine.batchnorm", "sync needs GPUs (torch SyncBatchNorm does not run on CPU/gloo)")
         for stage_num in self.run.stages:

@@ -19,8 +19,11 @@ Decisions made here, and why:
   channel. DeepSpeed does not broadcast buffers, so running statistics would
   drift apart per rank; ``average_buffers`` all-reduces them at the end of every
   epoch, before validation and checkpoints, so every rank validates and saves
-  the same model. ``sync`` converts to ``nn.SyncBatchNorm`` and needs GPUs
-  (PyTorch's SyncBatchNorm refuses CPU tensors), which the config check enforces.
+  the same model. ``sync`` normalises over every rank's micro-batch with
+  ``cluster.batchnorm.SyncBatchNorm``: torch's SyncBatchNorm waits for the device in
+  every BN layer (a boolean mask on the gathered counts); ours gathers each rank's
+  mean and variance with equal, host-known counts, reads nothing back, and runs on
+  gloo as well.
 * **channels_last** lays out activations (the inputs), not weights: ZeRO 1-2
   make every parameter a view of one flat fp32 buffer, and DeepSpeed's
   initial broadcast views parameters as bytes, so NHWC weights are refused;
@@ -43,6 +46,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .batchnorm import convert_sync_batchnorm
 from .config import EngineConfig, StageConfig, accumulation
 
 TAG = "state"  # DeepSpeed checkpoint tag inside every checkpoint folder
@@ -123,7 +127,7 @@ def initialize(model: nn.Module, stage_cfg: StageConfig, engine: EngineConfig, w
 
     b = batching(stage_cfg, world_size)
     if engine.batchnorm == "sync":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = convert_sync_batchnorm(model)
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel for all parameters, and the step counter lives on the device (the for-each Adam
     # reads it back to the host with .item() every step); supported on CPU and CUDA.

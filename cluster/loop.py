@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from facesr.augment import step_generator, step_seed
-from facesr.step import TermSums, resolve_precision, to_device
+from facesr.step import TermSums, compile_forward, resolve_precision, to_device
 
 from .config import TrainConfig, from_dict
 from .data import build_loader, read_classes
@@ -98,6 +98,7 @@ def worker_main(config: dict) -> None:
     critic_eng = initialize(critic, stage_cfg, cfg.engine, world)[0] if critic is not None else None
     engines = [eng] + ([critic_eng] if critic_eng is not None else [])
     recorder.ready(t_built - t_start, time.perf_counter() - t_built, b, precision, device)
+    forward = compile_forward(stage.forward, cfg.engine.step_compile)  # eager unless engine.step_compile
 
     state = TrainState()
     ckpt = ray.train.get_checkpoint()
@@ -138,7 +139,7 @@ def worker_main(config: dict) -> None:
                         set_lr(e, stage_cfg.lr_at(epoch, state.global_step))
                 first = state.step_in_epoch * b.accumulation  # micro-batch index in the epoch: seeds augmentation
                 samples += train_step(eng, stage, group, sums, device, precision, (cfg.run.seed, epoch, rank, first),
-                                      critic_eng)
+                                      critic_eng, forward)
                 state.step_in_epoch += 1
                 state.global_step += 1
                 if state.global_step % cfg.run.log_every == 0:
@@ -216,7 +217,7 @@ def peak_memory(device) -> float:
 
 
 def train_step(eng, stage, group: list[dict], sums, device, precision, seed: tuple[int, int, int, int],
-               critic_eng=None) -> int:
+               critic_eng=None, forward=None) -> int:
     """One optimizer step over ``group``'s micro-batches; returns the samples seen.
 
     With a critic (SRGAN's discriminator), each micro-batch steps the model on ``loss`` first, then the critic
@@ -225,15 +226,17 @@ def train_step(eng, stage, group: list[dict], sums, device, precision, seed: tup
 
     No host synchronisation: terms accumulate on the device in ``sums``; the batch's augmentation or
     degradation draws from a device generator seeded by (seed, epoch, rank, micro-batch index), so a
-    resumed run draws the same again.
+    resumed run draws the same again. ``forward``: the stage's forward, compiled (``facesr.step.compile_forward``)
+    or not (default).
     """
+    forward = forward or stage.forward
     run_seed, epoch, rank, first = seed
     samples = 0
     for j, micro in enumerate(group):
         torch.manual_seed(step_seed(run_seed, epoch, rank, first + j, "global"))  # dropout: the same draw on resume
         batch = to_device(micro, device, precision)
         batch = stage.train_batch(batch, step_generator(run_seed, epoch, rank, first + j, device))
-        terms = stage.forward(eng.module, batch)  # ZeRO ≤ 2 needs no forward hooks
+        terms = forward(eng.module, batch)  # ZeRO ≤ 2 needs no forward hooks
         critic_loss = terms.pop("critic_loss", None)
         eng.backward(terms["loss"])
         eng.step()

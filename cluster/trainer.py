@@ -59,10 +59,11 @@ def train(cfg: TrainConfig) -> Path:
     log.info("connecting to Ray (a new local Ray starts in 10-30 s)")
     log.info("on %s", connect(cfg.cluster.address, use_gpu=cfg.cluster.use_gpu))
     _discovery(cfg)
-    if cfg.cluster.use_gpu:  # refused here, naming the node and what is missing, not later inside NCCL
-        from .gpu_check import check_gpus
+    from .gpu_check import check_gpus, check_placement
 
+    if cfg.cluster.use_gpu:  # refused here, naming the node and what is missing, not later inside NCCL
         check_gpus(cfg)
+    check_placement(cfg)  # too few CPUs or GPUs is refused here, naming the shortfall: Ray Train would wait forever
     for number in cfg.run.stages:
         done = done_path(run_dir, number)
         if done.exists():

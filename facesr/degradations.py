@@ -26,11 +26,13 @@ Per sample, in this order (the order is fixed where physics fixes it):
    as two matmuls); samples sharing a kind are resized together.
 4. **sensor noise** at lr, for samples whose noise was not drawn at hr.
 5. **8-bit quantisation**, then **JPEG** with ``jpeg.p`` at a quality uniform in
-   ``jpeg.quality`` (torchvision's libjpeg on CPU, nvjpeg on CUDA). Always last:
-   compression is what happens to a stored image.
+   ``jpeg.quality`` (``facesr.jpeg``: libjpeg-turbo's arithmetic bit for bit, as
+   torch ops on the device). Always last: compression is what happens to a stored image.
 
-Every random number comes from the caller's ``torch.Generator`` (draws happen on
-its device), so a seeded generator gives identical output on every call.
+Randomness is keyed by the caller's ``torch.Generator``: the per-sample parameters
+are drawn on the host (numpy, from the generator's seed) and the noise on the
+generator's device, so a seeded generator gives identical output on every call and
+the step never waits for the device to learn which samples get what (issue 24).
 
 ``EVAL_DEGRADATIONS`` are fixed, deterministic degradations for the robustness
 table of ``facesr eval quality --degradations``; several use PIL, a tool other
@@ -42,7 +44,6 @@ from __future__ import annotations
 import functools
 import io
 import math
-import warnings
 import zlib
 from dataclasses import dataclass, field, fields, replace
 from typing import Callable
@@ -51,10 +52,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
 from .degrade import blur as gaussian_blur
 from .degrade import degrade, quantize, to_uint8
+from .jpeg import jpeg_round_trip
 from .vocab import SIZES
 
 FACTOR = SIZES["hr"] // SIZES["lr"]  # 8: hr side over lr side
@@ -155,7 +156,7 @@ def resize_matrix(kind: str, n_in: int, n_out: int, device: torch.device, dtype:
         m = _paper64(n_in)
     else:
         m = _matrix64(*RESIZE_KINDS[kind], n_in, n_out)
-    return m.to(device=device, dtype=dtype)
+    return m.to(device=device, dtype=dtype, non_blocking=True)  # once per key; the host copy stays cached
 
 
 def resample(
@@ -177,7 +178,7 @@ def resample(
         cells = x.reshape(b, c, h, fh, w, fw).permute(0, 3, 5, 1, 2, 4)  # (B, fh, fw, C, h, w)
         if phase is None:
             return cells[:, 0, 0]
-        phase = phase.to(x.device)
+        phase = phase.to(x.device, non_blocking=True)
         return cells[torch.arange(b, device=x.device), phase[:, 0], phase[:, 1]]  # (B, C, h, w)
     mh = resize_matrix(kind, big_h, h, x.device, x.dtype)
     mw = mh if (big_w, w) == (big_h, h) else resize_matrix(kind, big_w, w, x.device, x.dtype)
@@ -372,35 +373,46 @@ class Params:
     jpeg: torch.Tensor  # (B,) JPEG quality; 0 = not compressed
 
 
-def sample_params(n: int, cfg: RobustDegradation, generator: torch.Generator) -> Params:
-    """Draw ``n`` samples' parameters, always the same number of draws in the same order (reproducible)."""
-    dev = generator.device
+def _streams(generator: torch.Generator) -> tuple[np.random.Generator, int, int]:
+    """From the generator's seed: the host stream of the per-sample parameters, the seed of the device noise,
+    and the seed the generator is left at. Read on the host: a CUDA generator keeps its seed there."""
+    params, noise, after = np.random.SeedSequence(generator.initial_seed()).generate_state(3, np.uint64)
+    return np.random.default_rng(int(params)), int(noise) >> 1, int(after) >> 1
 
-    def rand() -> torch.Tensor:
-        return torch.rand(n, generator=generator, device=dev, dtype=torch.float64).cpu()
 
-    def uniform(r) -> torch.Tensor:
-        return r[0] + (r[1] - r[0]) * rand()
-
-    def pick(weights) -> torch.Tensor:
-        w = torch.tensor(weights, dtype=torch.float64, device=dev)
-        return torch.multinomial(w, n, replacement=True, generator=generator).cpu()
-
+def _draw(n: int, cfg: RobustDegradation, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """``n`` samples' parameters (``Params``' fields as numpy), always the same draws in the same order."""
     b, nz = cfg.blur, cfg.noise
-    blurred = rand() < b.p
-    aniso = torch.tensor([b.kinds[i] == "aniso" for i in pick(b.weights).tolist()], dtype=torch.bool)
+
+    def uniform(r) -> np.ndarray:
+        return r[0] + (r[1] - r[0]) * rng.random(n)
+
+    def pick(weights) -> np.ndarray:
+        w = np.asarray(weights, dtype=np.float64)
+        return rng.choice(len(w), size=n, p=w / w.sum())
+
+    blurred = rng.random(n) < b.p
+    aniso = np.asarray([k == "aniso" for k in b.kinds])[pick(b.weights)]
     s1, s2 = uniform(b.sigma), uniform(b.sigma)
-    theta = torch.deg2rad(uniform(b.rotation))
-    sigma = torch.stack([s1, torch.where(aniso, s2, s1)], 1) * blurred[:, None]
+    theta = np.deg2rad(uniform(b.rotation))
+    sigma = np.stack([s1, np.where(aniso, s2, s1)], 1) * blurred[:, None]
     resize = pick(cfg.resize.weights)
-    phase = torch.randint(0, FACTOR, (n, 2), generator=generator, device=dev).cpu()
-    gaussian = uniform(nz.gaussian_sigma) * (rand() < nz.gaussian_p)
-    gray = rand() < nz.gray_p
-    poisson = uniform(nz.poisson_scale) * (rand() < nz.poisson_p)
-    at_hr = rand() < nz.hr_p
-    quality = torch.randint(cfg.jpeg.quality[0], cfg.jpeg.quality[1] + 1, (n,), generator=generator, device=dev).cpu()
-    jpeg = quality * (rand() < cfg.jpeg.p)
-    return Params(sigma.float(), theta.float(), resize, phase, gaussian.float(), gray, poisson.float(), at_hr, jpeg)
+    phase = rng.integers(0, FACTOR, (n, 2))
+    gaussian = uniform(nz.gaussian_sigma) * (rng.random(n) < nz.gaussian_p)
+    gray = rng.random(n) < nz.gray_p
+    poisson = uniform(nz.poisson_scale) * (rng.random(n) < nz.poisson_p)
+    at_hr = rng.random(n) < nz.hr_p
+    quality = rng.integers(cfg.jpeg.quality[0], cfg.jpeg.quality[1] + 1, n)
+    jpeg = quality * (rng.random(n) < cfg.jpeg.p)
+    f32 = np.float32
+    return {"blur_sigma": sigma.astype(f32), "blur_theta": theta.astype(f32), "resize": resize, "phase": phase,
+            "gaussian": gaussian.astype(f32), "gray": gray, "poisson": poisson.astype(f32), "noise_at_hr": at_hr,
+            "jpeg": jpeg}
+
+
+def sample_params(n: int, cfg: RobustDegradation, generator: torch.Generator) -> Params:
+    """The parameters ``degrade_lr`` draws for ``n`` samples with ``generator`` (which this leaves as it is)."""
+    return Params(**{k: torch.from_numpy(v) for k, v in _draw(n, cfg, _streams(generator)[0]).items()})
 
 
 def blur_kernels(sigma: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
@@ -423,72 +435,85 @@ def _blur(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     return y.view(m, c, h, w)
 
 
-def _noise(x: torch.Tensor, p: Params, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Shot then read noise on samples ``idx`` of the batch, whose pixels are ``x`` (m, 3, H, W); clamped."""
-    shot = p.poisson[idx]
-    on = (shot > 0).nonzero().flatten()
-    if on.numel():
-        clean = x[on].clamp(0, 1)
-        z = torch.randn(clean.shape, generator=g, device=g.device).to(x)  # Poisson(255x)/255 − x ≈ √(x/255)·z
-        x = x.index_put((on.to(x.device),), clean + (clean / 255).sqrt() * z * shot[on].to(x).view(-1, 1, 1, 1))
-    read = p.gaussian[idx]
-    on = (read > 0).nonzero().flatten()
-    if on.numel():
-        z = torch.randn((on.numel(), *x.shape[1:]), generator=g, device=g.device).to(x)
-        z = torch.where(p.gray[idx][on].to(x.device).view(-1, 1, 1, 1), z[:, :1].expand_as(z), z)
-        x = x.index_put((on.to(x.device),), x[on] + z * (read[on].to(x) / 255).view(-1, 1, 1, 1))
+def _upload(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device``, copied without waiting for the device's queue (and without reading it back)."""
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
+
+
+def _noise(x: torch.Tensor, p: dict, idx: np.ndarray, g: torch.Generator) -> torch.Tensor:
+    """Shot then read noise on batch samples ``idx`` (host indices), whose pixels are ``x`` (m, 3, H, W); clamped."""
+    dev = x.device
+    shot = p["poisson"][idx]
+    on = np.flatnonzero(shot > 0)  # rows of x, known on the host
+    if on.size:
+        rows = _upload(on, dev)
+        clean = x[rows].clamp(0, 1)
+        z = torch.randn(clean.shape, generator=g, device=g.device).to(dev, non_blocking=True)
+        scale = _upload(shot[on], dev).view(-1, 1, 1, 1)
+        x = x.index_put((rows,), clean + (clean / 255).sqrt() * z * scale)  # Poisson(255x)/255 − x ≈ √(x/255)·z
+    read = p["gaussian"][idx]
+    on = np.flatnonzero(read > 0)
+    if on.size:
+        rows = _upload(on, dev)
+        z = torch.randn((on.size, *x.shape[1:]), generator=g, device=g.device).to(dev, non_blocking=True)
+        z = torch.where(_upload(p["gray"][idx][on], dev).view(-1, 1, 1, 1), z[:, :1].expand_as(z), z)
+        x = x.index_put((rows,), x[rows] + z * _upload(read[on] / 255, dev).view(-1, 1, 1, 1))
     return x.clamp(0, 1)
 
 
-def jpeg(u8: torch.Tensor, quality: list[int]) -> torch.Tensor:
-    """JPEG round trip of (m, 3, h, w) uint8 at a quality per image, one torchvision call per distinct quality."""
-    out = torch.empty_like(u8)
-    with warnings.catch_warnings():  # torchvision 0.29 flags its codecs as deprecated (torchcodec); they work
-        warnings.simplefilter("ignore", DeprecationWarning)
-        for q in sorted(set(quality)):
-            ii = [i for i, qi in enumerate(quality) if qi == q]
-            data = encode_jpeg([u8[i].contiguous() for i in ii], quality=q)
-            back = decode_jpeg([d.cpu() for d in data], mode=ImageReadMode.RGB, device=u8.device)
-            out[ii] = torch.stack(back)
-    return out
+def jpeg(u8: torch.Tensor, quality) -> torch.Tensor:
+    """JPEG round trip of (m, 3, h, w) uint8 at a quality per image (host ints): libjpeg-turbo's, on u8's device."""
+    return jpeg_round_trip(u8, quality)
 
 
 def degrade_lr(hr: torch.Tensor, cfg: RobustDegradation, generator: torch.Generator) -> torch.Tensor:
     """hr (B, 3, H, W) uint8 or float in [0, 1] -> lr float (B, 3, H/8, W/8) on the 8-bit grid, per-sample random.
 
-    Pure and batch-first: randomness only from ``generator``; runs on hr's device.
+    Pure and batch-first; runs on hr's device and never reads from it: the parameters are drawn on the host
+    (numpy, seeded from ``generator``'s seed), so every subset and kernel size is known without asking the
+    device, and the noise is drawn on the generator's device. The generator is then re-seeded from the same
+    stream, so the same seed gives the same lr, and consecutive calls with one generator draw anew.
     """
     x = hr.float() / 255 if hr.dtype == torch.uint8 else hr.float()
     n, _, h, w = x.shape
-    p = sample_params(n, cfg, generator)
     dev = x.device
+    rng, noise_seed, after = _streams(generator)
+    p = _draw(n, cfg, rng)
+    generator.manual_seed(noise_seed)
 
-    blurred = (p.blur_sigma[:, 0] > 0).nonzero().flatten()
-    if blurred.numel():
-        reach = math.ceil(3 * p.blur_sigma[blurred].max().item())
+    blurred = np.flatnonzero(p["blur_sigma"][:, 0] > 0)
+    if blurred.size:
+        reach = math.ceil(3 * float(p["blur_sigma"][blurred].max()))
         size = min(cfg.blur.kernel_size, 2 * max(reach, 1) + 1)  # as small as the batch's widest kernel allows
-        kernels = blur_kernels(p.blur_sigma[blurred].to(dev), p.blur_theta[blurred].to(dev), size)
-        x = x.index_put((blurred.to(dev),), _blur(x[blurred.to(dev)], kernels))
+        kernels = blur_kernels(_upload(p["blur_sigma"][blurred], dev), _upload(p["blur_theta"][blurred], dev), size)
+        rows = _upload(blurred, dev)
+        x = x.index_put((rows,), _blur(x[rows], kernels))
 
-    noisy = (p.gaussian > 0) | (p.poisson > 0)
-    at_hr = (noisy & p.noise_at_hr).nonzero().flatten()
-    if at_hr.numel():
-        x = x.index_put((at_hr.to(dev),), _noise(x[at_hr.to(dev)], p, at_hr, generator))
+    noisy = (p["gaussian"] > 0) | (p["poisson"] > 0)
+    at_hr = np.flatnonzero(noisy & p["noise_at_hr"])
+    if at_hr.size:
+        rows = _upload(at_hr, dev)
+        x = x.index_put((rows,), _noise(x[rows], p, at_hr, generator))
 
     lr = torch.empty(n, 3, h // FACTOR, w // FACTOR, device=dev)
     for i, kind in enumerate(cfg.resize.kinds):  # samples sharing a kind are resized together
-        idx = (p.resize == i).nonzero().flatten()
-        if idx.numel():
-            lr[idx.to(dev)] = resample(x[idx.to(dev)], (h // FACTOR, w // FACTOR), kind, p.phase[idx])
+        idx = np.flatnonzero(p["resize"] == i)
+        if idx.size:
+            rows = _upload(idx, dev)
+            phase = _upload(p["phase"][idx], dev) if kind == "decimate" else None
+            lr[rows] = resample(x[rows], (h // FACTOR, w // FACTOR), kind, phase)
 
-    at_lr = (noisy & ~p.noise_at_hr).nonzero().flatten()
-    if at_lr.numel():
-        lr = lr.index_put((at_lr.to(dev),), _noise(lr[at_lr.to(dev)], p, at_lr, generator))
+    at_lr = np.flatnonzero(noisy & ~p["noise_at_hr"])
+    if at_lr.size:
+        rows = _upload(at_lr, dev)
+        lr = lr.index_put((rows,), _noise(lr[rows], p, at_lr, generator))
 
     u8 = to_uint8(lr)
-    compressed = (p.jpeg > 0).nonzero().flatten()
-    if compressed.numel():
-        u8[compressed.to(dev)] = jpeg(u8[compressed.to(dev)], p.jpeg[compressed].tolist())
+    compressed = np.flatnonzero(p["jpeg"] > 0)
+    if compressed.size:
+        rows = _upload(compressed, dev)
+        u8[rows] = jpeg_round_trip(u8[rows], p["jpeg"][compressed])
+    generator.manual_seed(after)
     return u8.float() / 255  # (B, 3, H/8, W/8)
 
 

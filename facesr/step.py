@@ -20,6 +20,9 @@ from .vocab import LEVELS
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
+# torch.compile modes of the step's forward + loss (engine.step_compile): off = eager; default = inductor's fused
+# kernels; reduce-overhead = those kernels in CUDA graphs (one launch replays a whole graph; CUDA only)
+STEP_COMPILE = ("off", "default", "reduce-overhead")
 
 
 @dataclass(frozen=True)
@@ -94,17 +97,42 @@ class TermSums:
     def add(self, terms: dict[str, torch.Tensor]) -> None:
         for k, v in terms.items():
             v = v.detach().float()
-            self.sums[k] = self.sums[k] + v if k in self.sums else v
+            # a copy, never the term itself: a CUDA graph's outputs are overwritten by its next replay
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
         self.n += 1
 
     def mean(self) -> dict[str, float]:
         """Means since the last call (non-finite ones dropped), then reset: the one host transfer."""
         keys = sorted(self.sums)
-        values = torch.stack([self.sums[k] for k in keys]).cpu().tolist() if keys else []
+        values = torch.stack([self.sums[k] for k in keys]).tolist() if keys else []
         n = max(self.n, 1)
         out = {k: v / n for k, v in zip(keys, values) if math.isfinite(v / n)}
         self.sums, self.n = {}, 0
         return out
+
+
+def compile_forward(forward, mode: str = "off"):
+    """``forward(model, batch) -> terms`` (a stage's forward: the network and its loss) for the training step.
+
+    ``default``: one graph of network + loss compiled by inductor (fused elementwise kernels around the
+    convolutions); static shapes (``dynamic=False``: every micro-batch has the same size, the loader drops an
+    epoch's ragged tail). ``reduce-overhead``: the same kernels captured in CUDA graphs, forward and backward,
+    so a step's ~2,000 small launches become a few graph launches; each call marks a new step first, so
+    the previous replay's outputs may be overwritten (``TermSums`` keeps copies). On a CPU it is ``default``.
+    """
+    if mode not in STEP_COMPILE:
+        raise ValueError(f"step compile mode must be one of {STEP_COMPILE}, got {mode!r}")
+    if mode == "off":
+        return forward
+    compiled = torch.compile(forward, mode=mode, dynamic=False)
+    if mode == "default":
+        return compiled
+
+    def graphed(*args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*args, **kwargs)
+
+    return graphed
 
 
 def sr_forward(model: nn.Module, loss_fn: nn.Module, batch: dict, precision: Precision) -> dict[str, torch.Tensor]:

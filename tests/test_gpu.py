@@ -60,3 +60,47 @@ def test_training_step_makes_no_cuda_synchronisation():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert sums.mean()["loss"] > 0
+
+
+def test_robust_degradation_makes_no_cuda_synchronisation_and_matches_the_cpu():
+    """degrade_lr with the robust model on CUDA runs under set_sync_debug_mode("error"); its JPEG equals the
+    CPU's bit for bit (the same integer arithmetic on both)."""
+    from facesr.degradations import DEGRADATIONS, degrade_lr
+    from facesr.jpeg import jpeg_round_trip
+
+    hr = torch.randint(0, 256, (8, 3, 192, 192), dtype=torch.uint8).pin_memory().to("cuda", non_blocking=True)
+    cfg = DEGRADATIONS["robust"]
+    degrade_lr(hr, cfg, torch.Generator("cuda").manual_seed(0))  # warm-up: resampling matrices uploaded once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for seed in range(3):
+            lr = degrade_lr(hr, cfg, torch.Generator("cuda").manual_seed(seed))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert lr.shape == (8, 3, 24, 24)
+    u8 = torch.randint(0, 256, (6, 3, 24, 24), dtype=torch.uint8)
+    qs = [10, 30, 50, 70, 90, 100]
+    assert torch.equal(jpeg_round_trip(u8.cuda(), qs).cpu(), jpeg_round_trip(u8, qs))
+
+
+def test_cuda_graph_step_matches_eager():
+    """The step compiled with reduce-overhead (CUDA graphs) gives the eager step's loss on the same weights."""
+    from facesr.step import TermSums, compile_forward, sr_forward, to_device
+    from facesr.vocab import SIZES
+
+    dev, prec, net, loss_fn, opt = _stage2()
+    batch = {k: torch.randint(0, 256, (8, 3, s, s), dtype=torch.uint8) for k, s in SIZES.items()}
+    batch["cls"] = torch.tensor([0, -1, 3, 9, 1, 2, 3, 4])
+    b = to_device(batch, dev, prec)
+    net.eval()  # BatchNorm from running statistics: both calls see the same function
+
+    def forward(m, x):
+        return sr_forward(m, loss_fn, x, prec)
+
+    graphed = compile_forward(forward, "reduce-overhead")
+    sums = TermSums()
+    for _ in range(3):
+        sums.add(graphed(net, b))
+    eager = float(forward(net, b)["loss"])
+    assert abs(sums.mean()["loss"] - eager) < 2e-2 * abs(eager)

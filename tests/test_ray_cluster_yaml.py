@@ -151,17 +151,84 @@ def test_gpu_nodes_have_8_gpus_an_efa_interface_per_card_and_a_cluster_placement
     assert all("FI_PROVIDER=efa" in c for c in gpu_cfg["worker_start_ray_commands"] if "ray start" in c)
 
 
-def test_gpu_file_pins_a_named_versioned_ami_and_says_how_to_refresh_it(gpu_cfg):
-    """Every node boots one explicit AMI id (no 'latest' lookup at launch), named with its dated version beside
-    each use, and the file gives the commands that check and refresh it."""
+def test_gpu_file_names_no_stale_ami_and_says_how_to_pick_a_current_one(gpu_cfg):
+    """Every node boots the one image the user pins (no 'latest' lookup at launch, no id pinned here whose driver
+    predates R580, which CUDA 13 needs); the file gives the SSM and describe-images commands that find the current
+    Deep Learning Base image of its region and show its driver."""
     text = GPU_PATH.read_text()
     ids = {t["node_config"]["ImageId"] for t in gpu_cfg["available_node_types"].values()}
-    assert len(ids) == 1 and re.fullmatch(r"ami-[0-9a-f]{17}", ami := ids.pop())
-    names = re.findall(rf"ImageId: {ami}  # (Deep Learning .*AMI .*) (\d{{8}})$", text, re.M)
-    assert len(names) == len(gpu_cfg["available_node_types"]) and len(set(names)) == 1
-    assert "resolve:ssm" not in "".join(yaml.safe_dump(gpu_cfg))
-    assert f"describe-images --region {gpu_cfg['provider']['region']} --image-ids {ami}" in text
-    assert "Name=name,Values=" + names[0][0] in text  # the refresh command lists the same image family
+    assert ids == {"ami-EDIT"} and "ami-03969617445ddf209" not in text
+    assert "resolve:ssm" not in "".join(yaml.safe_dump(gpu_cfg)) and "R580" in text
+    region = gpu_cfg["provider"]["region"]
+    assert re.search(rf"aws ssm get-parameter --region {region} .*\\\n#\s+--name /aws/service/deeplearning/ami/x86_64/"
+                     r"base-oss-nvidia-driver-gpu-ubuntu-22\.04/latest/ami-id", text)
+    assert f"describe-images --region {region} --image-ids ami-EDIT --query 'Images[0].[Name,Description]'" in text
+
+
+# options the AWS CLI adds to these EC2 commands beside the API's own (awscli/customizations/ec2/secgroupsimplify)
+CLI_EXTRA = {"authorize-security-group-ingress": {"protocol", "port", "cidr", "source-group", "group-owner"},
+             "authorize-security-group-egress": {"protocol", "port", "cidr", "source-group", "group-owner"}}
+AWS_GLOBAL = {"region", "query", "output", "profile"}
+
+
+def _kebab(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "-", name).lower()
+
+
+def test_gpu_file_aws_commands_are_valid(gpu_cfg):
+    """Every `aws <service> <command>` in the file names an operation of botocore's model, with options that the
+    operation (or the CLI's documented additions, or the global options) takes; `aws s3 mb` takes a bucket URI."""
+    import botocore.session
+
+    session = botocore.session.get_session()
+    text = re.sub(r"\\\n#\s*", " ", GPU_PATH.read_text())  # continuation lines joined
+    cmds = [shlex.split(c) for c in re.findall(r"(aws (?:ec2|ssm|s3) [^\n]*)", text)]
+    assert {c[2] for c in cmds} >= {"create-placement-group", "create-security-group", "mb", "get-parameter",
+                                    "authorize-security-group-ingress", "authorize-security-group-egress",
+                                    "describe-images"}
+    for c in cmds:
+        service, command, args = c[1], c[2], c[3:]
+        if service == "s3":
+            assert command == "mb" and args[0].startswith("s3://")
+            assert {a[2:] for a in args if a[:2] == "--"} <= AWS_GLOBAL
+            continue
+        op = session.get_service_model(service).operation_model(re.sub(r"(^|-)(\w)", lambda m: m[2].upper(), command))
+        known = {_kebab(m) for m in op.input_shape.members} | CLI_EXTRA.get(command, set()) | AWS_GLOBAL
+        used = {a[2:] for a in args if a.startswith("--")}
+        assert used <= known, (command, used - known)
+
+
+def test_gpu_nodes_hold_scale_yaml_and_check_driver_and_nccl(gpu_cfg):
+    """The GPU node type and the cluster can grow to scale.yaml's 32 workers (8 CPU + 1 GPU each); every GPU node's
+    setup checks the driver against torch's CUDA and that NCCL takes EFA; workers start with NCCL's INIT/NET
+    lines on (once per start, nothing per step)."""
+    from cluster.config import load_config
+
+    scale = load_config(ROOT / "launch/configs/scale.yaml")
+    nodes = _gpu_workers(gpu_cfg)
+    slots = sum(t["max_workers"] * min(int(t["resources"]["GPU"] // scale.cluster.gpus_per_worker),
+                                       int(t["resources"]["CPU"] // scale.cluster.cpus_per_worker)) for t in nodes)
+    assert slots >= scale.cluster.num_workers and gpu_cfg["max_workers"] >= sum(t["max_workers"] for t in nodes)
+    setup = " && ".join(gpu_cfg["worker_setup_commands"])
+    assert "python -m cluster.gpu_check --driver" in setup
+    assert "python -m cluster.gpu_check --nccl --require-efa" in setup
+    start = next(c for c in gpu_cfg["worker_start_ray_commands"] if "ray start" in c)
+    assert "NCCL_DEBUG=INFO" in start and "NCCL_DEBUG_SUBSYS=INIT,NET" in start
+
+
+def test_driver_and_nccl_checks_read_what_they_are_given():
+    """CUDA 13 needs R580 (575 refused naming both, 580 passes; CUDA 12 runs on 535); NCCL's debug lines with the
+    OFI plugin on provider efa mean EFA, the socket fallback does not."""
+    from cluster.gpu_check import driver_problem, nccl_network
+
+    assert "older than R580" in driver_problem("575.57.08", "13.0") and driver_problem("580.65.06", "13.0") is None
+    assert driver_problem("535.104.05", "12.4") is None and driver_problem("anything", None) is None
+    efa = ("node:1:1 [0] NCCL INFO NET/OFI Selected provider is efa, fabric is efa (found 4 nics)\n"
+           "node:1:1 [0] NCCL INFO Using network Libfabric\n")
+    sock = ("node:1:1 [0] NCCL INFO NET/Socket : Using [0]ens32:10.0.0.5<0>\n"
+            "node:1:1 [0] NCCL INFO Using network Socket\n")
+    assert nccl_network(efa) == {"network": "Libfabric", "provider": "efa", "efa": True}
+    assert nccl_network(sock) == {"network": "Socket", "provider": None, "efa": False}
 
 
 def test_gpu_file_keeps_runs_and_shards_in_a_bucket_with_the_instance_role(gpu_cfg):

@@ -18,6 +18,7 @@ KINDS = {  # kind -> module; heavy imports (Ray, DeepSpeed) happen inside each m
     "data": "launch.bench.data",
     "train": "launch.bench.train",
     "store": "launch.bench.store",
+    "syncs": "launch.bench.syncs",
     "eval": "launch.bench.eval",
     "faces": "launch.bench.faces",
 }
