@@ -63,7 +63,12 @@ def _blocking_copy(self: torch.Tensor, args, kwargs) -> bool:
     if device is None or non_blocking:
         return False
     caller = sys._getframe(3).f_code.co_filename  # _blocking_copy <- when-lambda <- wrapper <- the caller
-    return device != self.device or caller.startswith(REPO)
+    return device != self.device or _ours(caller)
+
+
+def _ours(filename: str) -> bool:
+    """Whether code in ``filename`` is this repository's (a venv inside the checkout holds other people's)."""
+    return filename.startswith(REPO) and "site-packages" not in filename and "dist-packages" not in filename
 
 
 class SyncCounter:

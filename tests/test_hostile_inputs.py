@@ -453,7 +453,7 @@ def test_sigint_during_prep_one_line_and_resumable(tmp_path, faces):
     cmd = [sys.executable, "-m", "launch.cli", "prep", str(faces), str(out), *PREP, "--shard-size", "2"]  # 20 shards
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not list(out.glob("train-*.tar")):  # the first shard finished: the interrupt lands mid-prep
+    while not list(out.glob(".parts/train-*.json")):  # the first shard's record: the interrupt lands mid-prep
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline
         time.sleep(0.05)
@@ -461,7 +461,8 @@ def test_sigint_during_prep_one_line_and_resumable(tmp_path, faces):
     _, err = proc.communicate(timeout=60)
     line = one_line(err)
     assert proc.returncode == 130 and line == "facesr prep: interrupted; what finished is kept, the same command resumes"
-    kept = sorted(p.name for p in out.glob("*.tar"))
+    # finished = a shard and its completion record (one whose record the interrupt cut off is written again)
+    kept = sorted(p.stem for p in out.glob(".parts/*.json") if (out / f"{p.stem}.tar").is_file())
     assert kept and not (out / "manifest.json").exists()
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
