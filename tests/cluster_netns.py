@@ -125,23 +125,43 @@ class NetnsCluster:
     def exec_cmd(self, role: str, *cmd: str) -> list[str]:
         return ["ip", "netns", "exec", self.ns[role], *cmd]
 
-    def _start(self, role: str, *args: str, hide: Path | None = None) -> None:
+    def _start(self, role: str, *args: str, bare: bool = False) -> None:
         """``ray start`` (not ``--block``: that one takes the node down when any helper such as the Ray Client
         server dies, which a loaded machine provokes); the node's processes stay in the namespace.
 
-        ``hide``: a folder the node does not see: an empty tmpfs is mounted over it in the mount namespace
-        ``ip netns exec`` gives the command (private to it and everything it starts), so the node has no
-        shared folder there, as a cloud node without NFS."""
-        cmd = [RAY, "start", *args]
-        if hide is not None:
-            cmd = ["sh", "-c", 'mount -t tmpfs -o size=1m,mode=0555 facesr-no-shared-folder "$0" && exec "$@"',
-                   str(hide), *cmd]
+        ``bare``: the node sees a filesystem as bare as a cloud node's, in the mount namespace ``ip netns exec``
+        gives the command (private to it and everything it starts): an empty read-only tmpfs over the shared
+        folder (no NFS), a tmpfs of its own over /tmp, and a HOME of its own inside it holding only what a
+        cluster launcher provisions: the cluster's token (~/.ray/auth_token) and the instance's AWS profile
+        (~/.aws/credentials, once start_s3 wrote one). What the workflow needs otherwise (code, shards, runs)
+        reaches it through the job's working dir and the bucket. What stays is the node's image: the venv at
+        the checkout's path and DeepSpeed's built CPU op (TORCH_EXTENSIONS_DIR, outside /tmp and HOME; an
+        image bakes its ops in, and building it per node costs ~2 min of both cores per test run)."""
+        cmd, env = [RAY, "start", *args], self.env
+        if bare:
+            home = f"/tmp/{role}-home"
+            env = {k: v for k, v in self.env.items() if k != "AWS_SHARED_CREDENTIALS_FILE"}
+            env["HOME"] = home
+            script = (
+                'tok=$(cat "$0"); cred=$(cat "$1" 2>/dev/null); shared=$2; shift 3; '  # read before /tmp is covered
+                'mount -t tmpfs -o size=1m,mode=0555 facesr-no-shared-folder "$shared" && '
+                'mount -t tmpfs -o size=8g,mode=1777 facesr-node-tmp /tmp && '
+                'mkdir -p "$HOME/.ray" "$HOME/.aws" && printf %s "$tok" > "$HOME/.ray/auth_token" && '
+                '{ [ -z "$cred" ] || printf "%s\\n" "$cred" > "$HOME/.aws/credentials"; } && cd / && exec "$@"')
+            cmd = ["sh", "-c", script, str(self.home / ".ray" / "auth_token"), str(self.tmp / "aws" / "credentials"),
+                   str(self.shared), "--", *cmd]
         with open(self.tmp / f"{role}.log", "a") as log:
-            res = subprocess.run(self.exec_cmd(role, *cmd), env=self.env, stdout=log,
+            res = subprocess.run(self.exec_cmd(role, *cmd), env=env, stdout=log,
                                  stderr=subprocess.STDOUT, cwd=self.tmp, timeout=300)
         if res.returncode != 0:
             raise RuntimeError(f"ray start ({role}) failed: {self.log(role)[-3000:]}")
         self.procs[role] = True
+
+    def node_path(self, role: str, path: Path) -> Path:
+        """``path`` as node ``role`` sees it, for the host to write there (a bare node's /tmp is its own):
+        through /proc/<raylet>/root, the raylet's view of the filesystem."""
+        raylet = next(p for p in self.ns_pids(role) if b"raylet" in Path(f"/proc/{p}/cmdline").read_bytes())
+        return Path(f"/proc/{raylet}/root") / Path(path).relative_to("/")
 
     def start_head(self) -> None:
         self._start("head", "--head", f"--node-ip-address={self.ip['head']}", f"--port={GCS_PORT}",
@@ -149,9 +169,9 @@ class NetnsCluster:
                     f"--num-cpus={self.cpus}", f"--temp-dir={self.raytmp / 'h'}", "--disable-usage-stats")
         self.wait(lambda: self.http("head", "/api/version")[0] == 200, "head dashboard", 180)
 
-    def start_worker(self, hide: Path | None = None) -> None:
+    def start_worker(self, bare: bool = False) -> None:
         self._start("worker", f"--address={self.gcs}", f"--node-ip-address={self.ip['worker']}",
-                    f"--num-cpus={self.cpus}", f"--temp-dir={self.raytmp / 'w'}", "--disable-usage-stats", hide=hide)
+                    f"--num-cpus={self.cpus}", f"--temp-dir={self.raytmp / 'w'}", "--disable-usage-stats", bare=bare)
         self.wait(lambda: len(self.alive_nodes()) == 2, "worker node to join", 180)
 
     def wait(self, ok, what: str, timeout: float) -> None:

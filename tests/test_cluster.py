@@ -537,17 +537,27 @@ def _train_worker(cluster: NetnsCluster, role: str) -> int | None:
 @pytest.fixture(scope="module")
 def bucket(cluster) -> dict:
     """The issue-14 workflow on the two nodes: an S3 server (moto, credentials checked) in the head's namespace,
-    the worker node started again with an empty tmpfs over the shared folder (it has none, as a cloud node
-    without NFS); the faces on each node's own disk at the same path. `facesr prep SRC s3://…` as a job, then
+    the worker node started again as bare as a cloud node (tests/cluster_netns.py, ``bare``): an empty tmpfs
+    over the shared folder (no NFS), its own /tmp, its own HOME with only the token and the AWS profile; the
+    faces on each node's own disk at the same path. `facesr prep SRC s3://…` as a job, then
     both stages with the run and the shards only in the bucket; the worker node's training worker SIGKILLed
     once stage 2 registered a checkpoint. Its tests come last in the module: it restarts the worker node."""
     endpoint = cluster.start_s3("shards", "runs")
     cluster.kill_node("worker")
-    cluster.start_worker(hide=cluster.shared)
+    cluster.start_worker(bare=True)
     raylet = next(p for p in cluster.ns_pids("worker") if b"raylet" in Path(f"/proc/{p}/cmdline").read_bytes())
-    seen_by_worker = list((Path(f"/proc/{raylet}/root") / cluster.shared.relative_to("/")).iterdir())
-    src = cluster.tmp / "node-disk" / "faces"
+    environ = dict(kv.split(b"=", 1) for kv in Path(f"/proc/{raylet}/environ").read_bytes().split(b"\0")
+                   if b"=" in kv)
+    shared_seen = cluster.node_path("worker", cluster.shared)  # under /tmp here: gone with the host's /tmp
+    worker_view = {"shared": sorted(os.listdir(shared_seen)) if shared_seen.exists() else None,
+                   "host_tmp": cluster.node_path("worker", cluster.tmp).exists(),
+                   "home": environ.get(b"HOME", b"").decode(),
+                   "home_files": sorted(str(p.relative_to(cluster.node_path("worker", Path("/tmp/worker-home"))))
+                                        for p in cluster.node_path("worker", Path("/tmp/worker-home")).rglob("*")
+                                        if p.is_file())}
+    src = cluster.tmp / "node-disk" / "faces"  # the faces on each node's own disk, at the same path
     make_src(src, n=N_FACES, bad=False)
+    shutil.copytree(src, cluster.node_path("worker", src))
     shared_before = _tree(cluster.shared)
     env = {"AWS_ENDPOINT_URL_S3": endpoint, "AWS_REGION": "us-east-1"}  # no credentials: the nodes' profile
     t0 = time.monotonic()
@@ -579,14 +589,17 @@ def bucket(cluster) -> dict:
     local = cluster.tmp / "bucket-copy"  # the run as the bucket holds it, copied out for the checks
     cluster.s3("sync", endpoint, "runs", f"{BUCKET_RUN}/", str(local))
     return {"endpoint": endpoint, "env": env, "status": status, "log": log, "run": local, "killed": killed,
-            "prep": prep, "prep_s": prep_s, "prep_job": job_id(cluster, "prep-s3"), "seen_by_worker": seen_by_worker,
+            "prep": prep, "prep_s": prep_s, "prep_job": job_id(cluster, "prep-s3"), "worker_view": worker_view,
             "shared_unchanged": _tree(cluster.shared) == shared_before}
 
 
 def test_bucket_run_on_a_node_without_the_shared_folder(cluster, bucket):
     """Prep tasks on both nodes wrote the shards to the bucket; both stages trained from there with the run
     only in the bucket (the stage-2 priors check read the priors from it); the shared folder got nothing."""
-    assert bucket["seen_by_worker"] == []  # the worker node's view of the shared folder: an empty tmpfs
+    view = bucket["worker_view"]  # the worker node's own filesystem, as a cloud node's
+    assert not view["shared"] and not view["host_tmp"], view  # no shared folder; a /tmp of its own
+    assert view["home"] == "/tmp/worker-home", view  # its own HOME, with what a launcher provisions only
+    assert {".aws/credentials", ".ray/auth_token"} <= set(view["home_files"]), view
     nodes = cluster.alive_nodes()
     where = Counter(nodes.get(t["node_id"]) for t in cluster.state("tasks", bucket["prep_job"])
                     if t["name"] in ("write_shard", "check_chunk", "finished_record"))
