@@ -52,13 +52,13 @@ def trained(kind: str) -> SRNet:
 
     train = train_faces()
     torch.manual_seed(0)
-    net = SRNet(PRESETS["tiny"].sr)
+    net = SRNet(PRESETS["tiny"].sr).to(memory_format=torch.channels_last)  # as the CPU workers train: ~1.3x fp32
     opt = torch.optim.Adam(net.parameters(), lr=LR)
     gen, deg = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
     for _ in range(ROBUST_STEPS):
         idx = torch.randint(0, train["hr"].shape[0], (BATCH,), generator=gen)
         lr = train["lr"][idx] if kind == "paper" else degrade_lr(train["hr"][idx], DEGRADATIONS[kind], deg)
-        out = net(lr)
+        out = net(lr.contiguous(memory_format=torch.channels_last))
         loss = sum(ssim_loss(out[k], train[k][idx]) for k in TARGETS)
         opt.zero_grad(set_to_none=True)
         loss.backward()
