@@ -41,7 +41,6 @@ than ours, and ``heldout`` uses kinds training never sees.
 
 from __future__ import annotations
 
-import functools
 import io
 import math
 import zlib
@@ -53,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .cache import tensor_cache
 from .degrade import blur as gaussian_blur
 from .degrade import degrade, quantize, to_uint8
 from .jpeg import jpeg_round_trip
@@ -113,7 +113,7 @@ RESIZE_KINDS: dict[str, tuple[str, bool] | None] = {
 }
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def _matrix64(filt: str, antialias: bool, n_in: int, n_out: int) -> torch.Tensor:
     """(n_out, n_in) float64 resampling weights; pixel centres at i+0.5 (align_corners=False).
 
@@ -135,7 +135,7 @@ def _matrix64(filt: str, antialias: bool, n_in: int, n_out: int) -> torch.Tensor
     return m / m.sum(1, keepdim=True)
 
 
-@functools.lru_cache(maxsize=8)
+@tensor_cache(maxsize=8)
 def _paper64(n_in: int) -> torch.Tensor:
     """(n_in/8, n_in) float64 matrix of the paper's cascade, measured through ``facesr.degrade`` itself.
 
@@ -147,7 +147,7 @@ def _paper64(n_in: int) -> torch.Tensor:
     return degrade(rows)["lr"][:, 0, :, 0].T.contiguous()  # (n_in/8, n_in)
 
 
-@functools.lru_cache(maxsize=256)
+@tensor_cache(maxsize=256)
 def resize_matrix(kind: str, n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """(n_out, n_in) weights of a filter resize kind (or ``paper``), built once per device and dtype."""
     if kind == "paper":

@@ -34,11 +34,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
+from .cache import tensor_cache
 from .vocab import LEVELS, SIZES
 
 
@@ -80,7 +80,7 @@ def gaussian_kernel1d(sigma: float, even: bool = False, dtype=torch.float32) -> 
     return (k / k.sum()).to(dtype)
 
 
-@lru_cache(maxsize=256)
+@tensor_cache(maxsize=256)
 def _kernel_on(sigma: float, even: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``gaussian_kernel1d`` built once per (σ, parity, dtype, device): no host-to-device copy per call."""
     return gaussian_kernel1d(sigma, even, torch.float64).to(device=device, dtype=dtype)

@@ -18,8 +18,6 @@ it trained on before. Images need sides of at least 5 px (libjpeg upsamples narr
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
 import torch
 import torch.nn.functional as F

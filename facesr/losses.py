@@ -10,12 +10,12 @@ Prometheus and dashboards. Losses run in fp32 even inside a bf16 autocast region
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cache import tensor_cache
 from .degrade import prior_view
 from .vocab import SCALE_OF, TARGETS
 
@@ -25,7 +25,7 @@ C2 = (0.03 * 256) ** 2  # ≈ 58.98
 PIXEL_MAX = 255.0
 
 
-@lru_cache(maxsize=32)
+@tensor_cache(maxsize=32)
 def _window_matrix(n: int, sigma: float, window: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(n, n) matrix of a reflect-padded Gaussian filter along one axis: ``M @ x`` filters x's rows as padding by
     (window-1)/2 with mode="reflect" and convolving would, as one matmul."""

@@ -163,3 +163,28 @@ def test_prior_loss_top5_and_class_weights_match_torch():
     assert t["acc5/x8"].item() == pytest.approx(((ranks < 5) & keep).sum().item() / keep.sum().item())
     plain = PriorLoss()({"hr": logits}, cls)
     assert torch.allclose(plain["ce/x8"], F.cross_entropy(logits[keep], cls[keep]), atol=1e-6)
+
+
+def test_constants_cached_during_evaluation_still_serve_training():
+    """A process that evaluates first fills the caches of constant tensors (SSIM's window matrices, the cascade's
+    blur kernels, resize matrices) under torch.inference_mode; training after it must still backpropagate
+    through them (an inference tensor cannot be saved for backward: the suite run in reverse order hit it)."""
+    from facesr import degrade as dg
+    from facesr import degradations as dgs
+    from facesr import losses
+
+    for cached in (losses._window_matrix, dg._kernel_on, dgs.resize_matrix, dgs._matrix64, dgs._paper64):
+        cached.cache_clear()
+    g = torch.Generator().manual_seed(0)
+    hr = torch.rand(2, 3, 192, 192, generator=g)
+    with torch.inference_mode():
+        ssim(hr, hr.flip(-1))
+        dg.degrade(hr)
+        dgs.resample(hr, 24, "bicubic_aa")
+        dgs.resample(hr, 24, "paper")
+    x = hr.clone().requires_grad_(True)
+    quad = dg.degrade(x)
+    loss = ssim_loss(quad["x4"], quad["x4"].detach().flip(-1)) + dgs.resample(x, 24, "bicubic_aa").mean()
+    loss = loss + dgs.resample(x, 24, "paper").mean()
+    loss.backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
