@@ -157,6 +157,13 @@ class NetnsCluster:
             raise RuntimeError(f"ray start ({role}) failed: {self.log(role)[-3000:]}")
         self.procs[role] = True
 
+    def ensure_worker(self, bare: bool = False) -> None:
+        """The worker node up as asked (a test that made it bare may have run first: pytest --reverse)."""
+        if self.procs.get("worker") and getattr(self, "worker_bare", False) == bare:
+            return
+        self.kill_node("worker")
+        self.start_worker(bare=bare)
+
     def node_path(self, role: str, path: Path) -> Path:
         """``path`` as node ``role`` sees it, for the host to write there (a bare node's /tmp is its own):
         through /proc/<raylet>/root, the raylet's view of the filesystem."""
@@ -170,6 +177,7 @@ class NetnsCluster:
         self.wait(lambda: self.http("head", "/api/version")[0] == 200, "head dashboard", 180)
 
     def start_worker(self, bare: bool = False) -> None:
+        self.worker_bare = bare
         self._start("worker", f"--address={self.gcs}", f"--node-ip-address={self.ip['worker']}",
                     f"--num-cpus={self.cpus}", f"--temp-dir={self.raytmp / 'w'}", "--disable-usage-stats", bare=bare)
         self.wait(lambda: len(self.alive_nodes()) == 2, "worker node to join", 180)

@@ -160,6 +160,7 @@ def src(cluster) -> Path:
 @pytest.fixture(scope="module")
 def prep_job(cluster, src) -> dict:
     """`facesr prep` submitted as a job (from the worker's namespace) onto the two-node cluster."""
+    cluster.ensure_worker(bare=False)  # the bucket tests leave it bare; in reverse order they come first
     out = cluster.shared / "shards"
     t0 = time.monotonic()
     res = cluster.submit("python", "-m", "launch.cli", "prep", str(src), str(out), *PREP, submission_id="prep")
