@@ -159,7 +159,7 @@ class NetnsCluster:
 
     def ensure_worker(self, bare: bool = False) -> None:
         """The worker node up as asked (a test that made it bare may have run first: pytest --reverse)."""
-        if self.procs.get("worker") and getattr(self, "worker_bare", False) == bare:
+        if self.procs.get("worker") and self.worker_bare == bare:
             return
         self.kill_node("worker")
         self.start_worker(bare=bare)
