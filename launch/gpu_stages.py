@@ -126,12 +126,14 @@ def _batches(cfg, micro: int, device: str, n: int, have_loader: bool):
     return out, "uint8 batches made here and pinned (WebDataset or the packed shards absent)"
 
 
-def worker_step(device: str, shards: str, steps: int, preset: str, batch: int, micro: int, loader: bool) -> dict:
+def worker_step(device: str, shards: str, steps: int, preset: str, batch: int, micro: int, loader: bool,
+                compile_mode: str = "off") -> dict:
     """The worker's ``train_step`` (robust degradation on the device, precision auto, cascade + frozen priors,
     accumulation) on the loader's pinned uint8 batches: on CUDA under ``torch.cuda.set_sync_debug_mode("error")``
-    (any device sync raises), on the CPU counted by ``facesr.syncs.SyncCounter``."""
+    (any device sync raises), on the CPU counted by ``facesr.syncs.SyncCounter``. ``compile_mode``: the
+    stage's forward as ``engine.step_compile`` would compile it (the worker loop's path to CUDA graphs)."""
     from cluster.loop import train_step
-    from facesr.step import TermSums
+    from facesr.step import TermSums, compile_forward
     from facesr.syncs import SyncCounter
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,11 +144,15 @@ def worker_step(device: str, shards: str, steps: int, preset: str, batch: int, m
         groups = steps + 2
         data, source = _batches(cfg, micro, device, groups * accum, loader)
         sums = TermSums()
-        for i in range(2):  # warm-up: cuDNN autotuning, optimizer state, cached kernels and matrices
-            train_step(eng, stage, data[i * accum:(i + 1) * accum], sums, dev, precision, (0, 0, 0, i * accum))
+        forward = compile_forward(stage.forward, compile_mode) if compile_mode != "off" else None
+        t_warm = time.perf_counter()
+        for i in range(2):  # warm-up: cuDNN autotuning, optimizer state, cached kernels and matrices, compiling
+            train_step(eng, stage, data[i * accum:(i + 1) * accum], sums, dev, precision, (0, 0, 0, i * accum),
+                       forward=forward)
         sums.mean()
         if device != "cpu":
             torch.cuda.synchronize()
+        warm_s = time.perf_counter() - t_warm
         counter = SyncCounter() if device == "cpu" else None
         t0 = time.perf_counter()
         if device == "cpu":
@@ -155,7 +161,8 @@ def worker_step(device: str, shards: str, steps: int, preset: str, batch: int, m
             torch.cuda.set_sync_debug_mode("error")
         try:
             for i in range(2, groups):
-                train_step(eng, stage, data[i * accum:(i + 1) * accum], sums, dev, precision, (0, 0, 0, i * accum))
+                train_step(eng, stage, data[i * accum:(i + 1) * accum], sums, dev, precision, (0, 0, 0, i * accum),
+                           forward=forward)
         finally:
             if device == "cpu":
                 counter.__exit__(None, None, None)
@@ -167,7 +174,7 @@ def worker_step(device: str, shards: str, steps: int, preset: str, batch: int, m
         raise RuntimeError(f"{counter.total} host syncs in {steps} steps: {sorted(set(counter.where))[:10]}")
     return {"steps": steps, "batch": batch, "micro_batch": micro, "preset": preset, "precision": precision.name,
             "degradation": "robust", "batches": source, "host_syncs": 0, "images_per_s": steps * batch / dt,
-            "loss": terms["loss"]}
+            "loss": terms["loss"], "compile": compile_mode, "warmup_s": warm_s}
 
 
 def deepspeed_engine(device: str, shards: str) -> dict:
