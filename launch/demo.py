@@ -85,6 +85,31 @@ def _step(title: str, args: list[str]) -> float:
     return dt
 
 
+def _priors_verdict(run_dir: Path, shards: Path) -> str:
+    """What the demo's stage 1 showed, from its last validation record: recognizers (top-1 above the majority
+    class on held-out images of their classes, prep's prior_val), or a smoke test."""
+    import json
+
+    metrics = run_dir / "metrics.jsonl"
+    recs = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    val = [r for r in recs if r.get("stage") == 1 and r.get("split") == "val"]
+    if not val or "acc_majority" not in val[-1]:
+        return "\n=== stage 1: no validation record in " + str(metrics)
+    r = val[-1]
+    acc = {k: r.get(f"acc/{k}", 0.0) for k in ("x2", "x4", "x8")}
+    line = ", ".join(f"{k} {v:.1%}" for k, v in acc.items())
+    manifest = shards / "manifest.json"
+    held_out = manifest.is_file() and "prior_val" in json.loads(manifest.read_text()).get("splits", {})
+    head = (f"\n=== stage 1: priors' top-1 {line} against the majority class's {r['acc_majority']:.1%} on "
+            + ("held-out images of their classes" if held_out else "images they trained on (no prior_val split)"))
+    if held_out and all(v > r["acc_majority"] for v in acc.values()):
+        return head + ": they beat it at every scale"
+    return (head + ": this stage 1 is a smoke test of the machinery (LFW's ~1,300 classes of ~8 images in 180 "
+            "steps), not priors that recognize. Those: `make shards-id` (LFW + CelebA, classes of >= 10 images, "
+            "a held-out prior_val), then `facesr train --config launch/configs/cpu-2h.yaml` and `facesr eval "
+            "priors runs/cpu-2h` (README: Identity priors that recognize)")
+
+
 def run(args) -> int:
     out = Path(args.out).resolve()
     faces = Path(args.faces).resolve() if args.faces else _lfw(ROOT / "data")
@@ -111,6 +136,7 @@ def run(args) -> int:
                                    "--out", str(results)])
     else:
         print("\n=== identity: skipped (dlib's recognizer is the judge: pip install -e '.[dlib]')", flush=True)
+    print(_priors_verdict(run_dir, shards), flush=True)
     print("\n=== demo done in {:.0f}s ({})".format(
         sum(times.values()), ", ".join(f"{k} {v:.0f}s" for k, v in times.items())))
     print(f"shards:   {shards}\nrun:      {run_dir}\nresults:  {results} (quality.json, grid.png, identity.json)")
