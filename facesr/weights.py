@@ -212,39 +212,35 @@ def load_srnet(path, device: str | torch.device = "cpu") -> nn.Module:
 
 # torchvision's ImageNet squeezenet1_1 (SqueezeNet1_1_Weights.IMAGENET1K_V1), the feature network of ℓp
 SQUEEZENET_URL = "https://download.pytorch.org/models/squeezenet1_1-b8a52dc0.pth"
-SQUEEZENET_SHA256_PREFIX = "b8a52dc0"  # torchvision names its files by their sha256's first 8 hex digits
 
 
-def squeezenet_file(spec: str, download: bool = True, timeout: float = 30) -> Path:
+def squeezenet_file(spec: str, download: bool = True, url: str = SQUEEZENET_URL) -> Path:
     """The file of ℓp's SqueezeNet weights: ``spec`` a local file (torchvision's ``.pth`` or a ``.safetensors``
     of the same state dict), or ``imagenet``: torchvision's ImageNet weights in torch hub's cache
-    (``$TORCH_HOME/hub/checkpoints``), downloaded there when absent and ``download``. FileNotFoundError
-    saying what to do when neither is there."""
+    (``$TORCH_HOME/hub/checkpoints``), downloaded there when absent and ``download`` by torch hub's own
+    ``download_url_to_file``, which checks the file's sha256 against the hash prefix in its name (torchvision's
+    convention) and moves it into place only then. FileNotFoundError saying what to do when neither is there."""
     if spec != "imagenet":
         path = Path(spec)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such SqueezeNet weights file")
         return path
-    path = Path(torch.hub.get_dir()) / "checkpoints" / SQUEEZENET_URL.rsplit("/", 1)[1]
+    name = url.rsplit("/", 1)[1]
+    path = Path(torch.hub.get_dir()) / "checkpoints" / name
     if path.is_file():
         return path
-    hint = (f"download {SQUEEZENET_URL} (torchvision's ImageNet squeezenet1_1) to {path}, or give its path "
+    hint = (f"download {url} (torchvision's ImageNet squeezenet1_1) to {path}, or give its path "
             "(stage2.perceptual_weights=FILE)")
     if not download:
         raise FileNotFoundError(f"SqueezeNet ImageNet weights not in torch hub's cache: {hint}")
-    import urllib.request
-
+    prefix = torch.hub.HASH_REGEX.search(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with urllib.request.urlopen(SQUEEZENET_URL, timeout=timeout) as r:
-            data = r.read()
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=prefix.group(1) if prefix else None)
     except OSError as e:
         raise FileNotFoundError(f"cannot download SqueezeNet ImageNet weights ({e}): {hint}") from None
-    if not hashlib.sha256(data).hexdigest().startswith(SQUEEZENET_SHA256_PREFIX):
-        raise ValueError(f"{SQUEEZENET_URL}: downloaded file fails its sha256 check ({SQUEEZENET_SHA256_PREFIX}…)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    except RuntimeError as e:  # torch.hub's hash check: the partial file is already removed
+        raise ValueError(f"{url}: downloaded file fails its sha256 check ({' '.join(str(e).split())[:200]})") from None
     return path
 
 

@@ -286,6 +286,40 @@ def test_squeezenet_weights_errors_say_what_to_do(tmp_path, monkeypatch, squeeze
         load_squeezenet(str(tmp_path / "absent.pth"))
 
 
+def test_squeezenet_download_goes_through_torch_hub_with_its_hash_check(tmp_path, monkeypatch, squeeze_file):
+    """``imagenet`` weights absent from the hub cache are fetched by torch.hub's download_url_to_file from a real
+    HTTP server on loopback: a file whose sha256 starts with the name's prefix lands in the cache and loads; a
+    file that fails the check is refused naming the URL, and nothing is left in the cache."""
+    import hashlib
+    import http.server
+    import threading
+    from functools import partial
+
+    data = squeeze_file[1].read_bytes()
+    prefix = hashlib.sha256(data).hexdigest()[:8]
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / f"squeezenet1_1-{prefix}.pth").write_bytes(data)
+    (site / "squeezenet1_1-00000000.pth").write_bytes(data)  # the name promises another file
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             partial(http.server.SimpleHTTPRequestHandler, directory=str(site)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    try:
+        with pytest.raises(ValueError, match="squeezenet1_1-00000000.pth: downloaded file fails its sha256 check"):
+            squeezenet_file("imagenet", url=f"{base}/squeezenet1_1-00000000.pth")
+        assert not cache.exists() or not any(cache.iterdir())
+        path = squeezenet_file("imagenet", url=f"{base}/squeezenet1_1-{prefix}.pth")
+        assert path == cache / f"squeezenet1_1-{prefix}.pth" and path.read_bytes() == data
+        with pytest.raises(FileNotFoundError, match="cannot download"):
+            squeezenet_file("imagenet", url=f"{base}/squeezenet1_1-11111111.pth")  # 404
+    finally:
+        server.shutdown()
+    assert isinstance(load_squeezenet(str(path)), torch.nn.Module)  # the file it fetched loads
+
+
 # ---------------------------------------------------------------- learning on real faces
 
 STEPS, BATCH = 40, 8
