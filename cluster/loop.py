@@ -145,7 +145,8 @@ def worker_main(config: dict) -> None:
                 if state.global_step % cfg.run.log_every == 0:
                     terms = sums.mean()  # the interval's one host synchronisation
                     dt = time.perf_counter() - t_last
-                    extra = {"lr": get_lr(eng), "samples_per_s": samples / dt, "step_time_s": dt / cfg.run.log_every,
+                    extra = {"lr": get_lr(eng), "samples": samples, "samples_per_s": samples / dt,
+                             "step_time_s": dt / cfg.run.log_every,
                              "data_wait_s": wait / cfg.run.log_every, "data_wait_fraction": wait / dt,
                              "mfu": samples / dt * flops / peak, "peak_memory_bytes": peak_memory(device),
                              "decode_errors": decode_errors + loader.decode_errors}

@@ -10,7 +10,7 @@ Contract with the training loop (wired in cluster/recorder.py), one instance per
                     sd_dir=cfg.run.telemetry_sd_dir,              # file_sd folder, or None
                     registry=True,                                # HTTP SD registry on the Ray head
                     restarts=restarts_so_far)
-    tel.log(loss_terms | {"lr": lr, "samples_per_s": sps, "step_time_s": dt, "data_wait_s": wait,
+    tel.log(loss_terms | {"lr": lr, "samples": n_since_last_log, "step_time_s": dt, "data_wait_s": wait,
                           "epoch": epoch, "step": step, "decode_errors": n_skipped}, split="train")
     tel.log(val_terms | {"epoch": epoch, "step": step}, split="val")  # after each validation
     tel.checkpoint_saved()  # once the checkpoint is durably written (at least on rank 0)
@@ -21,16 +21,25 @@ Contract with the training loop (wired in cluster/recorder.py), one instance per
 ``log`` keys follow the loss-dict vocabulary: ``"<name>/<scale>"`` (``ssim/x8``, ``ce/x2``,
 ``acc/x4``, ``psnr/x8``) becomes ``facesr_<name>{scale="x8"}``; plain keys map through
 ``PLAIN`` (``lr`` -> ``facesr_learning_rate``, so the learning rate is never confused with the
-``lr`` image level); any other numeric key becomes ``facesr_<key>``. Non-numeric values and
-the jsonl bookkeeping keys (``stage``, ``split``, ``time``) are ignored, so the same dict that
-goes to ``metrics.jsonl`` can be passed. ``decode_errors`` is the loader's cumulative count in
-this process (exported as the counter ``facesr_decode_errors_total``). Every series carries
-``run, stage, node, rank`` (and ``split``, ``scale`` where they apply).
+``lr`` image level); shares end in ``_ratio`` (``data_wait_fraction`` -> ``facesr_data_wait_ratio``,
+``mfu`` -> ``facesr_mfu_ratio``); any other numeric key becomes ``facesr_<key>``. Non-numeric values
+and the jsonl bookkeeping keys (``stage``, ``split``, ``time``) are ignored, so the same dict that
+goes to ``metrics.jsonl`` can be passed. Every series carries ``run, stage, node, rank`` (and
+``split``, ``scale`` where they apply). As the Prometheus naming guide has it, what accumulates is
+a ``_total`` counter read with ``rate()``, durations are a histogram, and times are timestamps:
 
-Also exported, computed when Prometheus scrapes: ``facesr_checkpoint_age_seconds`` (since the
-last ``checkpoint_saved()``, or since this exporter started), ``facesr_restarts_total``
-(``restarts`` at construction plus ``restart()`` calls), ``facesr_last_log_timestamp_seconds``
-(stall detection) and ``facesr_process_*`` (memory, CPU of this worker).
+* ``samples`` (samples trained since the last log) adds to ``facesr_samples_total``: throughput is
+  ``rate(facesr_samples_total[…])``, whatever the scrape interval (a precomputed rate shows only
+  the interval that happened to be last);
+* ``step_time_s`` (the mean step since the last log) goes into the histogram
+  ``facesr_step_seconds``, once for each step of that interval (the ``step`` key's advance): the
+  loop reads the time back once per log interval, not per step, so a bucket holds interval means;
+* ``decode_errors`` is the loader's cumulative count in this process: ``facesr_decode_errors_total``;
+* ``facesr_last_checkpoint_timestamp_seconds``: Unix time of the last ``checkpoint_saved()`` (or
+  of this exporter's start); its age is ``time() - …`` in the query;
+* ``facesr_restarts_total`` (``restarts`` at construction plus ``restart()`` calls),
+  ``facesr_last_log_timestamp_seconds`` (stall detection), and the standard ``process_*``
+  metrics (memory, CPU, open files of this worker) under their usual names.
 
 Ports and discovery. ``port`` is tried first (convention: base port + local rank); if it is
 busy the OS picks a free one; with ``port=None`` or if binding fails there is no exporter at
@@ -74,7 +83,7 @@ import weakref
 from typing import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from facesr.vocab import SCALES
@@ -86,18 +95,24 @@ PREFIX = "facesr"
 PLAIN = {
     "loss": "loss",
     "lr": "learning_rate",
-    "samples_per_s": "samples_per_second",
-    "step_time_s": "step_time_seconds",
+    "samples": "samples",
+    "step_time_s": "step_seconds",
     "data_wait_s": "data_wait_seconds",
-    "data_wait_fraction": "data_wait_fraction",
-    "mfu": "mfu",
+    "data_wait_fraction": "data_wait_ratio",
+    "mfu": "mfu_ratio",
     "peak_memory_bytes": "peak_memory_bytes",
     "epoch": "epoch",
     "step": "step",
     "decode_errors": "decode_errors",
 }
 COUNTERS = {"decode_errors"}  # cumulative counts: exported as <name>_total counters
+INCREMENTS = {"samples"}  # counts since the last log: added up into <name>_total counters
+HISTOGRAMS = {"step_seconds"}  # durations: observed into a histogram (once per step of the interval)
+# step-time buckets (s): a tiny CPU step ~0.3 s, a paper step on an H200 in CUDA graphs ~0.013 s
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 IGNORED = {"stage", "split", "time", "run", "rank", "node"}  # jsonl bookkeeping, not metrics
+# metrics.jsonl's precomputed rate: Prometheus takes rate(facesr_samples_total) instead
+IGNORED |= {"samples_per_s"}
 HELP = {
     "loss": "Total loss of the current stage (last logged value).",
     "ssim": "SSIM between output and target at this scale.",
@@ -111,17 +126,17 @@ HELP = {
     "critic_real": "SRGAN discriminator's mean probability of 'real' on real faces at this scale.",
     "critic_fake": "SRGAN discriminator's mean probability of 'real' on the generator's faces at this scale.",
     "learning_rate": "Optimizer learning rate.",
-    "samples_per_second": "Training throughput of this worker.",
-    "step_time_seconds": "Wall time of the last training step.",
-    "data_wait_seconds": "Time the last step waited for its batch.",
-    "data_wait_fraction": "Share of step time spent waiting for data since the last log.",
-    "mfu": "Model FLOPs utilisation: training FLOP/s over the device's conv peak in the run's dtype.",
+    "samples": "Samples this worker trained on since it started (rate() is its throughput).",
+    "step_seconds": "Training step wall time (each log interval's mean step, once per step of the interval).",
+    "data_wait_seconds": "Mean time a step waited for its batch over the last log interval.",
+    "data_wait_ratio": "Share of step time spent waiting for data over the last log interval.",
+    "mfu_ratio": "Model FLOPs utilisation: training FLOP/s over the device's conv peak in the run's dtype.",
     "peak_memory_bytes": "Peak accelerator memory (CUDA) or peak resident memory of the worker (CPU).",
     "epoch": "Current epoch.",
     "step": "Current optimizer step.",
     "decode_errors": "Samples skipped because they failed to decode (cumulative).",
     "restarts": "Times this run was restarted (from a checkpoint) before this worker started.",
-    "checkpoint_age_seconds": "Seconds since the last checkpoint (or since the worker started).",
+    "last_checkpoint_timestamp_seconds": "Unix time of the last checkpoint (or of this worker's start).",
     "last_log_timestamp_seconds": "Unix time of the last log() call for this split.",
 }
 _NAME_OK = re.compile(r"[^a-zA-Z0-9_]")
@@ -204,10 +219,13 @@ class Telemetry:
         self._last_log: dict[str, float] = {}  # split -> unix time of last log()
         self._checkpoint_time = time.time()  # age counts from start until the first checkpoint
         self._bad_keys: set[str] = set()
+        self._totals: dict[tuple[str, str], float] = {}  # (name, split) -> running sum of INCREMENTS
+        self._hist: dict[tuple[str, str], list] = {}  # (name, split) -> [bucket counts..., +Inf count, sum]
+        self._last_step: dict[str, float] = {}  # split -> the step key of the last log()
         self._httpd = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
-        ProcessCollector(namespace=PREFIX, registry=self.registry)
+        ProcessCollector(registry=self.registry)  # the standard process_* names dashboards and alerts know
         self._serve(port)
         if self.port is not None and sd_dir:
             self._advertise(sd_dir)
@@ -232,8 +250,28 @@ class Telemetry:
                         log.warning("telemetry: ignoring non-numeric metric %r=%r", key, value)
                     continue
                 name, scale = metric_name(key)
-                self._values[(name, scale, split)] = value
+                short = name[len(PREFIX) + 1:]
+                if short in INCREMENTS:
+                    self._totals[(name, split)] = self._totals.get((name, split), 0.0) + value
+                elif short in HISTOGRAMS:
+                    step = metrics.get("step")
+                    steps = 1
+                    if step is not None and split in self._last_step:
+                        steps = max(1, int(float(step) - self._last_step[split]))
+                    self._observe(name, split, value, steps)
+                else:
+                    self._values[(name, scale, split)] = value
+            if metrics.get("step") is not None:
+                self._last_step[split] = float(metrics["step"])
             self._last_log[split] = now
+
+    def _observe(self, name: str, split: str, value: float, times: int) -> None:
+        h = self._hist.setdefault((name, split), [0] * (len(STEP_BUCKETS) + 1) + [0.0])
+        for i, le in enumerate(STEP_BUCKETS):
+            if value <= le:
+                h[i] += times
+        h[len(STEP_BUCKETS)] += times  # +Inf: every observation
+        h[-1] += value * times
 
     def checkpoint_saved(self) -> None:
         """Restart the checkpoint-age clock (call after the checkpoint is durably written)."""
@@ -249,6 +287,9 @@ class Telemetry:
             self.stage = stage
             self._values.clear()
             self._last_log.clear()
+            self._totals.clear()
+            self._hist.clear()
+            self._last_step.clear()
 
     def close(self) -> None:
         """Withdraw from discovery and stop serving. Safe to call twice."""
@@ -328,10 +369,11 @@ class Telemetry:
             log.error("telemetry: cannot write discovery file %s: %s", path, e)
 
     def _families(self) -> list[Metric]:
-        now = time.time()
         with self._lock:
             values = dict(self._values)
             last_log = dict(self._last_log)
+            totals = dict(self._totals)
+            hists = {k: list(v) for k, v in self._hist.items()}
             stage = self.stage
         base = [self.run, stage, self.node, str(self.rank)]
         families: dict[str, Metric] = {}
@@ -357,10 +399,18 @@ class Telemetry:
             fam = family(name, labels, counter)
             if fam is not None:
                 fam.add_metric(base + label_values, value)
+        for (name, split), total in sorted(totals.items()):
+            family(name, ("split",), counter=True).add_metric(base + [split], total)
+        for (name, split), h in sorted(hists.items()):
+            if name not in families:
+                families[name] = HistogramMetricFamily(name, HELP.get(name[len(PREFIX) + 1:], name),
+                                                       labels=BASE_LABELS + ("split",))
+                families[name]._facesr_labels = ("split",)
+            buckets = [(repr(le), h[i]) for i, le in enumerate(STEP_BUCKETS)] + [("+Inf", h[len(STEP_BUCKETS)])]
+            families[name].add_metric(base + [split], buckets, h[-1])
         for split, t in last_log.items():
             family(f"{PREFIX}_last_log_timestamp_seconds", ("split",)).add_metric(base + [split], t)
-        age = family(f"{PREFIX}_checkpoint_age_seconds", ())
-        age.add_metric(base, max(0.0, now - self._checkpoint_time))
+        family(f"{PREFIX}_last_checkpoint_timestamp_seconds", ()).add_metric(base, self._checkpoint_time)
         family(f"{PREFIX}_restarts", (), counter=True).add_metric(base, float(self.restarts))
         return list(families.values())
 

@@ -25,11 +25,11 @@ REQUIRED = {
     r"SSIM .*train": "facesr_ssim", r"SSIM .*val": "facesr_ssim",
     r"CE .*train": "facesr_ce", r"CE .*val": "facesr_ce",
     r"loss": "facesr_loss", r"accuracy": "facesr_acc", r"PSNR": "facesr_psnr",
-    r"Throughput": "facesr_samples_per_second", r"Learning rate": "facesr_learning_rate",
-    r"Data wait": "facesr_data_wait_seconds", r"Step time": "facesr_step_time_seconds",
-    r"Checkpoint age": "facesr_checkpoint_age_seconds", r"Decode errors": "facesr_decode_errors_total",
+    r"Throughput": "facesr_samples_total", r"Learning rate": "facesr_learning_rate",
+    r"Data wait": "facesr_data_wait_ratio", r"Step time": "facesr_step_seconds_bucket",
+    r"Checkpoint age": "facesr_last_checkpoint_timestamp_seconds", r"Decode errors": "facesr_decode_errors_total",
     r"Restarts": "facesr_restarts_total", r"Epoch": "facesr_epoch", r"Step$": "facesr_step",
-    r"MFU": "facesr_mfu", r"Peak memory": "facesr_peak_memory_bytes",
+    r"MFU": "facesr_mfu_ratio", r"Peak memory": "facesr_peak_memory_bytes",
 }
 
 
@@ -41,13 +41,21 @@ def test_required_panel_present(title, metric):
     assert any(re.search(rf"\b{metric}\b", t["expr"]) for p in hits for t in p["targets"])
 
 
-def test_panels_use_the_provisioned_datasource():
-    """Every panel and query points at the datasource uid the provisioning file creates."""
+def test_panels_use_a_datasource_variable_defaulting_to_the_provisioned_one():
+    """Every panel, query and template variable points at ``${datasource}``, a Prometheus datasource variable
+    whose default is the uid the provisioning file creates: importable into any Grafana (Ray's too), where
+    the user picks the Prometheus; no uid is written anywhere else in the file."""
     [ds] = DATASOURCES["datasources"]
+    [var] = [v for v in DASHBOARD["templating"]["list"] if v["type"] == "datasource"]
+    assert var["name"] == "datasource" and var["query"] == "prometheus" and var["current"]["value"] == ds["uid"]
     for p in PANELS:
-        assert p["datasource"]["uid"] == ds["uid"], p["title"]
+        assert p["datasource"]["uid"] == "${datasource}", p["title"]
         assert p["targets"], f"{p['title']}: no query"
-        assert all(t["datasource"]["uid"] == ds["uid"] for t in p["targets"]), p["title"]
+        assert all(t["datasource"]["uid"] == "${datasource}" for t in p["targets"]), p["title"]
+    for v in DASHBOARD["templating"]["list"]:
+        if v["type"] == "query":
+            assert v["datasource"]["uid"] == "${datasource}", v["name"]
+    assert json.dumps(DASHBOARD).count(f'"{ds["uid"]}"') == 2  # the variable's default (text, value), nowhere else
 
 
 def test_panel_ids_unique_and_layout_within_grid():

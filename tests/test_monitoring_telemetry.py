@@ -35,8 +35,10 @@ def tel(tmp_path):
     ("acc/x4", ("facesr_acc", "x4")),
     ("loss", ("facesr_loss", None)),
     ("lr", ("facesr_learning_rate", None)),
-    ("samples_per_s", ("facesr_samples_per_second", None)),
-    ("step_time_s", ("facesr_step_time_seconds", None)),
+    ("samples", ("facesr_samples", None)),
+    ("step_time_s", ("facesr_step_seconds", None)),
+    ("data_wait_fraction", ("facesr_data_wait_ratio", None)),
+    ("mfu", ("facesr_mfu_ratio", None)),
     ("data_wait_s", ("facesr_data_wait_seconds", None)),
     ("grad/norm", ("facesr_grad_norm", None)),
 ])
@@ -79,6 +81,39 @@ def test_decode_errors_and_restarts_are_counters(tmp_path):
     assert [s.value for s in fams["facesr_restarts"] if s.name.endswith("_total")] == [3]
 
 
+def test_samples_are_a_counter_and_the_precomputed_rate_is_not_exported(tel):
+    """Each log's ``samples`` adds to facesr_samples_total (rate() gives throughput); metrics.jsonl's
+    samples_per_s is not exported beside it."""
+    tel.log({"samples": 80, "samples_per_s": 8.0, "step": 10}, "train")
+    tel.log({"samples": 40, "samples_per_s": 4.0, "step": 15}, "train")
+    fams = scrape(tel)
+    assert [(s.name, s.value) for s in fams["facesr_samples"] if s.name.endswith("_total")] == \
+        [("facesr_samples_total", 120)]
+    assert not any("samples_per" in name for name in fams)
+
+
+def test_step_time_is_a_histogram_observed_once_per_step_of_the_interval(tel):
+    """A log's mean step time counts once for each step since the previous log (the step key's advance):
+    count = steps, sum = their time, and each bucket holds the intervals whose mean fits under it."""
+    tel.log({"step_time_s": 0.3, "step": 10}, "train")  # first log: one observation
+    tel.log({"step_time_s": 0.02, "step": 20}, "train")  # ten steps of 0.02 s
+    tel.log({"step_time_s": 4.0, "step": 25}, "train")  # five of 4 s
+    samples = {(s.name, s.labels.get("le")): s.value for s in scrape(tel)["facesr_step_seconds"]}
+    assert samples[("facesr_step_seconds_count", None)] == 16
+    assert samples[("facesr_step_seconds_sum", None)] == pytest.approx(0.3 + 10 * 0.02 + 5 * 4.0)
+    assert samples[("facesr_step_seconds_bucket", "0.025")] == 10
+    assert samples[("facesr_step_seconds_bucket", "0.5")] == 11
+    assert samples[("facesr_step_seconds_bucket", "5.0")] == 16 == samples[("facesr_step_seconds_bucket", "+Inf")]
+    assert not any(name.startswith("facesr_step_time") for name in scrape(tel))
+
+
+def test_standard_process_metrics_keep_their_names(tel):
+    """The process collector's series are process_*, as every Prometheus dashboard and alert expects."""
+    fams = scrape(tel)
+    assert "process_resident_memory_bytes" in fams and "process_cpu_seconds" in fams
+    assert not any(name.startswith("facesr_process") for name in fams)
+
+
 class _WallClock:
     """Stands in for the ``time`` module where a test moves the wall clock itself."""
 
@@ -92,23 +127,23 @@ class _WallClock:
         return getattr(time, name)
 
 
-def test_checkpoint_age_is_computed_at_scrape_time(tel, monkeypatch):
-    """The age grows between scrapes without any log() and resets on checkpoint_saved()."""
+def test_last_checkpoint_is_a_timestamp(tel, monkeypatch):
+    """facesr_last_checkpoint_timestamp_seconds is the exporter's start until the first checkpoint_saved(),
+    then the time of the latest one; it does not move between checkpoints (the age is time() - it)."""
     from cluster import telemetry
 
-    now = [5000.0]  # wall clock moved by hand: no margin for a slow scrape on a loaded machine
-
-    def age():
-        return scrape(tel)["facesr_checkpoint_age_seconds"][0].value
-    first = age()
+    def stamp():
+        return scrape(tel)["facesr_last_checkpoint_timestamp_seconds"][0].value
+    started = stamp()
+    assert abs(started - time.time()) < 600
+    now = [started + 1000.0]  # wall clock moved by hand: no margin for a slow scrape on a loaded machine
     monkeypatch.setattr(telemetry, "time", _WallClock(now))
+    assert stamp() == started
     tel.checkpoint_saved()
     now[0] += 42.0
-    assert age() == 42.0 and age() == 42.0  # computed at each scrape, from the clock alone
-    now[0] += 8.0
-    assert age() == 50.0
+    assert stamp() == started + 1000.0 == stamp()
     tel.checkpoint_saved()
-    assert age() == 0.0 and first >= 0
+    assert stamp() == started + 1042.0
 
 
 def test_set_stage_drops_previous_stage_series(tel):
@@ -135,7 +170,7 @@ def test_busy_port_falls_back_and_advertises_real_port(tmp_path, caplog):
             [group] = json.loads((tmp_path / "r-n0-r0.json").read_text())
             assert group["targets"] == [f"127.0.0.1:{t.port}"]
             assert group["labels"] == {"run": "r", "node": "n0", "rank": "0"}
-            assert "facesr_checkpoint_age_seconds" in scrape(t)
+            assert "facesr_last_checkpoint_timestamp_seconds" in scrape(t)
         finally:
             t.close()
 
