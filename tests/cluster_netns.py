@@ -232,6 +232,14 @@ class NetnsCluster:
         rows = json.loads(text)["data"]["result"]["result"]
         return {r["node_id"]: r["node_ip"] for r in rows if r["state"] == "ALIVE"}
 
+    def node_ips(self) -> dict[str, str]:
+        """node_id -> node IP of every node the GCS has known, dead ones too: a job's tasks and actors name the
+        node they ran on, which a later test may have stopped and started again under a new id (the elastic and
+        bucket tests do; in reverse order they run before the tests that look at the prep and training jobs)."""
+        status, text = self.http("head", "/api/v0/nodes?limit=100&detail=1")
+        assert status == 200, text
+        return {r["node_id"]: r["node_ip"] for r in json.loads(text)["data"]["result"]["result"]}
+
     def state(self, kind: str, job_id: str | None = None) -> list[dict]:
         """Rows of the state API (``tasks``, ``actors``, ``nodes``), optionally of one job."""
         q = f"/api/v0/{kind}?limit=10000"

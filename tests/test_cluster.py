@@ -271,7 +271,7 @@ def test_prep_job_runs_on_both_nodes(cluster, prep_job):
     """The prep job's Ray tasks ran on both nodes, and the shards it wrote are complete (manifest verified)."""
     from shards.manifest import read_manifest
 
-    nodes = cluster.alive_nodes()
+    nodes = cluster.node_ips()
     where = Counter(nodes.get(t["node_id"]) for t in cluster.state("tasks", prep_job["job"])
                     if t["name"] in ("write_shard", "check_chunk", "finished_record"))
     print(f"\nprep tasks per node: {dict(where)}; {prep_job['seconds']:.0f}s")
@@ -283,7 +283,7 @@ def test_prep_job_runs_on_both_nodes(cluster, prep_job):
 
 def test_training_job_places_one_worker_per_node(cluster, train_job):
     """Both stages finish with world size 2, one RayTrainWorker on each node (DeepSpeed over gloo on the veth)."""
-    nodes = cluster.alive_nodes()
+    nodes = cluster.node_ips()
     workers = [a for a in cluster.state("actors", train_job["job"]) if a["class_name"] == "RayTrainWorker"]
     per_stage = Counter(nodes.get(a["node_id"]) for a in workers)
     print(f"\ntraining workers per node (both stages): {dict(per_stage)}; {train_job['seconds']:.0f}s")
@@ -601,7 +601,7 @@ def test_bucket_run_on_a_node_without_the_shared_folder(cluster, bucket):
     assert not view["shared"] and not view["host_tmp"], view  # no shared folder; a /tmp of its own
     assert view["home"] == "/tmp/worker-home", view  # its own HOME, with what a launcher provisions only
     assert {".aws/credentials", ".ray/auth_token"} <= set(view["home_files"]), view
-    nodes = cluster.alive_nodes()
+    nodes = cluster.node_ips()
     where = Counter(nodes.get(t["node_id"]) for t in cluster.state("tasks", bucket["prep_job"])
                     if t["name"] in ("write_shard", "check_chunk", "finished_record"))
     print(f"\nbucket prep tasks per node: {dict(where)}; {bucket['prep_s']:.0f}s")
