@@ -115,6 +115,9 @@ class RunConfig:
     # head port of the HTTP discovery registry (cluster/discovery.py) the driver starts unless the cluster has one;
     # exporters register with it, so Prometheus finds them without a shared folder. None = file_sd only
     telemetry_sd_port: int | None = 9095
+    # rank 0 also writes TensorBoard event files of every metrics.jsonl record into <run>/tensorboard/stage<N>
+    # (`tensorboard --logdir <run>`): per-scale curves as ssim/train/x8, ce/val/x2, …; needs the tensorboard package
+    tensorboard: bool = True
 
     def validate(self, key: str = "run") -> None:
         if not self.stages or sorted(set(self.stages)) != self.stages or not set(self.stages) <= {1, 2}:

@@ -1,8 +1,9 @@
 """``Recorder``: every effect a training worker has outside its model and optimizer, in one place.
 
 What it records: log lines (a file per rank; rank 0 also on stdout), train and
-val metrics in ``metrics.jsonl`` (cut back to the checkpoint on resume),
-Prometheus telemetry, and the stage's result (its final weights through
+val metrics in ``metrics.jsonl`` (cut back to the checkpoint on resume) and, with
+``run.tensorboard``, the same records as TensorBoard event files (``tensorboard/stage<N>``;
+a resumed run purges the events after its checkpoint's step), Prometheus telemetry, and the stage's result (its final weights through
 ``Stage.finish`` and ``stage<N>.done.json``). The two collectives this needs
 run here too: the all-reduce that averages train metrics over ranks before
 they are recorded, and the barrier that holds the other ranks until rank 0
@@ -53,6 +54,8 @@ class Recorder:
         self.metrics = Mirror(self.run_dir / "metrics.jsonl", fetch=self.is_main) if self.is_main else None
         self.metrics_path = self.metrics.local if self.is_main else None
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.tensorboard = _TensorBoard(self.run_dir / "tensorboard" / f"stage{number}") \
+            if self.is_main and cfg.run.tensorboard else None
         self.logger = logging.getLogger(f"facesr.train.stage{number}.rank{rank}")
         self.logger.setLevel(logging.INFO)
         self.logger.propagate = False
@@ -102,6 +105,8 @@ class Recorder:
             self.telemetry.restarts = state.restarts
         if self.is_main:  # records after the checkpoint are about to be produced again
             self._truncate(state.global_step)
+            if self.tensorboard is not None:
+                self.tensorboard.purge_from = state.global_step + 1
 
     def train(self, terms: dict[str, float], extra: dict, epoch: int, step: int) -> None:
         """Train metrics averaged over ranks (collective), then recorded by rank 0."""
@@ -127,6 +132,8 @@ class Recorder:
     def checkpoint_saved(self) -> None:
         if self.is_main:  # the records up to a checkpoint are in the run with it
             self.metrics.sync(force=True)
+            if self.tensorboard is not None:
+                self.tensorboard.flush()
         if self.telemetry is not None:
             self.telemetry.checkpoint_saved()
 
@@ -151,6 +158,8 @@ class Recorder:
     def close(self) -> None:
         if self.is_main:
             self.metrics.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
         if self.telemetry is not None:
             self.telemetry.close()
         for h in self.logger.handlers:
@@ -173,6 +182,10 @@ class Recorder:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(line) + "\n")
         self.metrics.sync()
+        if self.tensorboard is not None:
+            problem = self.tensorboard.add(split, step, record)
+            if problem:
+                self.logger.info("%s", problem)
 
     def _truncate(self, step: int) -> None:
         if not self.metrics_path.exists():
@@ -189,6 +202,69 @@ class Recorder:
         tmp.write_text("".join(l + "\n" for l in keep))
         os.replace(tmp, self.metrics_path)
         self.metrics.sync(force=True)
+
+
+class _TensorBoard:
+    """Rank 0's TensorBoard event files of the stage's records, written by ``torch.utils.tensorboard``.
+
+    Tags are ``<name>/<split>`` and, for per-scale terms, ``<name>/<split>/<scale>`` (``ssim/train/x8``), so
+    TensorBoard groups each term's curves by scale and split. A run folder in an object store gets its event
+    files uploaded whole at most every 10 s and at close (objects cannot grow)."""
+
+    def __init__(self, target):
+        self.target = target
+        self.purge_from: int | None = None  # a resumed run: events at or after this step are stale
+        self._writer = None
+        self._folder = None
+        self._failed = False
+        self._last_upload = 0.0
+
+    def add(self, split: str, step: int, record: dict) -> str | None:
+        """Write the record's numbers; a message the first time TensorBoard is unavailable, else None."""
+        if self._failed:
+            return None
+        if self._writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:  # the package is an install option; training goes on without it
+                self._failed = True
+                return f"no TensorBoard event files ({e}; pip install tensorboard, or run.tensorboard=false)"
+            if isinstance(self.target, ObjectPath):
+                import tempfile
+
+                self._folder = tempfile.mkdtemp(prefix="facesr-tensorboard-")
+            else:
+                self._folder = str(self.target)
+            self._writer = SummaryWriter(self._folder, purge_step=self.purge_from, flush_secs=10)
+        for key, value in record.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            name, _, scale = key.partition("/")
+            self._writer.add_scalar(f"{name}/{split}/{scale}" if scale else f"{key}/{split}", value, step)
+        self._upload(force=False)
+        return None
+
+    def _upload(self, force: bool) -> None:
+        if self._folder is None or not isinstance(self.target, ObjectPath):
+            return
+        now = time.monotonic()
+        if force or now - self._last_upload >= 10.0:
+            self._last_upload = now
+            self._writer.flush()
+            for f in os.listdir(self._folder):
+                (self.target / f).write_bytes(open(os.path.join(self._folder, f), "rb").read())
+
+    def flush(self) -> None:
+        """Everything written so far on disk (and uploaded): a checkpoint's records survive a kill."""
+        if self._writer is not None:
+            self._writer.flush()
+            self._upload(force=True)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._upload(force=True)
+            self._writer = None
 
 
 def _uptime() -> float:

@@ -174,6 +174,16 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
 
 
+def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the TensorBoard event files in ``folder``, read back by TensorBoard's own reader (which
+    applies a resumed writer's purge): tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})  # 0: keep every event
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
 def done(run_dir: Path, stage: int) -> dict:
     return json.loads((run_dir / f"stage{stage}.done.json").read_text())
 
@@ -315,6 +325,30 @@ def test_losses_fall_and_metrics_are_recorded(job_run):
     assert val2[-1]["loss"] < val2[0]["loss"]
 
 
+def test_tensorboard_event_files_hold_every_record(job_run):
+    """Rank 0 writes each stage's records as TensorBoard scalars (`tensorboard --logdir RUN`): read back with
+    TensorBoard's reader, every number of metrics.jsonl is there at its step, per-scale terms as
+    ``<term>/<split>/<scale>`` (the SSIM and CE curves per scale), plain ones as ``<key>/<split>``."""
+    recs = records(job_run)
+    for stage in (1, 2):
+        got = tensorboard_scalars(job_run / "tensorboard" / f"stage{stage}")
+        want: dict[str, list[tuple[int, float]]] = {}
+        for r in (r for r in recs if r["stage"] == stage):
+            for k, v in r.items():
+                if k in ("stage", "split", "epoch", "step", "time") or isinstance(v, bool) or \
+                        not isinstance(v, (int, float)):
+                    continue
+                name, _, scale = k.partition("/")
+                want.setdefault(f"{name}/{r['split']}/{scale}" if scale else f"{k}/{r['split']}", []).append(
+                    (r["step"], v))
+        assert set(got) == set(want), set(got) ^ set(want)
+        for tag, points in want.items():
+            assert [s for s, _ in got[tag]] == [s for s, _ in points], tag
+            assert [v for _, v in got[tag]] == pytest.approx([v for _, v in points], rel=1e-6, abs=1e-6), tag
+    assert {"ssim/train/x2", "ssim/train/x4", "ssim/train/x8", "ce/train/x8", "ssim/val/x8"} <= \
+        set(tensorboard_scalars(job_run / "tensorboard" / "stage2"))
+
+
 def test_eval_priors_scores_held_out_images_beside_chance_and_majority(job_run, shards, scratch):
     """`facesr eval priors`: top-1 per scale on prep's prior_val split equals a direct count with the saved
     priors; chance and majority come from the manifest (2 held out per class: balanced, both 1/4)."""
@@ -387,6 +421,8 @@ def test_killed_stage2_resumes_to_the_same_step_and_lr(job_run, shards, scratch)
     assert got["lr"] == pytest.approx(ref["lr"])
     steps = [r["step"] for r in records(run_dir) if r["split"] == "train"]
     assert steps == sorted(set(steps)) == list(range(1, ref["global_step"] + 1))  # no step lost or repeated
+    tb = [step for step, _ in tensorboard_scalars(run_dir / "tensorboard" / "stage2")["loss/train"]]
+    assert tb == steps  # the resumed writer purged what the killed one wrote after the checkpoint
 
 
 def test_table1_peer_trains_through_facesr_train_without_priors(shards, scratch):
