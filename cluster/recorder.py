@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -251,8 +252,8 @@ class _TensorBoard:
         if force or now - self._last_upload >= 10.0:
             self._last_upload = now
             self._writer.flush()
-            for f in os.listdir(self._folder):
-                (self.target / f).write_bytes(open(os.path.join(self._folder, f), "rb").read())
+            for f in sorted(Path(self._folder).iterdir()):
+                (self.target / f.name).write_bytes(f.read_bytes())
 
     def flush(self) -> None:
         """Everything written so far on disk (and uploaded): a checkpoint's records survive a kill."""
