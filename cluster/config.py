@@ -151,7 +151,8 @@ class DataConfig:
     val_batches: int = 0  # cap on validation batches per worker; 0 = the whole split
     # How stage 2's network input is made from hr (facesr.degradations): "paper" = the shards' lr (the
     # paper's fixed blur + decimation, fidelity to the paper); "robust" = randomised per sample on the worker
-    # (blur, any common resize, noise, JPEG; x2/x4/hr targets stay the clean cascade); or a mapping in
+    # (blur, any common resize, noise, JPEG; x2/x4/hr targets stay the clean cascade); "robust_nojpeg" = that
+    # without its JPEG step (the demo's: it keeps identity, README issue 25); or a mapping in
     # RobustDegradation.to_dict()'s shape whose missing fields keep robust's defaults.
     degradation: str | dict = "paper"
 

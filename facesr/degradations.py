@@ -343,6 +343,10 @@ PAPER = RobustDegradation(
 DEGRADATIONS: dict[str, RobustDegradation] = {
     "paper": PAPER,  # the paper's fixed cascade (what the shards store as lr): the paper preset's default
     "robust": RobustDegradation(),  # randomised per sample, every range above
+    # robust without its JPEG step: the demo's and deploy model's mix. Trained on 24² faces a third of which were
+    # JPEG-compressed, the cascade learns to smooth 8×8 blocks away and with them what tells people apart; without
+    # the JPEG step it drifts less than bicubic on the paper and antialiased-bicubic rows (README: identity, issue 25)
+    "robust_nojpeg": RobustDegradation(jpeg=Jpeg(p=0.0)),
 }
 
 
