@@ -17,8 +17,9 @@ targets; ``add_robustness`` and ``format_robustness`` report one row each.
 from __future__ import annotations
 
 import json
+import queue
 import random
-import time
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -29,7 +30,7 @@ from .degradations import describe, lr_under
 from .degrade import DEFAULT, DegradeConfig, TooSmallError, crop_hr, degrade, quantize
 from .imageio import ImageReadError, read_rgb
 from .models import SRNet
-from .quality import BASELINES, PAPER_DATA_RANGE, QualityMeter, baselines, finish, upscale
+from .quality import BASELINES, PAPER_DATA_RANGE, QualityMeter, Reference, baselines, finish, upscale
 from .vocab import KEY_OF, LEVELS, SCALE_OF, SCALES, SIZES
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -124,10 +125,10 @@ def score(
     *,
     limit: int = 0,
     device: str | torch.device = "cpu",
-    log: Callable[[str], None] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[dict, int]:
     """Score every model and baseline on ``batches``; returns (QualityMeter.summary(), images scored)."""
-    results, seen = score_degradations(models, batches, ("paper",), limit=limit, device=device, log=log)
+    results, seen = score_degradations(models, batches, ("paper",), limit=limit, device=device, progress=progress)
     return results["paper"], seen
 
 
@@ -139,7 +140,7 @@ def score_degradations(
     *,
     limit: int = 0,
     device: str | torch.device = "cpu",
-    log: Callable[[str], None] | None = None,
+    progress: Callable[[int], None] | None = None,
     shift_compensated: tuple[str, ...] = (),
 ) -> tuple[dict[str, dict], int]:
     """Score under each named lr degradation (``EVAL_DEGRADATIONS``): ({name: QualityMeter.summary()}, images).
@@ -151,51 +152,88 @@ def score_degradations(
     names = list(dict.fromkeys(degradations))
     meters = {d: QualityMeter(shift_compensated) for d in names}
     deployed = {name: net.deploy() if hasattr(net, "deploy") else net for name, net in models.items()}
-    seen, t0 = 0, time.time()
+    seen = 0
     for m in models.values():
         m.to(device).eval()
-    for batch in batches:
-        if limit and seen >= limit:
-            break
-        take = batch["lr"].shape[0] if not limit else min(batch["lr"].shape[0], limit - seen)
-        quad = {k: batch[k][:take].float() for k in LEVELS}
+    for quad, lrs in prefetched(_inputs(batches, names, limit)):  # reading and degrading overlap the scoring
+        hr = Reference(quad["hr"])  # every row and method scores against the same clean hr: its moments once
         for d in names:
             if d == "paper":  # the main table: every scale, nearest too
-                _score_quad(meters[d], models, {**quad, "lr": lr_under(d, quad)}, device)
+                _score_quad(meters[d], models, {**quad, "lr": lrs[d]}, hr, device)
             else:  # a robustness row is x8 of bicubic and each model: the deploy path, three times less scoring
-                _score_x8(meters[d], deployed, quad["hr"], lr_under(d, quad), device)
-        seen += take
-        if log:
-            log(_progress(seen, limit, time.time() - t0))
+                _score_x8(meters[d], deployed, hr, lrs[d], device)
+        seen += len(quad["hr"])
+        if progress:
+            progress(len(quad["hr"]))  # faces scored in this batch (a progress bar's update)
     if not seen:
         raise ValueError("no test faces could be read: nothing to evaluate")
     return {d: meters[d].summary() for d in names}, seen
 
 
-def _progress(seen: int, limit: int, elapsed: float) -> str:
-    """``eval  120/500 faces  3.1 faces/s  ETA 2m03s``: with ``limit`` the total is known, else only the count."""
-    rate = seen / max(elapsed, 1e-9)
-    if not limit:
-        return f"eval  {seen} faces  {rate:.1f} faces/s  elapsed {elapsed:.0f}s"
-    eta = (limit - seen) / max(rate, 1e-9)
-    return f"eval  {100 * seen / limit:3.0f}% {seen}/{limit} faces  {rate:.1f} faces/s  ETA {eta // 60:.0f}m{eta % 60:02.0f}s"
+def _inputs(batches: Iterable[dict], names: list[str], limit: int) -> Iterator[tuple[dict, dict]]:
+    """(quadruplet as float, {degradation: its lr}) per batch, up to ``limit`` faces."""
+    seen = 0
+    for batch in batches:
+        if limit and seen >= limit:
+            break
+        take = batch["lr"].shape[0] if not limit else min(batch["lr"].shape[0], limit - seen)
+        quad = {k: batch[k][:take].float() for k in LEVELS}
+        seen += take
+        yield quad, {d: lr_under(d, quad) for d in names}
 
 
-def _score_quad(meter: QualityMeter, models: dict[str, SRNet], quad: dict, device) -> None:
-    """Baselines and every model from ``quad["lr"]``, each scale against its quadruplet level."""
+def prefetched(items: Iterable, depth: int = 2) -> Iterator:
+    """``items`` produced by a background thread up to ``depth`` ahead (image decoding, PIL and torch release the
+    GIL, so reading faces and degrading them overlaps the network and the metrics); its exceptions are raised here."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put((item, None), timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((done, None))
+        except BaseException as e:  # handed to the consumer, raised there with its traceback
+            q.put((done, e))
+
+    thread = threading.Thread(target=produce, name="eval-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = q.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+def _score_quad(meter: QualityMeter, models: dict[str, SRNet], quad: dict, hr: Reference, device) -> None:
+    """Baselines and every model from ``quad["lr"]``, each scale against its quadruplet level (hr: ``hr``)."""
+    targets = {**{k: Reference(quad[k]) for k in ("x2", "x4")}, "hr": hr}
     for method, outs in baselines(quad["lr"]).items():
         for scale, img in outs.items():
-            meter.update(method, scale, img, quad[KEY_OF[scale]])
+            meter.update(method, scale, img, targets[KEY_OF[scale]])
     lr = quad["lr"].to(device)
     for name, net in models.items():
         sr = net(lr)  # the cascade {"x2": 48², "x4": 96², "hr": 192²}; a Table 1 peer {"hr": 192²}
         for scale in SCALES:
             key = KEY_OF[scale]
             if key in sr:
-                meter.update(name, scale, finish(sr[key]).cpu(), quad[key])
+                meter.update(name, scale, finish(sr[key]).cpu(), targets[key])
 
 
-def _score_x8(meter: QualityMeter, deployed: dict, hr: torch.Tensor, lr: torch.Tensor, device) -> None:
+def _score_x8(meter: QualityMeter, deployed: dict, hr: Reference, lr: torch.Tensor, device) -> None:
     """x8 only, bicubic and each model's deploy network (no x2/x4 branches) from the same lr."""
     meter.update("bicubic", "x8", upscale(lr, SIZES["hr"], "bicubic"), hr)
     lr = lr.to(device)
@@ -285,7 +323,8 @@ def format_table(report: dict) -> str:
         f"SSIM {p['bicubic']['ssim']:.4f}; C-SRIP {p['C-SRIP (paper)']['psnr']:.3f} dB"
     )
     pr = report["protocol"]
-    lines.append("protocol: " + "; ".join(pr[k] for k in ("crop", "degradation", "colour_space", "data_range")))
+    lines.append("protocol: " + "; ".join(pr[k] for k in ("crop", "degradation", "colour_space", "data_range", "arithmetic")
+                                          if k in pr))
     if report.get("skipped"):
         lines.append(f"skipped {len(report['skipped'])} unreadable or too-small images (listed in the JSON)")
     return "\n".join(lines)

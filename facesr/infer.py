@@ -101,6 +101,38 @@ def load_cascade(path: str | Path, device: str | torch.device = "cpu") -> SRNet:
     return load_srnet(find_srnet(path) if path.is_dir() else path, device).eval()
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def inference_bf16(precision: str, device: str | torch.device) -> bool:
+    """Whether inference runs in bf16 autocast: ``bf16``, ``fp32``, or ``auto`` = where the device computes bf16
+    natively (AMX / AVX512-BF16 CPUs, CUDA sm80+), as training's ``engine.precision: auto`` chooses."""
+    from .hardware import native_bf16
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision == "bf16" or (precision == "auto" and native_bf16(device))
+
+
+class Fast(torch.nn.Module):
+    """``net`` for inference in its fastest exact-enough form: channels_last activations and weights (oneDNN's and
+    cuDNN's preferred layout) and, with ``bf16``, bf16 autocast (outputs back in fp32). On a 2-core AVX512-BF16
+    EPYC the tiny cascade runs 1.6× faster channels_last and 2.7× in bf16; bf16 moves an 8-bit output pixel by
+    0.09 levels on average (evaluation: ``facesr eval quality --precision``)."""
+
+    def __init__(self, net: torch.nn.Module, bf16: bool = False):
+        super().__init__()
+        self.net, self.bf16 = net.to(memory_format=torch.channels_last), bf16
+
+    def forward(self, lr: torch.Tensor):
+        with torch.autocast(lr.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.net(lr.contiguous(memory_format=torch.channels_last))
+        return {k: v.float() for k, v in out.items()} if isinstance(out, dict) else out.float()
+
+    def deploy(self) -> "Fast":
+        return Fast(self.net.deploy(), self.bf16) if hasattr(self.net, "deploy") else self
+
+
 class OnnxUpscaler:
     """An exported ONNX deploy network as a callable lr -> hr.
 

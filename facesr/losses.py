@@ -26,7 +26,7 @@ PIXEL_MAX = 255.0
 
 
 @tensor_cache(maxsize=32)
-def _window_matrix(n: int, sigma: float, window: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def window_matrix(n: int, sigma: float, window: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(n, n) matrix of a reflect-padded Gaussian filter along one axis: ``M @ x`` filters x's rows as padding by
     (window-1)/2 with mode="reflect" and convolving would, as one matmul."""
     r = (window - 1) // 2
@@ -49,8 +49,8 @@ def ssim_moments(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: floa
     reference than torchmetrics' float32 2-D convolution (tests/test_quality_fast.py).
     """
     c, h, w = x.shape[1], x.shape[-2], x.shape[-1]
-    mh = _window_matrix(h, float(sigma), window, x.dtype, x.device)
-    mw = mh if w == h else _window_matrix(w, float(sigma), window, x.dtype, x.device)
+    mh = window_matrix(h, float(sigma), window, x.dtype, x.device)
+    mw = mh if w == h else window_matrix(w, float(sigma), window, x.dtype, x.device)
     stack = torch.cat([x, y, x * x, y * y, x * y], dim=1).contiguous()  # (B, 5C, H, W): all moments in one product
     stack = mh @ stack @ mw.t()
     mu1, mu2, e11, e22, e12 = stack.split(c, dim=1)

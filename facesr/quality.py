@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from .degrade import quantize
-from .losses import PIXEL_MAX, ssim_from_terms, ssim_moments, ssim_terms
+from .losses import PIXEL_MAX, window_matrix, ssim_from_terms, ssim_moments, ssim_terms
 from .vocab import KEY_OF, SCALES, SIZES
 
 BASELINES = ("nearest", "bicubic")  # interpolation baselines, computed from the same lr
@@ -61,18 +61,44 @@ def baselines(lr: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
     return {m: {s: upscale(lr, SIZES[KEY_OF[s]], m) for s in SCALES} for m in BASELINES}
 
 
-def image_scores(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+class Reference:
+    """A target batch (B, 3, H, W) in [0, 1] with its own SSIM moments (local mean and mean square) filtered once.
+
+    Scoring several outputs against one target (every method, every degradation row of an evaluation: each
+    scores against the same clean hr) then filters three moment maps per output instead of five.
+    """
+
+    def __init__(self, target: torch.Tensor):
+        self.image = target.float()
+        c, h, w = self.image.shape[1:]
+        self.mh = window_matrix(h, 1.5, 11, torch.float32, self.image.device)
+        self.mw = self.mh if w == h else window_matrix(w, 1.5, 11, torch.float32, self.image.device)
+        with torch.autocast(self.image.device.type, enabled=False):
+            y = self.image
+            self.mu, self.e2 = (self.mh @ torch.cat([y, y * y], 1) @ self.mw.t()).split(c, dim=1)
+
+    def moments(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``losses.ssim_moments(x, self.image)`` with this target's half computed once."""
+        c = x.shape[1]
+        mu1, e11, e12 = (self.mh @ torch.cat([x, x * x, x * self.image], 1) @ self.mw.t()).split(c, dim=1)
+        mu2 = self.mu
+        return mu1, mu2, (e11 - mu1 * mu1).clamp(min=0), (self.e2 - mu2 * mu2).clamp(min=0), e12 - mu1 * mu2
+
+
+def image_scores(pred: torch.Tensor, target: torch.Tensor | Reference) -> dict[str, torch.Tensor]:
     """Per-image PSNR [dB], standard SSIM and paper-constant SSIM. (B, 3, H, W) ×2 in [0, 1] -> {metric: (B,)}.
 
     Both SSIMs are torchmetrics' ``structural_similarity_index_measure`` (Gaussian 11, σ 1.5, reflect padding,
     whole-image mean) at data_range 1 and 256/255, computed from one set of local moments with a separable
     Gaussian: the same numbers to 1e-6 (tests/test_quality_fast.py) at a tenth of the time, which is what
-    evaluating many faces under many degradations costs (issue 27).
+    evaluating many faces under many degradations costs (issue 27). ``target`` as a ``Reference`` reuses its
+    moments across calls.
     """
-    pred, target = pred.float(), target.float()
+    ref = target if isinstance(target, Reference) else None
+    pred, target = pred.float(), (ref.image if ref is not None else target.float())
     psnr = peak_signal_noise_ratio(pred, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
     with torch.autocast(pred.device.type, enabled=False):
-        terms = ssim_terms(ssim_moments(pred, target))
+        terms = ssim_terms(ref.moments(pred) if ref is not None else ssim_moments(pred, target))
     ssim = ssim_from_terms(terms, 0.01**2, 0.03**2).mean(dim=(1, 2, 3))
     paper = ssim_from_terms(terms, (0.01 * PAPER_DATA_RANGE) ** 2, (0.03 * PAPER_DATA_RANGE) ** 2)
     return {"psnr": psnr.clamp(max=PSNR_CAP), "ssim": ssim, "ssim_paper": paper.mean(dim=(1, 2, 3))}
@@ -85,13 +111,15 @@ class QualityMeter:
         self.scores: dict[tuple[str, str], dict[str, list[torch.Tensor]]] = {}
         self.shift_compensated = shift_compensated  # scales that also get ``psnr_sc`` (shift_compensated_psnr)
 
-    def update(self, method: str, scale: str, pred: torch.Tensor, target: torch.Tensor) -> None:
-        if pred.shape != target.shape:
-            raise ValueError(f"{method}/{scale}: output {tuple(pred.shape)} vs target {tuple(target.shape)}")
-        pred, target = pred.detach().cpu(), target.detach().cpu()
+    def update(self, method: str, scale: str, pred: torch.Tensor, target: torch.Tensor | Reference) -> None:
+        image = target.image if isinstance(target, Reference) else target
+        if pred.shape != image.shape:
+            raise ValueError(f"{method}/{scale}: output {tuple(pred.shape)} vs target {tuple(image.shape)}")
+        pred = pred.detach().to(image.device)
         scores = image_scores(pred, target)
         if scale in self.shift_compensated:
-            scores["psnr_sc"] = shift_compensated_psnr(pred, target)[0]
+            scores["psnr_sc"] = shift_compensated_psnr(pred.cpu(), image.cpu())[0]
+        scores = {m: v.cpu() for m, v in scores.items()}
         cell = self.scores.setdefault((method, scale), {m: [] for m in scores})
         for m, v in scores.items():
             cell[m].append(v)

@@ -39,6 +39,9 @@ def _common(p, data: bool = True) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the --limit / --rows draw")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="the models' arithmetic: auto = bf16 autocast where the device computes bf16 natively "
+                   "(as training chose), else fp32; scores are always computed in fp32")
     p.add_argument("--out", default="runs/eval", help="folder for the JSON/PNG written")
 
 
@@ -210,17 +213,25 @@ def _faces(args, n: int = 0):
     return faces, select(faces, n, args.seed)
 
 
-def _load_models(paths: list[str], device: str):
+def _load_models(paths: list[str], device: str, precision: str = "fp32"):
+    """{label: the cascade ready for inference (channels_last, bf16 autocast per ``precision``)}, {label: path}."""
     from facesr.evaluate import model_label
-    from facesr.infer import load_cascade
+    from facesr.infer import Fast, inference_bf16, load_cascade
     from shards.store import local_model
 
+    bf16 = inference_bf16(precision, device)
     models, where = {}, {}
     for p in paths:
         name = model_label(p, models)
-        models[name] = load_cascade(local_model(p), device)  # a run in a bucket: its srnet downloaded
+        models[name] = Fast(load_cascade(local_model(p), device), bf16)  # a run in a bucket: its srnet downloaded
         where[name] = str(p)
     return models, where
+
+
+def _arithmetic(models: dict) -> str:
+    """How the models computed, for the report's protocol."""
+    bf16 = any(getattr(m, "bf16", False) for m in models.values())
+    return "models: " + ("bf16 autocast (native on this device)" if bf16 else "fp32") + ", channels_last"
 
 
 # ---------------------------------------------------------------- subcommands
@@ -234,7 +245,7 @@ def run_quality(args) -> int:
 
     names = _degradations(args.degradations)
     rows = list(dict.fromkeys(["paper", *names])) if names != ["paper"] else []  # robustness rows; none by default
-    models, where = _load_models(args.models, args.device)
+    models, where = _load_models(args.models, args.device, args.precision)
     skipped: list = []
     if _is_shard_root(args.data):
         source = f"shards {args.data} split {args.split}"
@@ -246,13 +257,15 @@ def run_quality(args) -> int:
         source = f"identity folder {args.data}: {len(faces)} of {len(everything)} faces, {n_ids} identities"
         source += f" (seeded draw, seed {args.seed})" if args.limit else ""
         batches = folder_batches(faces, args.batch_size, skipped=skipped)
-    from cluster.progress import ConsoleLine
+    from facesr.progress import bar, console
 
-    with ConsoleLine() as line:  # one line, redrawn in place (a terminal) or printed once a minute
+    total = len(faces) if n_ids is not None else (args.limit or None)
+    with console() as stream, bar(total, "eval", "face", stream=stream) as line:  # in place, or a line a minute
         by_degradation, n = score_degradations(models, batches, rows or ["paper"], limit=args.limit,
-                                               device=args.device, log=line.update,
+                                               device=args.device, progress=line.update,
                                                shift_compensated=("x8",) if args.shift_compensated and rows else ())
     report = build_report(by_degradation["paper"], n, source, where, {"skipped": skipped, "identities": n_ids})
+    report["protocol"]["arithmetic"] = _arithmetic(models) + "; scores in fp32"
     print(format_table(report))
     if rows:
         add_robustness(report, by_degradation)
@@ -280,7 +293,7 @@ def run_grid(args) -> int:
     names = _degradations(args.degradations)
     if not args.models:
         raise SystemExit("facesr eval grid: give at least one MODEL")
-    models, _ = _load_models(args.models, args.device)
+    models, _ = _load_models(args.models, args.device, args.precision)
     if args.faces:
         faces = [Face(f.split("/")[0], Path(args.data) / f) for f in args.faces]
     else:
@@ -341,7 +354,7 @@ def run_identity(args) -> int:
                                  usable_pairs, verify_degradations)
 
     extra = _drift_faces(args.lfw, _identities(args)) if args.drift_all else []  # refused before any loading
-    models, where = _load_models(args.models, args.device)
+    models, where = _load_models(args.models, args.device, args.precision)
     if args.drawn_pairs:
         if _identities(args) is None:
             raise SystemExit("--drawn-pairs needs chosen people (--manifest with --split, or --ids)")
@@ -359,9 +372,17 @@ def run_identity(args) -> int:
         _log(f"--drift-all: drift measured on {len(extra)} faces of the chosen people (and every pair's face B)")
     upscalers = {name: net.deploy() for name, net in models.items()}
     rows = _degradations(args.degradations)
+    from facesr.progress import bar, console
+
+    conditions = 1 + len(rows) * (1 + len(upscalers))
     try:
-        results = verify_degradations(judge, kept, args.lfw, upscalers, rows, batch_size=args.batch_size,
-                                      device=args.device, log=_log, drift_faces=extra)
+        with console() as stream, bar(None, f"identity, {conditions} conditions a face", "face", stream=stream) as line:
+            def progress(n: int, total: int) -> None:
+                line.total = total
+                line.update(n)
+
+            results = verify_degradations(judge, kept, args.lfw, upscalers, rows, batch_size=args.batch_size,
+                                          device=args.device, progress=progress, drift_faces=extra)
     finally:
         getattr(judge, "close", lambda: None)()
     report = {
@@ -370,6 +391,7 @@ def run_identity(args) -> int:
         "accuracy = 10-fold CV threshold (LFW protocol); accuracy_fixed = the judge's own threshold; "
         "accuracy_best = best single threshold; ROC AUC; drift = judge distance of restored face B to its HR; "
         "results.rows: face B's 24x24 lr made by each named degradation (facesr.degradations.EVAL_DEGRADATIONS)",
+        "arithmetic": _arithmetic(models),
         "judge": judge.describe(),
         "pairs": (f"{args.drawn_pairs} same + {args.drawn_pairs} different drawn among the chosen people "
                   f"(seed {args.seed})" if args.drawn_pairs else str(args.pairs)),

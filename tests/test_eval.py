@@ -309,3 +309,65 @@ def test_score_priors_top1_and_top5_count_the_label_rank():
     assert out["images"] == 9
     assert out["x2"]["top1"] == pytest.approx(3 / 9)  # ranks 0 at samples 0, 1, 6
     assert out["x2"]["top5"] == pytest.approx(6 / 9)  # ranks < 5 at samples 0, 1, 2, 5, 6, 7
+
+
+def test_fast_inference_computes_the_same_network():
+    """infer.Fast (what evaluation runs: channels_last, bf16 autocast where chosen) gives the network's own outputs:
+    fp32 to float rounding at every output and through deploy(); bf16 to within a few 8-bit levels, back in fp32."""
+    from facesr.infer import Fast, inference_bf16
+    from facesr.quality import finish
+
+    net = tiny_net().eval()
+    lr = torch.rand(4, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = net(lr)
+        fast = Fast(net)
+        got = fast(lr)
+        assert set(got) == set(want)
+        for k in want:
+            assert got[k].dtype == torch.float32 and torch.allclose(got[k], want[k], atol=1e-5), k
+        assert torch.allclose(fast.deploy()(lr), want["hr"], atol=1e-5)
+        half = Fast(net, bf16=True).deploy()(lr)
+        assert half.dtype == torch.float32
+        levels = (finish(half) - finish(want["hr"])).abs() * 255
+        assert levels.mean() < 1.0 and levels.max() <= 8, (levels.mean(), levels.max())
+    assert inference_bf16("fp32", "cpu") is False and inference_bf16("bf16", "cpu") is True
+    with pytest.raises(ValueError, match="precision"):
+        inference_bf16("fp16", "cpu")
+
+
+def test_cli_quality_precision_is_stated_and_moves_little(tmp_path, capsys):
+    """--precision fp32 and bf16 score the same faces within a few hundredths of a dB, and each report says how
+    the models computed."""
+    from launch.cli import main
+
+    run = tmp_path / "runs" / "demo"
+    save_srnet(run / "srnet.safetensors", tiny_net())
+    psnr = {}
+    for p in ("fp32", "bf16"):
+        out = tmp_path / p
+        assert main(["eval", "quality", str(run), "--data", str(LFW), "--limit", "8", "--batch-size", "8",
+                     "--precision", p, "--out", str(out), "--device", "cpu"]) == 0
+        report = json.loads((out / "quality.json").read_text())
+        assert ("bf16 autocast" in report["protocol"]["arithmetic"]) == (p == "bf16")
+        psnr[p] = report["results"]["demo"]["x8"]["psnr"]
+    assert "models: " in capsys.readouterr().out
+    assert abs(psnr["fp32"] - psnr["bf16"]) < 0.05, psnr
+
+
+def test_prefetched_keeps_order_and_raises_the_producers_error():
+    """Evaluation reads ahead in a thread: items arrive in order, and a reading error surfaces in the caller
+    (naming what failed), not as a silently short evaluation."""
+    from facesr.evaluate import prefetched
+
+    assert list(prefetched(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ValueError("face 2: truncated JPEG")
+
+    got = []
+    with pytest.raises(ValueError, match="face 2: truncated JPEG"):
+        for x in prefetched(failing()):
+            got.append(x)
+    assert got == [1]

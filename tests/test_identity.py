@@ -284,7 +284,7 @@ def test_cli_identity_judges_with_dlib_by_default(dlib, dlib_report, tiny_run, t
 
     capsys.readouterr()
     assert main(["eval", "identity", str(tiny_run), "--per-fold", "2", "--workers", "2", "--out", str(tmp_path),
-                 "--device", "cpu"]) == 0
+                 "--device", "cpu", "--precision", "fp32"]) == 0  # fp32: compared with the plain network below
     assert "judge: dlib" in capsys.readouterr().out
     report = json.loads((tmp_path / "identity.json").read_text())
     assert report["judge"]["name"] == "dlib" and report["judge"]["threshold"] == 0.6

@@ -173,7 +173,7 @@ def test_constants_cached_during_evaluation_still_serve_training():
     from facesr import degradations as dgs
     from facesr import losses
 
-    for cached in (losses._window_matrix, dg._kernel_on, dgs.resize_matrix, dgs._matrix64, dgs._paper64):
+    for cached in (losses.window_matrix, dg._kernel_on, dgs.resize_matrix, dgs._matrix64, dgs._paper64):
         cached.cache_clear()
     g = torch.Generator().manual_seed(0)
     hr = torch.rand(2, 3, 192, 192, generator=g)
