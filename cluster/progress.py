@@ -1,5 +1,5 @@
-"""Progress on the console: one line per phase with ETA (``ConsoleLine``), and the driver's line per
-training stage (``StageProgress``).
+"""The driver's console line per training stage (``StageProgress``), drawn by facesr.progress (tqdm) as
+every other phase's line is.
 
 The workers' step lines go to their log files (``logs/stage<N>-rank<R>.log``) and rank 0's records to
 ``metrics.jsonl``; the driver reads that file (it is on the shared run folder) and draws one line a stage::
@@ -16,7 +16,6 @@ DeepSpeed engine), which is the slow part of a first start.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sys
 import threading
@@ -24,13 +23,14 @@ import time
 from collections import deque
 from pathlib import Path
 
+from facesr.progress import INTERVAL_S, bar, console
 from shards.store import ObjectPath, path as store_path
 
 from .config import TrainConfig, accumulation
 
 TITLES = {1: "stage 1 (priors)", 2: "stage 2 (SR cascade)"}
 VAL_KEYS = {1: "acc/x8", 2: "psnr/x8"}  # the one validation figure the line shows
-TTY_REFRESH_S = 1.0
+TTY_REFRESH_S = 1.0  # the line is recomposed every second; drawn as facesr.progress allows
 
 
 def planned_steps(cfg: TrainConfig, number: int, manifest: dict, world: int | None = None) -> int:
@@ -56,95 +56,27 @@ def _duration(s: float) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-class _Console:
-    """A stdout/stderr stand-in while a line is drawn in place: other text goes above the line."""
-
-    def __init__(self, inner, owner: "ConsoleLine"):
-        self._inner, self._owner = inner, owner
-
-    def write(self, text: str) -> int:
-        with self._owner.lock:
-            self._owner.clear()
-            n = self._inner.write(text)
-            self._inner.flush()
-            if text.endswith("\n"):
-                self._owner.draw()
-            return n
-
-    def flush(self) -> None:
-        self._inner.flush()
-
-    def __getattr__(self, name):  # isatty, fileno, encoding … stay the real stream's
-        return getattr(self._inner, name)
-
-
-class ConsoleLine:
-    """One status line. On a terminal it is redrawn in place and anything else printed meanwhile (through
-    ``sys.stdout``/``sys.stderr``, as Ray prints forwarded worker output) goes above it; otherwise a new line
-    is printed at most every ``interval_s``. The last text stays on the console when the block ends."""
-
-    def __init__(self, stream=None, interval_s: float = 60.0):
-        self.stream = stream or sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.interval_s = interval_s
-        self.lock = threading.RLock()
-        self.text, self._shown, self._printed_at = "", "", 0.0
-        self._saved: tuple | None = None
-
-    def __enter__(self) -> "ConsoleLine":
-        if self.tty:
-            self._saved = (sys.stdout, sys.stderr)
-            sys.stdout, sys.stderr = _Console(sys.stdout, self), _Console(sys.stderr, self)
-        self._printed_at = time.time()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        with self.lock:
-            if self.tty:
-                self.clear()
-                sys.stdout, sys.stderr = self._saved
-            if self.text and (self.tty or self.text != self._shown):  # not printed twice off a terminal
-                self.stream.write(self.text + "\n")
-                self.stream.flush()
-
-    def update(self, text: str) -> None:
-        with self.lock:
-            self.text = text.strip()
-            if self.tty:
-                self.draw()
-            elif time.time() - self._printed_at >= self.interval_s and self.text != self._shown:
-                self.stream.write(self.text + "\n")
-                self.stream.flush()
-                self._shown, self._printed_at = self.text, time.time()
-
-    def clear(self) -> None:
-        if self.tty and self._shown:
-            self.stream.write("\r\x1b[K")
-            self._shown = ""
-
-    def draw(self) -> None:
-        if self.tty and self.text:
-            self.stream.write("\r\x1b[K" + self.text[: _width(self.stream) - 1])
-            self.stream.flush()
-            self._shown = self.text
-
-
 class StageProgress:
-    """Tails ``metrics_path`` for one stage's records and keeps its console line up to date (a thread)."""
+    """Tails ``metrics_path`` for one stage's records and keeps its console line (a tqdm bar) up to date (a thread)."""
 
     def __init__(self, metrics_path: Path, number: int, total_steps: int, epochs: int, stream=None,
-                 interval_s: float = 60.0, title: str = ""):
+                 interval_s: float = INTERVAL_S, title: str = ""):
         self.path, self.number, self.total, self.epochs = store_path(metrics_path), number, total_steps, epochs
         self.title = title or TITLES.get(number, f"stage {number}")
-        self.console = ConsoleLine(stream, interval_s)
+        self.stream, self.interval_s = stream or sys.stderr, interval_s
         self._offset, self._train, self._val = 0, None, None
         self._recent: deque = deque(maxlen=32)  # (step, time) of the latest train records
         self._t0 = time.time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"progress-stage{number}", daemon=True)
+        self._console = None
+        self.bar = None
 
     def __enter__(self) -> "StageProgress":
-        self.console.__enter__()
+        self._console = console(self.stream)
+        stream = self._console.__enter__()
+        # the whole line is ours (steps, epoch, loss, validation, pace from the records' own times); tqdm draws it
+        self.bar = bar(desc=self.line(), stream=stream, interval_s=self.interval_s, bar_format="{desc}", miniters=1)
         self._thread.start()
         return self
 
@@ -152,13 +84,15 @@ class StageProgress:
         self._stop.set()
         self._thread.join()
         self.poll()
-        self.console.text = self.line()
-        self.console.__exit__(*exc)
+        self.bar.set_description_str(self.line(), refresh=False)
+        self.bar.close()  # its last state stays as a line of its own
+        self._console.__exit__(*exc)
 
     def _run(self) -> None:
         while not self._stop.wait(TTY_REFRESH_S):
             self.poll()
-            self.console.update(self.line())
+            self.bar.set_description_str(self.line(), refresh=False)
+            self.bar.update(1)  # displayed as tqdm's interval allows: every second on a terminal, a minute in files
 
     def poll(self) -> None:
         """Read the records appended since the last call (a resumed stage rewrites the file: start over)."""
@@ -222,12 +156,3 @@ def _read_from(path, offset: int) -> bytes | None:
     with open(path, "rb") as f:
         f.seek(offset)
         return f.read()
-
-
-def _width(stream) -> int:
-    """Columns of the terminal (a pseudo-terminal without a size reports 0: then no limit worth cutting at)."""
-    try:
-        columns = os.get_terminal_size(stream.fileno()).columns
-    except (OSError, ValueError, AttributeError):
-        columns = 0
-    return columns if columns > 1 else 400

@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import re
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -31,6 +30,7 @@ from tqdm import tqdm
 
 import facesr
 from facesr.degrade import DEFAULT, DegradeConfig
+from facesr.progress import bar as progress_bar
 from facesr.vocab import LEVELS, SIZES
 
 from .plan import SPLITS, UNLABELLED, SplitConfig, label_set, plan_shards, sample_splits, split_identities
@@ -111,9 +111,8 @@ def _sweep(out, keep: set[str]) -> None:
 
 
 def _bar(cfg: PrepConfig, total: int, desc: str, initial: int = 0) -> tqdm:
-    """A progress line with rate and ETA on stderr: redrawn in place on a terminal, else once a minute."""
-    return tqdm(total=total, initial=initial, desc=desc, unit="img", disable=not cfg.progress,
-                dynamic_ncols=True, smoothing=0.1, mininterval=0.1 if sys.stderr.isatty() else 60)
+    """A progress line with rate and ETA on stderr: redrawn in place on a terminal, else a line a minute."""
+    return progress_bar(total, desc, "img", initial=initial, disable=not cfg.progress, smoothing=0.1)
 
 
 def prepare(cfg: PrepConfig, mapper: Mapper = serial_map) -> dict:

@@ -7,7 +7,8 @@ import io
 import json
 import sys
 
-from cluster.progress import ConsoleLine, StageProgress
+from cluster.progress import StageProgress
+from facesr.progress import bar, console
 
 
 class FakeTerminal(io.StringIO):
@@ -16,36 +17,64 @@ class FakeTerminal(io.StringIO):
 
 
 def test_terminal_line_is_redrawn_in_place_and_other_output_goes_above_it(monkeypatch):
-    """On a terminal the line is rewritten in place; a line printed meanwhile (as Ray prints a worker's
+    """On a terminal the line is rewritten in place (tqdm); a line printed meanwhile (as Ray prints a worker's
     traceback through sys.stderr) appears whole, and the progress line is drawn again below it."""
     term = FakeTerminal()
     monkeypatch.setattr(sys, "stderr", term)
     monkeypatch.setattr(sys, "stdout", term)
-    with ConsoleLine(term) as line:
-        line.update("eval  10% 1/10 faces")
+    with console() as stream, bar(10, "eval", "face", stream=stream, mininterval=0) as line:
+        assert stream is term
+        line.update(1)
         print("Traceback (most recent call last): worker error", file=sys.stderr)
-        line.update("eval  20% 2/10 faces")
-    assert sys.stderr is term  # the stand-in is removed at the end
+        line.update(1)
+    assert sys.stderr is term and sys.stdout is term  # the stand-ins are removed at the end
     screen = term.getvalue()
-    assert "\r\x1b[KTraceback (most recent call last): worker error\n" in screen  # the line cleared first
-    assert screen.index("worker error") < screen.rindex("20% 2/10")
-    assert screen.endswith("\r\x1b[Keval  20% 2/10 faces\n")  # the last state stays as a line of its own
+    assert "Traceback (most recent call last): worker error\n" in screen
+    before, _, after = screen.partition("worker error")
+    assert "\r" in before and "1/10" in before  # the line was drawn in place before it
+    assert "2/10" in after  # and drawn again below it
 
 
 def test_off_a_terminal_the_line_is_printed_at_a_limited_rate():
-    """Not a terminal (a log file, `ray job logs`): no carriage returns, at most one line per interval, and
-    the final state once."""
+    """Not a terminal (a log file, `ray job logs`): no carriage returns or control codes, at most one line per
+    interval, and the final state once."""
     out = io.StringIO()
-    with ConsoleLine(out, interval_s=3600) as line:
-        for i in range(100):
-            line.update(f"eval  {i}/100 faces")
-    assert out.getvalue() == "eval  99/100 faces\n"
+    with bar(100, "eval", "face", stream=out, interval_s=3600) as line:
+        for _ in range(100):
+            line.update(1)
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue() and "\x1b" not in out.getvalue()
+    assert len(lines) == 2 and "0/100" in lines[0] and "100/100" in lines[1], lines  # the start and the end
     out = io.StringIO()
-    with ConsoleLine(out, interval_s=0) as line:
-        line.update("a")
-        line.update("a")  # unchanged: not printed again
-        line.update("b")
-    assert out.getvalue() == "a\nb\n"
+    with bar(3, "prep", "img", stream=out, interval_s=0, miniters=1) as line:
+        for _ in range(3):
+            line.update(1)
+    got = [l.split("|")[0].strip() for l in out.getvalue().splitlines()]
+    assert got[:4] == ["prep:   0%", "prep:  33%", "prep:  67%", "prep: 100%"], got
+    assert set(got[4:]) <= {"prep: 100%"}, got  # the closing refresh (its rate differs by then)
+
+
+def test_prep_and_eval_lines_are_tqdm_lines_in_files(tmp_path):
+    """Every phase draws through facesr.progress: prep's bars and a stage's line into a file are whole lines."""
+    from shards.prep import PrepConfig, _bar
+
+    out = io.StringIO()
+    cfg = PrepConfig(src=str(tmp_path), out=str(tmp_path / "o"))
+    with mock_stderr(out):
+        with _bar(cfg, 5, "shard") as b:
+            b.update(5)
+    assert out.getvalue().count("\n") >= 1 and "\r" not in out.getvalue() and "shard: 100%" in out.getvalue()
+
+
+class mock_stderr:
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __enter__(self):
+        self.saved, sys.stderr = sys.stderr, self.stream
+
+    def __exit__(self, *exc):
+        sys.stderr = self.saved
 
 
 def test_stage_line_reads_metrics_and_gives_an_eta(tmp_path):

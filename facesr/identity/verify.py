@@ -17,7 +17,6 @@ Pairs whose images are absent from the folder (withheld identities) are skipped 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -44,7 +43,7 @@ def verify_degradations(
     *,
     batch_size: int = 32,
     device: str | torch.device = "cpu",
-    log: Callable[[str], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
     drift_faces: Iterable[tuple[str, int]] = (),
 ) -> dict:
     """Metrics of ``hr`` and, per lr degradation (``facesr.degradations.EVAL_DEGRADATIONS``: the same names as
@@ -69,7 +68,6 @@ def verify_degradations(
     hr_emb: dict[tuple[str, int], torch.Tensor] = {}
     emb: dict[tuple[str, str], dict[tuple[str, int], torch.Tensor]] = {(d, m): {} for d in rows for m in methods}
     fallbacks = {("hr", "hr"): 0, **dict.fromkeys(emb, 0)}
-    t0 = time.time()
     for i in range(0, len(hr_faces), batch_size):
         chunk = hr_faces[i : i + batch_size]
         hr = torch.stack([crop_hr(read_rgb(image_path(root, f))) for f in chunk])  # (B, 3, 192, 192)
@@ -87,9 +85,8 @@ def verify_degradations(
             for j, e in zip(idx, judge.embed(img)):
                 target[chunk[j]] = e
             fallbacks[c] += judge.fallbacks - before
-        if log:
-            log(f"  embedded {min(i + batch_size, len(hr_faces))}/{len(hr_faces)} faces x {1 + len(rows) * len(methods)} "
-                f"conditions ({time.time() - t0:.0f} s)")
+        if progress:
+            progress(len(chunk), len(hr_faces))  # faces embedded (each under every condition), of all
     same = torch.tensor([p.same for p in pairs])
     folds = torch.tensor([p.fold for p in pairs])
     fixed = -judge.threshold if judge.threshold is not None else None  # score = -distance
