@@ -6,8 +6,9 @@ Both score the same real faces under the same lr degradations with the same mode
   cascade at every scale, each image scored by torchmetrics' PSNR and its SSIM twice (standard and paper
   constants, each a 2-D 11x11 Gaussian convolution);
 * facesr: ``facesr.evaluate.score_degradations`` — both SSIMs from one set of moments (separable Gaussian as
-  matmuls), every scale and nearest in the paper row only, the robustness rows x8 of bicubic and the model's
-  deploy network.
+  matmuls), the clean target's moments once per batch for every row and method, every scale and nearest in the
+  paper row only, the robustness rows x8 of bicubic and the model's deploy network, the model channels_last and
+  in bf16 autocast where the CPU computes bf16 natively (``--precision``, as `facesr eval` chooses).
 
 A face-row is one face under one degradation. Figures go to ``bench/eval.json`` with the machine.
 """
@@ -31,6 +32,7 @@ def configure(p) -> None:
     p.add_argument("-n", "--images", type=int, default=64, help="faces scored by each path")
     p.add_argument("--degradations", default=ROWS)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="facesr path's models")
     p.add_argument("--out", default="bench/eval.json")
 
 
@@ -70,7 +72,7 @@ def naive(model, batches: list[dict], rows: list[str]) -> dict:
 def run(args) -> int:
     from facesr.evaluate import folder_batches, list_faces, score_degradations, select
     from facesr.hardware import machine_info
-    from facesr.infer import load_cascade
+    from facesr.infer import Fast, inference_bf16, load_cascade
     from facesr.models import PRESETS, SRNet
 
     rows = [r for r in args.degradations.split(",") if r]
@@ -84,8 +86,11 @@ def run(args) -> int:
     n = sum(len(b["lr"]) for b in batches)
     print(f"bench eval: {n} faces x {len(rows)} rows ({', '.join(rows)}), {torch.get_num_threads()} threads", flush=True)
 
+    bf16 = inference_bf16(args.precision, "cpu")
+    fast = Fast(load_cascade(args.model, "cpu") if args.model else SRNet(PRESETS["tiny"].sr).eval(), bf16)
+    fast.net.load_state_dict(model.state_dict())
     t0 = time.perf_counter()
-    ours, _ = score_degradations({"model": model}, iter(batches), rows)
+    ours, _ = score_degradations({"model": fast}, iter(batches), rows)
     t_ours = time.perf_counter() - t0
     t0 = time.perf_counter()
     ref = naive(model, batches, rows)
@@ -94,13 +99,15 @@ def run(args) -> int:
     result = {
         "machine": machine_info(),
         "faces": n, "rows": rows, "threads": torch.get_num_threads(), "model": args.model or "tiny (random)",
+        "facesr_models": "bf16 autocast" if bf16 else "fp32", "naive_models": "fp32",
         "naive_s": t_naive, "facesr_s": t_ours,
         "naive_face_rows_per_s": n * len(rows) / t_naive, "facesr_face_rows_per_s": n * len(rows) / t_ours,
         "speedup": t_naive / t_ours, "max_x8_psnr_difference_db": worst,
     }
     print(f"naive   {result['naive_face_rows_per_s']:8.1f} face-rows/s  ({t_naive:.1f} s)\n"
           f"facesr  {result['facesr_face_rows_per_s']:8.1f} face-rows/s  ({t_ours:.1f} s)\n"
-          f"speedup {result['speedup']:.1f}x; the two paths' x8 PSNR agree within {worst:.2e} dB")
+          f"speedup {result['speedup']:.1f}x; the two paths' x8 PSNR agree within {worst:.2e} dB "
+          f"(facesr's models in {result['facesr_models']}, naive's in fp32)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
