@@ -104,8 +104,8 @@ def _priors_verdict(run_dir: Path, shards: Path) -> str:
             + ("held-out images of their classes" if held_out else "images they trained on (no prior_val split)"))
     if held_out and all(v > r["acc_majority"] for v in acc.values()):
         return head + ": they beat it at every scale"
-    return (head + ": this stage 1 is a smoke test of the machinery (LFW's ~1,300 classes of ~8 images in 180 "
-            "steps), not priors that recognize. Those: `make shards-id` (LFW + CelebA, classes of >= 10 images, "
+    return (head + f": this stage 1 is a smoke test of the machinery ({r.get('step', '?')} steps over LFW's "
+            "~1,300 classes of ~8 images), not priors that recognize. Those: `make shards-id` (LFW + CelebA, classes of >= 10 images, "
             "a held-out prior_val), then `facesr train --config launch/configs/cpu-2h.yaml` and `facesr eval "
             "priors runs/cpu-2h` (README: Identity priors that recognize)")
 
