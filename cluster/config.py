@@ -115,6 +115,9 @@ class RunConfig:
     # head port of the HTTP discovery registry (cluster/discovery.py) the driver starts unless the cluster has one;
     # exporters register with it, so Prometheus finds them without a shared folder. None = file_sd only
     telemetry_sd_port: int | None = 9095
+    # at a stage's normal end, an exporter a Prometheus watches keeps serving until its final values are scraped,
+    # this long at most (the shipped prometheus.yml: 15 s discovery refresh + 15 s scrape); 0 = close at once
+    telemetry_linger_s: float = 35.0
     # rank 0 also writes TensorBoard event files of every metrics.jsonl record into <run>/tensorboard/stage<N>
     # (`tensorboard --logdir <run>`): per-scale curves as ssim/train/x8, ce/val/x2, …; needs the tensorboard package
     tensorboard: bool = True
@@ -128,7 +131,7 @@ class RunConfig:
             port = getattr(self, name)
             if port is not None and not 0 <= port <= 65535:
                 raise ConfigError(f"{key}.{name}", f"expected a TCP port 0-65535 or null, got {port}")
-        _at_least(self, key, seed=0, log_every=1, checkpoint_every=0, keep_checkpoints=1)
+        _at_least(self, key, seed=0, log_every=1, checkpoint_every=0, keep_checkpoints=1, telemetry_linger_s=0)
         if self.seed >= 2**63:  # torch.manual_seed's range
             raise ConfigError(f"{key}.seed", f"must be below 2**63, got {_show(self.seed)}")
 

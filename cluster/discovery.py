@@ -47,6 +47,15 @@ class TargetTable:
     def __init__(self):
         self._lock = threading.Lock()
         self._entries: dict[str, tuple[str, dict[str, str], float]] = {}
+        self._polled: float | None = None  # time.monotonic() of Prometheus' last GET, None before the first
+
+    def polled(self) -> None:
+        """Note a poll by Prometheus (the HTTP side calls this for every GET of the list)."""
+        self._polled = time.monotonic()
+
+    def last_poll_age(self) -> float | None:
+        """Seconds since Prometheus last polled the list, None if it never has: whether anyone watches."""
+        return None if self._polled is None else time.monotonic() - self._polled
 
     def put(self, key: str, target: str, labels: Mapping[str, str], ttl_s: float = TTL_S) -> None:
         with self._lock:
@@ -77,6 +86,7 @@ class SDServer:
                 if self.path.split("?")[0] != PATH:
                     self.send_error(404, f"only {PATH} is served here")
                     return
+                table.polled()
                 body = json.dumps(table.groups()).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -129,6 +139,9 @@ class TargetRegistry:
 
     def groups(self) -> list[dict]:
         return self.table.groups()
+
+    def last_poll_age(self) -> float | None:
+        return self.table.last_poll_age()
 
 
 def ensure_registry(port: int = PORT) -> str:
@@ -193,6 +206,15 @@ class Registration:
                 if not self._failing:
                     log.warning("discovery: could not renew %s: %s", self.key, e)
                 self._failing = True
+
+    def watched(self, within_s: float) -> bool:
+        """Whether a Prometheus polled the registry in the last ``within_s`` seconds (False if it cannot be asked)."""
+        try:
+            age = self._ray.get(self.registry.last_poll_age.remote(), timeout=10)
+        except Exception as e:
+            log.info("discovery: could not ask the registry whether Prometheus polls it: %s", e)
+            return False
+        return age is not None and age <= within_s
 
     def close(self) -> None:
         """Stop renewing and withdraw the entry (best effort: else it expires after ``ttl_s``)."""

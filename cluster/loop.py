@@ -112,6 +112,7 @@ def worker_main(config: dict) -> None:
         recorder.resumed(state, ckpt.path)  # where it is stored (as_directory's is a local download from a bucket)
 
     decode_errors = 0  # this process's cumulative count, over finished epochs
+    finished = False
     try:
         for epoch in range(state.epoch, stage_cfg.epochs):
             lr = stage_cfg.lr_at(epoch)
@@ -167,8 +168,9 @@ def worker_main(config: dict) -> None:
             _checkpoint(eng, state, recorder, {"epoch": epoch, "step": state.global_step, "lr": get_lr(eng), **val},
                         critic_eng)
         recorder.finish(stage, eng.module, state, get_lr(eng))
+        finished = True
     finally:
-        recorder.close()
+        recorder.close(finished)
 
 
 def _quiet_report_lines() -> None:

@@ -156,13 +156,15 @@ class Recorder:
         if dist.is_initialized():
             dist.barrier()
 
-    def close(self) -> None:
+    def close(self, finished: bool = False) -> None:
+        """``finished``: the stage ended normally, so its exporter waits for a watching Prometheus' last scrape
+        (a failing worker withdraws at once: its restart should not wait)."""
         if self.is_main:
             self.metrics.close()
             if self.tensorboard is not None:
                 self.tensorboard.close()
         if self.telemetry is not None:
-            self.telemetry.close()
+            self.telemetry.close(self.cfg.run.telemetry_linger_s if finished else 0.0)
         for h in self.logger.handlers:
             h.close()
 

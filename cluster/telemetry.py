@@ -16,7 +16,9 @@ Contract with the training loop (wired in cluster/recorder.py), one instance per
     tel.checkpoint_saved()  # once the checkpoint is durably written (at least on rank 0)
     tel.restart()           # when resuming, if restarts_so_far was not known at construction
     tel.set_stage("sr")     # only if one process runs both stages with one exporter
-    tel.close()             # in a finally: withdraws from discovery, stops the server
+    tel.close(linger_s)     # in a finally: withdraws from discovery, stops the server; after a stage that ended
+                            # normally, linger_s > 0 first waits (that long at most) for a watching Prometheus'
+                            # scrape of the final values
 
 ``log`` keys follow the loss-dict vocabulary: ``"<name>/<scale>"`` (``ssim/x8``, ``ce/x2``,
 ``acc/x4``, ``psnr/x8``) becomes ``facesr_<name>{scale="x8"}``; plain keys map through
@@ -109,6 +111,9 @@ COUNTERS = {"decode_errors"}  # cumulative counts: exported as <name>_total coun
 INCREMENTS = {"samples"}  # counts since the last log: added up into <name>_total counters
 HISTOGRAMS = {"step_seconds"}  # durations: observed into a histogram (once per step of the interval)
 # step-time buckets (s): a tiny CPU step ~0.3 s, a paper step on an H200 in CUDA graphs ~0.013 s
+# close(linger_s): a registry polled this recently has a Prometheus behind it (refresh intervals are ~15-60 s);
+# after the final values were collected, the response still has to reach Prometheus
+WATCHED_WITHIN_S, LINGER_GRACE_S = 120.0, 0.3
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 IGNORED = {"stage", "split", "time", "run", "rank", "node"}  # jsonl bookkeeping, not metrics
 # metrics.jsonl's precomputed rate: Prometheus takes rate(facesr_samples_total) instead
@@ -222,6 +227,8 @@ class Telemetry:
         self._totals: dict[tuple[str, str], float] = {}  # (name, split) -> running sum of INCREMENTS
         self._hist: dict[tuple[str, str], list] = {}  # (name, split) -> [bucket counts..., +Inf count, sum]
         self._last_step: dict[str, float] = {}  # split -> the step key of the last log()
+        self._version = 0  # bumped by every update; a scrape records the version it collected
+        self._scraped_version = -1  # -1: never scraped
         self._httpd = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
@@ -264,6 +271,7 @@ class Telemetry:
             if metrics.get("step") is not None:
                 self._last_step[split] = float(metrics["step"])
             self._last_log[split] = now
+            self._version += 1
 
     def _observe(self, name: str, split: str, value: float, times: int) -> None:
         h = self._hist.setdefault((name, split), [0] * (len(STEP_BUCKETS) + 1) + [0.0])
@@ -275,7 +283,9 @@ class Telemetry:
 
     def checkpoint_saved(self) -> None:
         """Restart the checkpoint-age clock (call after the checkpoint is durably written)."""
-        self._checkpoint_time = time.time()
+        with self._lock:
+            self._checkpoint_time = time.time()
+            self._version += 1
 
     def restart(self) -> None:
         """Count one restart of this worker (alternative to ``restarts=`` at construction)."""
@@ -290,9 +300,18 @@ class Telemetry:
             self._totals.clear()
             self._hist.clear()
             self._last_step.clear()
+            self._version += 1
 
-    def close(self) -> None:
-        """Withdraw from discovery and stop serving. Safe to call twice."""
+    def close(self, linger_s: float = 0.0) -> None:
+        """Withdraw from discovery and stop serving. Safe to call twice.
+
+        ``linger_s`` > 0 (a stage that ended normally): when a Prometheus watches this exporter (it has scraped
+        it, or the registry it is advertised in is being polled) but has not scraped it since the last update,
+        keep serving until it has, ``linger_s`` at most. So a stage's final values reach Prometheus, and so does
+        a stage shorter than discovery's refresh plus one scrape interval; an exporter nobody watches closes at
+        once."""
+        if linger_s > 0 and self._httpd is not None:
+            self._linger(linger_s)
         if self.registration is not None:
             self.registration.close()
             self.registration = None
@@ -308,6 +327,25 @@ class Telemetry:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
+
+    def _linger(self, linger_s: float) -> None:
+        scraped = lambda: self._scraped_version == self._version  # noqa: E731 (the latest values were collected)
+        if scraped():
+            return
+        watched = self._scraped_version >= 0 or (
+            self.registration is not None and self.registration.watched(WATCHED_WITHIN_S))
+        if not watched:
+            return
+        t0 = time.monotonic()
+        while not scraped() and time.monotonic() - t0 < linger_s:
+            time.sleep(0.05)
+        if scraped():
+            time.sleep(LINGER_GRACE_S)  # the collected values are still being written to Prometheus
+            log.info("telemetry: rank %d's final values scraped %.1fs after the stage ended", self.rank,
+                     time.monotonic() - t0)
+        else:
+            log.info("telemetry: rank %d not scraped within %.0fs of the stage's end; its final values may be "
+                     "missing in Prometheus", self.rank, linger_s)
 
     def __enter__(self) -> "Telemetry":
         return self
@@ -375,6 +413,8 @@ class Telemetry:
             totals = dict(self._totals)
             hists = {k: list(v) for k, v in self._hist.items()}
             stage = self.stage
+            checkpoint_time = self._checkpoint_time
+            self._scraped_version = self._version
         base = [self.run, stage, self.node, str(self.rank)]
         families: dict[str, Metric] = {}
 
@@ -410,7 +450,7 @@ class Telemetry:
             families[name].add_metric(base + [split], buckets, h[-1])
         for split, t in last_log.items():
             family(f"{PREFIX}_last_log_timestamp_seconds", ("split",)).add_metric(base + [split], t)
-        family(f"{PREFIX}_last_checkpoint_timestamp_seconds", ()).add_metric(base, self._checkpoint_time)
+        family(f"{PREFIX}_last_checkpoint_timestamp_seconds", ()).add_metric(base, checkpoint_time)
         family(f"{PREFIX}_restarts", (), counter=True).add_metric(base, float(self.restarts))
         return list(families.values())
 

@@ -234,3 +234,25 @@ def test_http_sd_finds_exporters_without_a_shared_folder(prometheus):
         for t, key in zip(tels, keys):
             table.drop(key)
             t.close()
+
+
+def test_a_stage_s_final_values_reach_prometheus_before_its_exporter_closes(prometheus):
+    """An exporter Prometheus scrapes gets its stage's final values and is closed right away (as a worker does
+    at the stage's end, with run.telemetry_linger_s): it keeps serving until Prometheus has scraped them."""
+    from cluster.telemetry import Telemetry
+
+    url, sd_dir, _ = prometheus
+    run = "linger"
+    tel = Telemetry(run, "prior", 0, "n0", port=0, sd_dir=str(sd_dir))
+    loss = lambda: api(url, "query", query=f'facesr_loss{{run="{run}"}}')["result"]  # noqa: E731
+    try:
+        tel.log({"loss": 0.75, "step": 1}, split="train")
+        wait_until(lambda: loss(), "the exporter scraped")
+        t0 = time.time()
+        tel.log({"loss": 0.125, "step": 2}, split="train")  # the last step's values, then the stage ends
+    finally:
+        tel.close(linger_s=30)
+    series = api(url, "query_range", query=f'facesr_loss{{run="{run}"}}', start=f"{t0 - 5:.3f}",
+                 end=f"{time.time():.3f}", step="0.5")["result"]
+    values = {float(v) for s in series for _, v in s["values"]}
+    assert 0.125 in values, values

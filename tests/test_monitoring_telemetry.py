@@ -244,6 +244,7 @@ def test_http_sd_table_serves_groups_and_expires_stale_entries(monkeypatch):
     table = TargetTable()
     server = SDServer(table, "127.0.0.1", 0)
     try:
+        assert table.last_poll_age() is None  # nobody has polled: an exporter closing now need not linger
         table.put("r/n0/r0", "10.0.0.1:9400", {"run": "r", "node": "n0", "rank": 0}, ttl_s=15)
         table.put("r/n1/r1", "10.0.0.2:9401", {"run": "r", "node": "n1", "rank": 1}, ttl_s=30)
         get = lambda path=PATH: urllib.request.urlopen(server.url.replace(PATH, path), timeout=5)  # noqa: E731
@@ -252,6 +253,7 @@ def test_http_sd_table_serves_groups_and_expires_stale_entries(monkeypatch):
             assert json.load(r) == [{"targets": ["10.0.0.1:9400"], "labels": {"run": "r", "node": "n0", "rank": "0"}},
                                     {"targets": ["10.0.0.2:9401"], "labels": {"run": "r", "node": "n1", "rank": "1"}}]
         now[0] += 14.9  # both still within their TTL
+        assert table.last_poll_age() == pytest.approx(14.9)  # Prometheus' GET was noted
         with get() as r:
             assert len(json.load(r)) == 2
         now[0] += 0.2  # the first one's 15 s are over, the second's 30 are not
@@ -264,3 +266,40 @@ def test_http_sd_table_serves_groups_and_expires_stale_entries(monkeypatch):
             get("/metrics")
     finally:
         server.close()
+
+
+def test_close_lingers_until_a_watching_prometheus_scraped_the_final_values(tel):
+    """An exporter that has been scraped (someone watches) and then gets its final values keeps serving after
+    close(linger_s) until they are scraped, then stops: the stage's last values are never lost to timing."""
+    import threading
+
+    tel.log({"loss": 0.9, "step": 10}, split="train")
+    scrape(tel)  # the watcher's regular scrape
+    tel.log({"loss": 0.1, "step": 20}, split="val")  # the stage's final values, then it ends
+    closing = threading.Thread(target=tel.close, kwargs={"linger_s": 60})
+    closing.start()
+    time.sleep(1.0)
+    assert closing.is_alive(), "closed before the final values were scraped"
+    samples = scrape(tel)["facesr_loss"]
+    assert {s.labels["split"]: s.value for s in samples} == {"train": 0.9, "val": 0.1}
+    closing.join(timeout=20)  # well before the 60 s bound: it ends once the scrape is done
+    assert not closing.is_alive()
+    with pytest.raises(OSError):
+        scrape(tel)  # the server has stopped
+    assert tel.sd_file is None
+
+
+def test_close_does_not_linger_unwatched_or_already_scraped(tmp_path):
+    """Nobody ever scraped it (no Prometheus, no registry): close returns at once, whatever linger_s; nor does
+    an exporter whose latest values were already scraped wait for another scrape."""
+    import threading
+
+    for watched in (False, True):
+        t = Telemetry(run="r", stage="prior", rank=0, node="n0", port=0, sd_dir=str(tmp_path / "sd"))
+        t.log({"loss": 0.5, "step": 4}, split="train")
+        if watched:
+            scrape(t)
+        closing = threading.Thread(target=t.close, kwargs={"linger_s": 60})
+        closing.start()
+        closing.join(timeout=20)
+        assert not closing.is_alive(), f"watched={watched}: waited for a scrape it did not need"

@@ -40,7 +40,8 @@ def sd_groups(url: str) -> list[dict]:
 
 def test_exporters_in_ray_workers_register_with_the_head_registry(local_ray):
     """ensure_registry starts one registry (a second call finds it); exporters in Ray workers register their real
-    host:port with run/node/rank labels, served as HTTP SD; close() withdraws them."""
+    host:port with run/node/rank labels, served as HTTP SD, and learn from it that someone polls; close() withdraws
+    them."""
     from cluster.discovery import ensure_registry
 
     class Worker:
@@ -54,6 +55,9 @@ def test_exporters_in_ray_workers_register_with_the_head_registry(local_ray):
         def target(self) -> str | None:
             return self.tel.target if self.tel.registration else None
 
+        def watched(self) -> bool:
+            return self.tel.registration.watched(60)
+
         def close(self) -> None:
             self.tel.close()
 
@@ -66,6 +70,8 @@ def test_exporters_in_ray_workers_register_with_the_head_registry(local_ray):
     groups = [g for g in sd_groups(url) if g["labels"]["run"] == "services"]
     assert sorted((g["targets"][0], g["labels"]["rank"], g["labels"]["node"]) for g in groups) == sorted(
         (t, str(r), "n0") for r, t in enumerate(targets))
+    # that GET was a poll: an exporter asks the registry whether a Prometheus watches (close's linger)
+    assert local_ray.get(workers[0].watched.remote())
     local_ray.get([w.close.remote() for w in workers])
     assert [g for g in sd_groups(url) if g["labels"]["run"] == "services"] == []
 
