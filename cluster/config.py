@@ -25,12 +25,12 @@ import dataclasses
 import math
 import re
 import reprlib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from facesr.structured import FieldError, build
 
 
 class ConfigError(ValueError):
@@ -532,89 +532,78 @@ class TrainConfig:
 
 # ---------------------------------------------------------------- parsing
 
-
-def _check_type(value, tp, name: str):
-    """``value`` as type ``tp`` (ints widen to float); ConfigError naming ``name`` otherwise."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _check_type(value, a, name)
-            except ConfigError:
-                pass
-        raise ConfigError(name, f"expected {_type_name(tp)}, got {_show(value)}")
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(name, f"expected a list of {_type_name(item)}, got {_show(value)}")
-        return [_check_type(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(name, f"expected a number, got {_show(value)}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(name, f"expected an integer, got {_show(value)}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(name, f"expected true or false, got {_show(value)}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(name, f"expected a string, got {_show(value)}")
-        return value
-    if tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(name, f"expected a mapping, got {_show(value)}")
-        return value
-    raise ConfigError(name, f"unsupported field type {tp}")
+MAX_CONFIG_BYTES = 1 << 20  # a run config is a few KB; anything larger was given by mistake
+MAX_DEFAULTS_DEPTH = 8  # configs built on configs built on …: a chain this long is a mistake
+CONFIGS = Path(__file__).resolve().parents[1] / "launch" / "configs"  # the packaged configs, found by name
 
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp))
+def packaged_configs() -> list[str]:
+    """Names ``--config`` finds without a path (``demo``, ``paper``, …)."""
+    return sorted(p.stem for p in CONFIGS.glob("*.yaml"))
 
 
-def from_dict(cls, data: dict, prefix: str = ""):
-    """Build dataclass ``cls`` from a (partial) dict; unknown keys and wrong types raise ConfigError."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(prefix.rstrip(".") or "config", f"expected a mapping, got {_show(data)}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in fields:
-            raise ConfigError(f"{prefix}{key}", f"unknown key (known: {', '.join(fields)})")
-    obj = cls()
-    for key, value in data.items():
-        tp = hints[key]
-        if not dataclasses.is_dataclass(tp) and _expanded_size(value) > MAX_VALUES:  # sections: their fields say
-            raise ConfigError(f"{prefix}{key}", f"holds over {MAX_VALUES:,} values once YAML aliases are expanded "
-                              "(an alias bomb?)")
-        if dataclasses.is_dataclass(tp):
-            sub = from_dict(tp, value, f"{prefix}{key}.")
-            # keep the parent's defaults for fields the file does not mention (e.g. stage2.lr_milestones)
-            merged = dataclasses.replace(getattr(obj, key), **{k: getattr(sub, k) for k in (value or {})})
-            setattr(obj, key, merged)
-        else:
-            setattr(obj, key, _check_type(value, tp, f"{prefix}{key}"))
-    return obj
+def find_config(name: str | Path, near: Path | None = None) -> Path:
+    """A config file: ``name`` as a path (first beside ``near``, the config naming it in ``defaults``), else a
+    packaged config by name (``demo`` or ``demo.yaml``); ConfigError naming --config otherwise."""
+    p = Path(name)
+    candidates = [near / p] if near is not None and not p.is_absolute() else []
+    candidates.append(p)
+    bare = len(p.parts) == 1
+    if bare:
+        file = p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml"
+        candidates += ([near / file] if near is not None else []) + [CONFIGS / file]
+    for c in candidates:
+        if c.is_file():
+            return c
+    hint = f" (nor a packaged config: {', '.join(packaged_configs())})" if bare else ""
+    raise ConfigError("--config", f"{p}: no such file{hint}")
 
 
-def _set_dotted(tree: dict, dotted: str, value) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(dotted, f"{p} is not a section")
-    node[parts[-1]] = value
+def _read_yaml(p: Path) -> dict:
+    """One config file's mapping, refusing what is no run config (binary, huge, not YAML, not a mapping)."""
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError("--config", f"{p}: {p.stat().st_size:,} bytes, not a run config (those are a few KB)")
+    try:
+        data = _yaml_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError("--config", f"{p}: not a UTF-8 text file (a run config is YAML)") from None
+    except yaml.YAMLError as e:
+        raise ConfigError("--config", f"{p}: not valid YAML ({e})".replace("\n", " ")) from None
+    except (ValueError, RecursionError) as e:  # an integer past Python's digit limit, nesting past the stack
+        raise ConfigError("--config", f"{p}: unreadable YAML value ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):  # /etc/passwd parses as one long string: say what it is, not what it says
+        raise ConfigError("--config", f"{p}: expected a YAML mapping of sections (preset, run, data, ...), "
+                          f"got a {type(data).__name__}")
+    return data
+
+
+def _file_layers(p: Path, chain: tuple[Path, ...] = ()) -> list[dict]:
+    """The mappings of ``p``'s ``defaults`` (each with its own, depth first) and then ``p``'s own: merged in this
+    order, a config states only what differs from the ones it names."""
+    data = _read_yaml(p)
+    parents = data.pop("defaults", [])
+    parents = [parents] if isinstance(parents, str) else parents
+    if not isinstance(parents, list) or not all(isinstance(x, str) for x in parents):
+        raise ConfigError("defaults", f"{p}: expected a list of config names, got {_show(parents)}")
+    chain = chain + (p.resolve(),)
+    if len(chain) > MAX_DEFAULTS_DEPTH:
+        raise ConfigError("defaults", f"{p}: configs nested over {MAX_DEFAULTS_DEPTH} deep")
+    layers = []
+    for name in parents:
+        parent = find_config(name, near=p.parent)
+        if parent.resolve() in chain:
+            raise ConfigError("defaults", f"{p}: {name} is already being loaded (a cycle)")
+        layers += _file_layers(parent, chain)
+    return layers + [data]
+
+
+def _check_sizes(layer: dict) -> None:
+    """Refuse a field holding a YAML alias bomb before anything expands it (OmegaConf would build every node)."""
+    for key, value in layer.items():
+        for name, v in (((f"{key}.{k}", v) for k, v in value.items()) if isinstance(value, dict) else [(key, value)]):
+            if _expanded_size(v) > MAX_VALUES:
+                raise ConfigError(name, f"holds over {MAX_VALUES:,} values once YAML aliases are expanded "
+                                  "(an alias bomb?)")
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -623,49 +612,34 @@ def parse_overrides(overrides: list[str]) -> dict:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(item, "override must look like key=value (e.g. stage2.lr=0.001)")
-        key, raw = item.split("=", 1)
+        key, raw = (part.strip() for part in item.split("=", 1))
         try:
-            value = _yaml_load(raw) if raw.strip() else ""
+            value = _yaml_load(raw) if raw else ""
         except yaml.YAMLError as e:
-            raise ConfigError(key.strip(), f"value {_show(raw)} is not valid YAML ({e})".replace("\n", " ")) from None
+            raise ConfigError(key, f"value {_show(raw)} is not valid YAML ({e})".replace("\n", " ")) from None
         except ValueError as e:  # an integer past Python's digit limit
-            raise ConfigError(key.strip(), f"value {_show(raw)}: {e}") from None
-        _set_dotted(tree, key.strip(), value)
+            raise ConfigError(key, f"value {_show(raw)}: {e}") from None
+        *sections, name = key.split(".")
+        node = tree
+        for part in sections:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(key, f"{part} is not a section")
+        node[name] = value
     return tree
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-MAX_CONFIG_BYTES = 1 << 20  # a run config is a few KB; anything larger was given by mistake
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """YAML file (optional) + dotted overrides -> TrainConfig; raises ConfigError naming the field."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError("--config", f"{p}: no such file")
-        if p.stat().st_size > MAX_CONFIG_BYTES:
-            raise ConfigError("--config", f"{p}: {p.stat().st_size:,} bytes, not a run config (those are a few KB)")
-        try:
-            data = _yaml_load(p.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError:
-            raise ConfigError("--config", f"{p}: not a UTF-8 text file (a run config is YAML)") from None
-        except yaml.YAMLError as e:
-            raise ConfigError("--config", f"{p}: not valid YAML ({e})".replace("\n", " ")) from None
-        except (ValueError, RecursionError) as e:  # an integer past Python's digit limit, nesting past the stack
-            raise ConfigError("--config", f"{p}: unreadable YAML value ({type(e).__name__}: {e})") from None
-        if not isinstance(data, dict):  # /etc/passwd parses as one long string: say what it is, not what it says
-            raise ConfigError("--config", f"{p}: expected a YAML mapping of sections (preset, run, data, ...), "
-                              f"got a {type(data).__name__}")
-    data = _merge(data, parse_overrides(overrides or []))
-    return from_dict(TrainConfig, data)
+    """A config file (a path or a packaged name; optional) with its ``defaults``, then dotted overrides, merged onto
+    TrainConfig's defaults (OmegaConf structured configs: facesr.structured); ConfigError naming the field."""
+    layers = _file_layers(find_config(path)) if path is not None else []
+    layers.append(parse_overrides(overrides or []))
+    for layer in layers:
+        _check_sizes(layer)
+    try:
+        return build(TrainConfig, *layers)
+    except FieldError as e:
+        raise ConfigError(e.key, e.message) from None
 
 
 class _Loader(yaml.SafeLoader):

@@ -35,8 +35,9 @@ import torch.distributed as dist
 
 from facesr.augment import step_generator, step_seed
 from facesr.step import TermSums, compile_forward, resolve_precision, to_device
+from facesr.structured import build
 
-from .config import TrainConfig, from_dict
+from .config import TrainConfig
 from .data import build_loader, read_classes
 from .engine import average_buffers, get_lr, initialize, load, ops_to_build, save, set_accelerator_env, set_lr
 from .recorder import Recorder
@@ -56,7 +57,7 @@ def worker_main(config: dict) -> None:
     """Ray Train entry: ``config = {"cfg": TrainConfig as dict, "stage": 1 | 2}``."""
     import ray.train
 
-    cfg: TrainConfig = from_dict(TrainConfig, config["cfg"])
+    cfg: TrainConfig = build(TrainConfig, config["cfg"])  # the driver's resolved config, as to_dict() gave it
     number = int(config["stage"])
     ctx = ray.train.get_context()
     rank, world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()

@@ -56,6 +56,7 @@ from .cache import tensor_cache
 from .degrade import blur as gaussian_blur
 from .degrade import degrade, quantize, to_uint8
 from .jpeg import jpeg_round_trip
+from .structured import FieldError, build
 from .vocab import SIZES
 
 FACTOR = SIZES["hr"] // SIZES["lr"]  # 8: hr side over lr side
@@ -262,52 +263,22 @@ class RobustDegradation:
 
     @classmethod
     def from_dict(cls, d: dict, prefix: str = "") -> RobustDegradation:
-        """Build and validate from ``to_dict``'s shape; absent fields keep ``robust``'s (kinds alone: equal weights)."""
+        """Build and validate from ``to_dict``'s shape; absent fields keep ``robust``'s (kinds alone: equal weights).
+
+        The dataclasses above are the schema (facesr.structured: OmegaConf's structured configs)."""
         if not isinstance(d, dict):
             raise DegradationError(f"{prefix or 'degradation'}: expected a mapping, got {d!r}")
-        sections = {s.name: s for s in fields(cls)}
-        built = {}
-        for name, value in d.items():
-            where = f"{prefix}.{name}" if prefix else name
-            if name not in sections:
-                raise DegradationError(f"{where}: unknown section (known: {', '.join(sections)})")
-            if not isinstance(value, dict):
-                raise DegradationError(f"{where}: expected a mapping, got {value!r}")
-            default = sections[name].default_factory()
-            known = {f.name: f for f in fields(default)}
-            changes = {}
-            for k, v in value.items():
-                if k not in known:
-                    raise DegradationError(f"{where}.{k}: unknown field (known: {', '.join(known)})")
-                changes[k] = _coerce(f"{where}.{k}", v, getattr(default, k))
-            if "kinds" in changes and "weights" not in changes:  # kinds named without odds: equally likely
-                changes["weights"] = (1.0,) * len(changes["kinds"])
-            built[name] = replace(default, **changes)
-        return cls(**built).validate(prefix)
+        d = {name: {**section, "weights": [1.0] * len(section["kinds"])}  # kinds named without odds: equally likely
+             if isinstance(section, dict) and isinstance(section.get("kinds"), list) and "weights" not in section
+             else section for name, section in d.items()}
+        try:
+            return build(cls, d, prefix=f"{prefix}." if prefix else "").validate(prefix)
+        except FieldError as e:
+            raise DegradationError(str(e)) from None
 
 
 def _plain(v):
     return list(v) if isinstance(v, tuple) else v
-
-
-def _coerce(where: str, v, default):
-    """``v`` converted to the type of ``default`` (number, int, or tuple of those / strings) or DegradationError."""
-    def one(x, like):
-        if isinstance(like, str):
-            if not isinstance(x, str):
-                raise DegradationError(f"{where}: expected a name, got {x!r}")
-            return x
-        if isinstance(x, bool) or not isinstance(x, (int, float)):
-            raise DegradationError(f"{where}: expected a number, got {x!r}")
-        if isinstance(like, int) and x != int(x):
-            raise DegradationError(f"{where}: expected an integer, got {x!r}")
-        return type(like)(x)
-
-    if isinstance(default, tuple):
-        if not isinstance(v, (list, tuple)):
-            raise DegradationError(f"{where}: expected a list, got {v!r}")
-        return tuple(one(x, default[0]) for x in v)
-    return one(v, default)
 
 
 def _check_kinds(kinds_key: str, weights_key: str, kinds, weights, known: tuple[str, ...]) -> None:

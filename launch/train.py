@@ -12,7 +12,8 @@ import sys
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML run config (launch/configs/cpu.yaml, paper.yaml)")
+    parser.add_argument("--config", required=True,
+                        help="run config: a YAML file, or a packaged one by name (cpu, demo, paper, scale, ...)")
     parser.add_argument("--run-dir", default=None, help="run folder (default <cluster.storage_path>/<run.name>)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. stage2.epochs=3")
 

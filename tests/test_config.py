@@ -226,3 +226,61 @@ def test_each_section_checks_its_own_values(section, kwargs, field):
     with pytest.raises(ConfigError) as e:
         obj.validate(key)
     assert e.value.field == field
+
+
+# ---------------------------------------------------------------- config files: defaults, names
+
+
+def test_a_config_states_only_what_differs_from_its_defaults(tmp_path):
+    """`defaults: [NAME]` merges the named configs first (beside the file, else packaged), depth first, then the
+    file itself: a file holding one change is the named config with that change, as an override would give."""
+    (tmp_path / "base.yaml").write_text("defaults: [demo]\nstage2:\n  epochs: 4\n")
+    (tmp_path / "child.yaml").write_text("defaults: base\nrun:\n  name: child\n")
+    child = load_config(tmp_path / "child.yaml")
+    same = load_config("demo", ["stage2.epochs=4", "run.name=child"])
+    assert child == same and child.stage2.epochs == 4 and child.data.degradation == "robust_nojpeg"
+    assert load_config(tmp_path / "child.yaml", ["stage2.epochs=5"]).stage2.epochs == 5  # overrides come last
+
+
+def test_packaged_configs_are_found_by_name():
+    assert load_config("demo") == load_config(ROOT / "launch/configs/demo.yaml") == load_config("demo.yaml")
+    with pytest.raises(ConfigError, match=r"^--config: dmeo: no such file \(nor a packaged config: .*\bdemo\b"):
+        load_config("dmeo")
+
+
+@pytest.mark.parametrize("text,pattern", [
+    ("defaults: [nope]\n", r"^--config: nope: no such file"),
+    ("defaults: {demo: 1}\n", r"^defaults: .*expected a list of config names"),
+    ("defaults: [loop]\n", r"^defaults: .*loop\.yaml: loop is already being loaded \(a cycle\)"),
+])
+def test_bad_defaults_are_refused_naming_them(tmp_path, text, pattern):
+    (tmp_path / "loop.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(tmp_path / "loop.yaml")
+
+
+def test_shipped_configs_inherit_and_hold_only_what_differs():
+    """Every shipped config loads and validates; the ones built on others (`defaults:`) restate nothing their
+    defaults already give (but its run's name), so a change to a shared setting is made in one place."""
+    from cluster.config import _file_layers, _read_yaml, find_config, packaged_configs
+    from facesr.structured import build
+
+    names = packaged_configs()
+    assert {"local", "cpu", "demo", "paper", "scale", "table1-csrip"} <= set(names)
+    inheriting = 0
+    for name in names:
+        load_config(name).validate()
+        path = find_config(name)
+        own = _read_yaml(path)
+        parents = own.pop("defaults", None)
+        if parents is None:
+            continue
+        inheriting += 1
+        layers = [layer for n in ([parents] if isinstance(parents, str) else parents)
+                  for layer in _file_layers(find_config(n, near=path.parent))]
+        base = build(TrainConfig, *layers).to_dict()
+        repeated = [f"{section}.{k}" for section, values in own.items() if isinstance(values, dict)
+                    for k, v in values.items() if base[section][k] == v and f"{section}.{k}" != "run.name"]
+        repeated += [k for k, v in own.items() if not isinstance(v, dict) and base[k] == v]
+        assert not repeated, f"{name}.yaml restates what its defaults give: {repeated}"
+    assert inheriting >= 10  # all but the two roots (local, paper)

@@ -203,8 +203,8 @@ def test_config_round_trips_through_yaml(name):
     ({"jpeg": {"p": 1.5}}, r"^jpeg\.p: probability 1\.5 outside \[0, 1\]"),
     ({"noise": {"hr_p": -0.1}}, r"^noise\.hr_p: probability -0\.1 outside"),
     ({"blur": {"p": "often"}}, r"^blur\.p: expected a number, got 'often'"),
-    ({"blur": {"colour": 1}}, r"^blur\.colour: unknown field \(known: p, kinds"),
-    ({"sharpen": {}}, r"^sharpen: unknown section"),
+    ({"blur": {"colour": 1}}, r"^blur\.colour: unknown key \(known: p, kinds"),
+    ({"sharpen": {}}, r"^sharpen: unknown key \(known: blur, resize, noise, jpeg\)"),
 ])
 def test_bad_config_names_the_key(override, message):
     """Unknown kinds, impossible ranges and probabilities, wrong types: DegradationError naming the dotted key."""

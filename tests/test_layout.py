@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ALLOWED = {  # third-party and sibling packages each folder may import (the standard library is free)
     "facesr": {"torch", "torchvision", "timm", "torchmetrics", "numpy", "PIL", "safetensors",
                "tqdm",  # facesr/progress.py: the one progress system (a core dependency)
+               "omegaconf",  # facesr/structured.py: typed configs (run configs, degradation mappings; core dependency)
                "onnx", "onnxruntime",  # onnx*: only `facesr export`, imported there lazily (the export extra)
                "dlib"},  # only facesr/identity/dlib_judge.py, imported when that judge is built (the dlib extra)
     # pyarrow: shards/store.py, the one filesystem layer of runs and shards in an object store
