@@ -8,13 +8,21 @@ every worker *resamples* shards from its slice forever; the loader stops after
 rank that has left the loop. Build a new loader per epoch: the epoch enters
 every seed, which derives from (seed, epoch, rank, worker).
 
+Each worker runs a WebDataset pipeline (``wds.DataPipeline``):
+``ResampledShards`` over its slice -> tar reading (``tar_file_expander``,
+``group_by_keys``) -> member check (``wds.map``) -> ``wds.shuffle`` of the
+raw bytes -> decoding (``wds.map``) -> ``wds.batched``; errors go to one
+counting handler.
+
 Shards can be local paths, ``http(s)://`` URLs or ``pipe:`` commands, opened by
-WebDataset, or object-store URIs (``s3://bucket/prefix/train-000000.tar``),
+WebDataset's ``gopen``, or object-store URIs (``s3://bucket/prefix/train-000000.tar``),
 streamed through ``shards.store`` (no copy first). With ``cache_dir`` a streamed
 shard is also teed into a local file, read from there next time; the cache is
-kept under ``cache_bytes`` by dropping the least recently used shards. Members are decoded by our own safe decoders only: PNG through
-PIL, ``cls`` as an ASCII integer. A sample holding any other member is
-refused — ``.pyd``/``.pickle``/``.pth`` would otherwise be unpickled by
+kept under ``cache_bytes`` by dropping the least recently used shards.
+
+Members are decoded by our own safe decoders only: PNG through PIL, raw
+``.u8`` levels, ``cls`` as an ASCII integer. A sample holding any other member
+is refused — ``.pyd``/``.pickle``/``.pth`` would otherwise be unpickled by
 WebDataset's default decoders, and unpickling runs arbitrary code.
 
 Decode errors (unreadable or unreachable shard, corrupt PNG, refused member, wrong size) skip
@@ -31,6 +39,7 @@ the loader only decodes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -42,14 +51,17 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import torch
+import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.handlers import reraise_exception
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import group_by_keys, tar_file_expander, tarfile_samples
+from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 from facesr.vocab import LEVELS, SIZES
 
@@ -119,6 +131,12 @@ class _ErrorCounter:
             self.last_log, self.since_log = now, 0
         return True
 
+    def decode_error(self, exn: Exception) -> bool:
+        """Handler of the member-check and decode stages: a ``DecodeError`` is damage, anything else a bug."""
+        if not isinstance(exn, DecodeError):
+            raise exn
+        return self(exn)
+
 
 def decode_png(data: bytes, size: int) -> torch.Tensor:
     """PNG bytes -> uint8 (3, size, size); refuses anything but an RGB PNG of that size.
@@ -183,65 +201,124 @@ class _WorkerStream(IterableDataset):
         self.stop: threading.Event | None = None  # set by an in-process consumer that has gone (workers=0)
 
     def __iter__(self) -> Iterator[dict]:
+        # Built here, in the worker, so a pipeline is a pure function of (seed, epoch, rank, worker): a
+        # ResampledShards iterated twice would move on to its own next "epoch".
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        cfg = self.cfg
-        shards = assign_shards(self.urls, self.rank, self.world_size, worker, workers)
-        rng = random.Random(stream_seed(cfg.seed, self.epoch, self.rank, worker))
-        errors = _ErrorCounter(f"rank {self.rank} worker {worker}", cfg.log_interval_s)
-        raw = self._raw(shards, rng, errors)
-        if cfg.shuffle > 1:  # shuffle PNG bytes (~75 kB a sample), not float tensors (~580 kB)
-            raw = _shuffle(raw, cfg.shuffle, rng)
-        batch = []
-        for r in raw:
-            if self.stop is not None and self.stop.is_set():
-                return
-            try:
-                s = decode_sample(r, cfg.levels, cfg.num_classes)
-            except DecodeError as exn:
-                errors(exn)
-                continue
-            if cfg.meta:
-                s["key"], s["url"] = r["__key__"], r["__url__"]
-            batch.append(s)
-            if len(batch) == cfg.batch_size:
-                yield _collate(batch, cfg, worker, errors.count)
-                batch = []
+        cfg, where = self.cfg, f"rank {self.rank} worker {worker}"
+        worker_seed = functools.partial(stream_seed, cfg.seed, self.epoch, self.rank, worker)
+        errors = _ErrorCounter(where, cfg.log_interval_s)
+        usable = _Usable(cfg, where, errors)
+        return iter(wds.DataPipeline(
+            # WebDataset's split_by_node/split_by_worker read the rank from the environment and split a stream
+            # of shards; here the rank is an argument and the slices must stay disjoint while resampling
+            # forever, so the split comes first (assign_shards) and ResampledShards resamples the slice.
+            wds.ResampledShards(assign_shards(self.urls, self.rank, self.world_size, worker, workers),
+                                worker_seed=worker_seed, deterministic=True),
+            usable.reads,
+            _read_shards(handler=errors, cache_dir=cfg.cache_dir, cache_bytes=cfg.cache_bytes, stop=self.stop),
+            wds.map(usable, handler=errors.decode_error),
+            # shuffle PNG bytes (~75 kB a sample), not tensors; fill the whole buffer before the first sample
+            wds.shuffle(cfg.shuffle, initial=cfg.shuffle, rng=random.Random(worker_seed()))
+            if cfg.shuffle > 1 else None,
+            _until(self.stop),  # a gone consumer: don't decode (or log) the shuffle buffer to its end
+            wds.map(_Decoded(cfg, errors), handler=errors.decode_error),
+            wds.batched(cfg.batch_size, collation_fn=_Collate(cfg, worker), partial=False),
+        ))
 
-    def _raw(self, shards: list[str], rng: random.Random, errors: _ErrorCounter) -> Iterator[dict]:
-        """Endless raw samples resampled from ``shards``, members checked and cls parsed, nothing decoded."""
-        cfg, empty = self.cfg, 0
-        while True:
-            url = rng.choice(shards)
-            good = 0
-            for raw in shard_samples(url, errors, cfg.cache_dir, cfg.cache_bytes):
-                if self.stop is not None and self.stop.is_set():
-                    return  # the prefetch thread's consumer is gone; don't read (or log) any further
-                try:
-                    cls = check_members(raw, cfg.num_classes)
-                except DecodeError as exn:
-                    errors(exn)
-                    continue
-                if cfg.labelled_only and cls < 0:
-                    continue
-                good += 1
-                yield raw
-            empty = 0 if good else empty + 1
-            if empty >= cfg.max_empty_reads:
-                raise RuntimeError(f"rank {self.rank}: {empty} shard reads in a row gave no usable sample "
-                                   f"({errors.count} errors{', labelled_only' if cfg.labelled_only else ''}; "
-                                   f"shards e.g. {shards[:3]})")
+
+class _Usable:
+    """The member check (before anything is decoded; None, which ``wds.map`` drops, for an unlabelled sample with
+    ``labelled_only``), and a give-up after ``max_empty_reads`` shard reads in a row without one usable sample:
+    resampling shards that are all damaged (or unlabelled) would otherwise read forever."""
+
+    def __init__(self, cfg: StreamConfig, where: str, errors: _ErrorCounter):
+        self.cfg, self.where, self.errors = cfg, where, errors
+        self.empty = 0  # shard reads since the last usable sample, the one under way included
+
+    def reads(self, shards: Iterator[dict]) -> Iterator[dict]:
+        for shard in shards:
+            if self.empty >= self.cfg.max_empty_reads:
+                raise RuntimeError(f"{self.where}: {self.empty} shard reads in a row gave no usable sample "
+                                   f"({self.errors.count} errors{', labelled_only' if self.cfg.labelled_only else ''}"
+                                   f"; latest shard {shard['url']})")
+            self.empty += 1
+            yield shard
+
+    def __call__(self, raw: dict) -> dict | None:
+        if check_members(raw, self.cfg.num_classes) < 0 and self.cfg.labelled_only:
+            return None
+        self.empty = 0
+        return raw
+
+
+def _until_(samples: Iterator[dict], stop: threading.Event | None) -> Iterator[dict]:
+    for s in samples:
+        if stop is not None and stop.is_set():
+            return
+        yield s
+
+
+_until = wds.pipelinefilter(_until_)
+
+
+class _Decoded:
+    """Raw sample -> tensors, with the worker's error count at that moment: ``wds.batched`` hands a batch on
+    only after pulling the next sample, whose errors belong to the next batch."""
+
+    def __init__(self, cfg: StreamConfig, errors: _ErrorCounter):
+        self.cfg, self.errors = cfg, errors
+
+    def __call__(self, raw: dict) -> dict:
+        s = decode_sample(raw, self.cfg.levels, self.cfg.num_classes)
+        if self.cfg.meta:
+            s["key"], s["url"] = raw["__key__"], raw["__url__"]
+        s["__errors__"] = self.errors.count
+        return s
+
+
+class _Collate:
+    def __init__(self, cfg: StreamConfig, worker: int):
+        self.cfg, self.worker = cfg, worker
+
+    def __call__(self, batch: list[dict]) -> dict:
+        cfg = self.cfg
+        out = {k: torch.stack([s[k] for s in batch]) for k in cfg.levels}  # (B, 3, S, S) uint8
+        out["cls"] = torch.tensor([s["cls"] for s in batch], dtype=torch.int64)  # (B,)
+        if cfg.meta:
+            out["key"], out["url"], out["worker"] = [s["key"] for s in batch], [s["url"] for s in batch], self.worker
+        out["__worker__"], out["__errors__"] = self.worker, batch[-1]["__errors__"]
+        return out
+
+
+def _read_shards_(shards: Iterator[dict], handler=reraise_exception, cache_dir: str = "", cache_bytes: int = 0,
+                  stop: threading.Event | None = None) -> Iterator[dict]:
+    # one tar_file_expander/group_by_keys per shard, not one over the stream: a damaged tar yields no end-of-shard
+    # marker, and its partial last sample would be grouped with the next read's first one when the keys agree
+    # (resampling reads the same shard again)
+    for shard in shards:
+        for raw in shard_samples(shard["url"], handler, cache_dir, cache_bytes):
+            if stop is not None and stop.is_set():
+                return  # the prefetch thread's consumer is gone: don't read (or log) any further
+            yield raw
+
+
+_read_shards = wds.pipelinefilter(_read_shards_)
 
 
 def shard_samples(url: str, handler=None, cache_dir: str = "", cache_bytes: int = 0) -> Iterator[dict]:
     """Raw samples of one shard; an object-store URI is streamed (through ``cache_dir`` when given). ``handler``
     (an ``_ErrorCounter``) counts an unreachable object or damaged tar and the stream goes on; None raises."""
-    from webdataset.handlers import reraise_exception
-
     handler = handler or reraise_exception
-    if not is_uri(url):
-        yield from tarfile_samples([{"url": url}], handler=handler)
+    if not is_uri(url):  # paths, http(s), pipe: WebDataset's gopen
+        yield from group_by_keys(tar_file_expander(url_opener([{"url": url}], handler=handler), handler=handler),
+                                 handler=handler)
         return
+    # Object stores through shards.store rather than a gopen_schemes entry: that table is global, and the cache
+    # (a per-loader setting) could not reach it. WebDataset's own cache_dir (FileCache) downloads a whole shard
+    # before its first sample, names cached files by their last path part only (two prefixes' train-000000.tar
+    # collide), evicts by creation time at most every 30 s, and retries a failed download 10 times with sleeps
+    # whenever the handler says go on: hence ShardCache.
     try:
         stream = ShardCache(cache_dir, cache_bytes).open(url) if cache_dir else ObjectPath(url).open_input()
     except Exception as exn:  # unreachable endpoint, missing object, refused credentials
@@ -252,7 +329,7 @@ def shard_samples(url: str, handler=None, cache_dir: str = "", cache_bytes: int 
         yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}], handler=handler),
                                  handler=handler)
     finally:
-        stream.close()
+        stream.close()  # now, not when collected: the tee publishes the cached copy on close
 
 
 class ShardCache:
@@ -338,29 +415,6 @@ class _Tee(io.RawIOBase):
     TAIL = ShardCache.TAIL
 
 
-def _shuffle(samples: Iterator[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
-    """Reservoir-style buffer shuffle: fill, then emit a random element for each new one."""
-    buf = []
-    for s in samples:
-        if len(buf) < bufsize:
-            buf.append(s)
-            continue
-        i = rng.randrange(bufsize)
-        buf[i], s = s, buf[i]
-        yield s
-    rng.shuffle(buf)  # never reached on an endless stream; kept for finite ones
-    yield from buf
-
-
-def _collate(batch: list[dict], cfg: StreamConfig, worker: int, errors: int) -> dict:
-    out = {k: torch.stack([s[k] for s in batch]) for k in cfg.levels}  # (B, 3, S, S) uint8
-    out["cls"] = torch.tensor([s["cls"] for s in batch], dtype=torch.int64)  # (B,)
-    if cfg.meta:
-        out["key"], out["url"], out["worker"] = [s["key"] for s in batch], [s["url"] for s in batch], worker
-    out["__worker__"], out["__errors__"] = worker, errors
-    return out
-
-
 _WARNED_SHARED: set[tuple] = set()  # shard sets already warned about in this process
 
 
@@ -394,8 +448,9 @@ class ShardLoader:
                                  prefetch_factor=self.cfg.prefetch, persistent_workers=False,
                                  pin_memory=self.cfg.pin_memory))
         try:
-            for _ in range(self.n):
-                batch = next(it)
+            # the epoch: n batches whatever the shard sizes (WebLoader(...).with_epoch(n) is this islice over a
+            # DataLoader; one islice serves the prefetch thread too)
+            for batch in islice(it, self.n):
                 self._errors[batch.pop("__worker__")] = batch.pop("__errors__")
                 if self.cfg.pin_memory and self.cfg.workers == 0:  # DataLoader pins only with worker processes
                     batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
