@@ -222,8 +222,9 @@ class _WorkerStream(IterableDataset):
             wds.shuffle(cfg.shuffle, initial=cfg.shuffle, rng=random.Random(worker_seed()))
             if cfg.shuffle > 1 else None,
             _until(self.stop),  # a gone consumer: don't decode (or log) the shuffle buffer to its end
-            wds.map(_Decoded(cfg, errors), handler=errors.decode_error),
-            wds.batched(cfg.batch_size, collation_fn=_Collate(cfg, worker), partial=False),
+            wds.map(functools.partial(_decoded, cfg=cfg, errors=errors), handler=errors.decode_error),
+            wds.batched(cfg.batch_size, collation_fn=functools.partial(_collate, cfg=cfg, worker=worker),
+                        partial=False),
         ))
 
 
@@ -262,33 +263,23 @@ def _until_(samples: Iterator[dict], stop: threading.Event | None) -> Iterator[d
 _until = wds.pipelinefilter(_until_)
 
 
-class _Decoded:
-    """Raw sample -> tensors, with the worker's error count at that moment: ``wds.batched`` hands a batch on
-    only after pulling the next sample, whose errors belong to the next batch."""
-
-    def __init__(self, cfg: StreamConfig, errors: _ErrorCounter):
-        self.cfg, self.errors = cfg, errors
-
-    def __call__(self, raw: dict) -> dict:
-        s = decode_sample(raw, self.cfg.levels, self.cfg.num_classes)
-        if self.cfg.meta:
-            s["key"], s["url"] = raw["__key__"], raw["__url__"]
-        s["__errors__"] = self.errors.count
-        return s
+def _decoded(raw: dict, cfg: StreamConfig, errors: _ErrorCounter) -> dict:
+    s = decode_sample(raw, cfg.levels, cfg.num_classes)
+    if cfg.meta:
+        s["key"], s["url"] = raw["__key__"], raw["__url__"]
+    # the count as this sample is ready: wds.batched hands a batch on only after pulling the next sample, whose
+    # errors belong to the next batch
+    s["__errors__"] = errors.count
+    return s
 
 
-class _Collate:
-    def __init__(self, cfg: StreamConfig, worker: int):
-        self.cfg, self.worker = cfg, worker
-
-    def __call__(self, batch: list[dict]) -> dict:
-        cfg = self.cfg
-        out = {k: torch.stack([s[k] for s in batch]) for k in cfg.levels}  # (B, 3, S, S) uint8
-        out["cls"] = torch.tensor([s["cls"] for s in batch], dtype=torch.int64)  # (B,)
-        if cfg.meta:
-            out["key"], out["url"], out["worker"] = [s["key"] for s in batch], [s["url"] for s in batch], self.worker
-        out["__worker__"], out["__errors__"] = self.worker, batch[-1]["__errors__"]
-        return out
+def _collate(batch: list[dict], cfg: StreamConfig, worker: int) -> dict:
+    out = {k: torch.stack([s[k] for s in batch]) for k in cfg.levels}  # (B, 3, S, S) uint8
+    out["cls"] = torch.tensor([s["cls"] for s in batch], dtype=torch.int64)  # (B,)
+    if cfg.meta:
+        out["key"], out["url"], out["worker"] = [s["key"] for s in batch], [s["url"] for s in batch], worker
+    out["__worker__"], out["__errors__"] = worker, batch[-1]["__errors__"]
+    return out
 
 
 def _read_shards_(shards: Iterator[dict], handler=reraise_exception, cache_dir: str = "", cache_bytes: int = 0,
