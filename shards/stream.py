@@ -51,7 +51,6 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -439,9 +438,10 @@ class ShardLoader:
                                  prefetch_factor=self.cfg.prefetch, persistent_workers=False,
                                  pin_memory=self.cfg.pin_memory))
         try:
-            # the epoch: n batches whatever the shard sizes (WebLoader(...).with_epoch(n) is this islice over a
-            # DataLoader; one islice serves the prefetch thread too)
-            for batch in islice(it, self.n):
+            # next(), not islice or WebLoader(...).with_epoch(n): a stream that ended early must raise, not end
+            # this rank's epoch short (or, with_epoch, start the same seeds again)
+            for _ in range(self.n):
+                batch = next(it)
                 self._errors[batch.pop("__worker__")] = batch.pop("__errors__")
                 if self.cfg.pin_memory and self.cfg.workers == 0:  # DataLoader pins only with worker processes
                     batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
