@@ -77,10 +77,12 @@ def test_two_ranks_two_workers_disjoint_shards_equal_batches():
     assert all(not (a & b) for i, a in enumerate(pairs) for b in pairs[i + 1 :])
 
 
-def test_seeds_derive_from_epoch():
-    """Same (seed, epoch, rank) gives the same batches; another epoch gives another order."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_seeds_derive_from_epoch(workers):
+    """Same (seed, epoch, rank) gives the same batches, in the training process or in worker processes (each
+    builds its own pipeline); another epoch gives another order."""
     _, _, _, urls = _train()
-    cfg = StreamConfig(batch_size=4, batches_per_epoch=3, workers=0, shuffle=20, meta=True)
+    cfg = StreamConfig(batch_size=4, batches_per_epoch=3, workers=workers, shuffle=20, meta=True)
 
     def keys(epoch):
         return [k for b in build_loader(urls, cfg, rank=0, world_size=1, epoch=epoch) for k in b["key"]]
