@@ -233,11 +233,13 @@ class NaiveFaces(Dataset):
 
 
 def interleaved_rates(streams: dict[str, object], batch_size: int, batches: int, rounds: int,
-                      warmup: int = 3) -> dict[str, dict]:
+                      warmup: int = 3, settle_s: float = 1.0) -> dict[str, dict]:
     """Samples/s per worker of each batch iterable, timed in alternation (``rounds`` × ``batches`` each).
 
     On a shared machine load comes and goes; alternating variants and keeping each one's best round
-    compares them under the same conditions. All in this process, one core: the per-worker rate.
+    compares them under the same conditions. All in this process, one core: the per-worker rate. Each timing
+    starts ``settle_s`` after the previous one ended: a loader's prefetch thread refills its queue after being
+    timed, and would otherwise do so on the next variant's clock (a 0.88-1.87 swing between identical loaders).
     """
     its = {k: iter(v) for k, v in streams.items()}
     rates = {k: [] for k in its}
@@ -247,6 +249,7 @@ def interleaved_rates(streams: dict[str, object], batch_size: int, batches: int,
                 next(it)
         for _ in range(rounds):
             for k, it in its.items():
+                time.sleep(settle_s)
                 t0 = time.perf_counter()
                 for _ in range(batches):
                     next(it)
