@@ -15,9 +15,6 @@ from __future__ import annotations
 import re
 from typing import Any, Iterator, Mapping
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
-
 _KINDS = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
 _CONVERT = re.compile(r"Value '(?P<value>.*)' of type '\S+' could not be converted to (?P<kind>\w+)", re.S)
 
@@ -34,8 +31,10 @@ def build(cls: type, *layers: Mapping[str, Any], prefix: str = "") -> Any:
     """An instance of dataclass ``cls``: its defaults, then each layer merged on top (later layers win).
 
     ``prefix`` (``"data.degradation."``) goes before every key an error names."""
-    schema = OmegaConf.structured(cls)
-    OmegaConf.set_readonly(schema, False)  # a frozen dataclass's schema still takes the layers; the result is frozen
+    from omegaconf import OmegaConf  # here: facesr's inference never builds a config, so never imports it
+    from omegaconf.errors import OmegaConfBaseException
+
+    schema = _schema(cls)  # a frozen dataclass's schema still takes the layers; the result is frozen
     try:
         return OmegaConf.to_object(OmegaConf.merge(schema, *layers))
     except OmegaConfBaseException as e:
@@ -43,9 +42,12 @@ def build(cls: type, *layers: Mapping[str, Any], prefix: str = "") -> Any:
         raise FieldError(prefix + key, message) from None
 
 
-def _explain(cls: type, layers, e: OmegaConfBaseException) -> tuple[str, str]:
+def _explain(cls: type, layers, e: Exception) -> tuple[str, str]:
     """(dotted key, one-line reason) for an OmegaConf error; where OmegaConf does not say which key (a tuple's
     element, a section given a scalar) the layers' leaves are merged one at a time to find it."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     key, value = e.full_key, getattr(e, "value", None)
     if not key:
         for leaf, leaf_value in (kv for layer in layers for kv in _leaves(layer)):
@@ -57,7 +59,10 @@ def _explain(cls: type, layers, e: OmegaConfBaseException) -> tuple[str, str]:
     return key or "config", _reason(cls, key or "", value, e)
 
 
-def _reason(cls: type, key: str, value: Any, e: OmegaConfBaseException) -> str:
+def _reason(cls: type, key: str, value: Any, e: Exception) -> str:
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
     first = str(e).splitlines()[0] if str(e) else type(e).__name__
     if isinstance(e, (ConfigKeyError, ConfigAttributeError)):
         parent = key.rpartition(".")[0]
@@ -76,7 +81,9 @@ def _reason(cls: type, key: str, value: Any, e: OmegaConfBaseException) -> str:
     return first
 
 
-def _schema(cls: type) -> DictConfig:
+def _schema(cls: type):
+    from omegaconf import OmegaConf
+
     schema = OmegaConf.structured(cls)
     OmegaConf.set_readonly(schema, False)
     return schema

@@ -5,7 +5,7 @@ safetensors, pyyaml, pyarrow, prometheus-client, pytest and tqdm, no network, an
 most 64 MiB of other files. This writes, into ``OUT`` (default ``.gpupack/``, git-ignored):
 
 * ``wheels/``: DeepSpeed (PyPI has only its source: built here into a pure-Python wheel, its CUDA ops compiled
-  on first use, none of which the check needs) and WebDataset, with the dependencies such a host lacks, each
+  on first use, none of which the check needs), WebDataset and OmegaConf, with the dependencies such a host lacks, each
   at the version this venv runs, as CPython 3.12 manylinux x86_64 wheels where they are binary
   (``pip download --python-version 3.12 --only-binary=:all:``); `launch.gpu_check` unpacks them there;
 * ``shards/``: a few CelebA identities sharded by `facesr prep` (PNG members, as training reads them).
@@ -26,9 +26,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 64 * 2**20
-# what DeepSpeed and WebDataset require that a bare host lacks (packaging, numpy, tqdm, pyyaml, torch it has)
+# what DeepSpeed and WebDataset require that a bare host lacks (packaging, numpy, tqdm, pyyaml, torch it has), and
+# omegaconf: facesr's own configs (facesr/structured.py; a core dependency the GPU hosts do not have)
 DEPS = ("hjson", "msgpack", "ninja", "psutil", "py-cpuinfo", "pydantic", "pydantic-core", "annotated-types",
-        "typing-inspection", "einops", "braceexpand", "webdataset")
+        "typing-inspection", "einops", "braceexpand", "webdataset", "omegaconf")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 
 
