@@ -13,9 +13,12 @@ re-raise it as their own error type (``ConfigError``, ``DegradationError``).
 from __future__ import annotations
 
 import re
+import reprlib
 from typing import Any, Iterator, Mapping
 
 _KINDS = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
+_SHOW = reprlib.Repr()  # a value in a message is shown, never expanded (a huge string or list stays one short line)
+_SHOW.maxstring = _SHOW.maxother = 80
 _CONVERT = re.compile(r"Value '(?P<value>.*)' of type '\S+' could not be converted to (?P<kind>\w+)", re.S)
 
 
@@ -72,12 +75,12 @@ def _reason(cls: type, key: str, value: Any, e: Exception) -> str:
     m = _CONVERT.search(first)
     if m:
         # OmegaConf leaves a tuple element's message unformatted: then the leaf's whole value is shown
-        shown = repr(value) if "$VALUE" in m.group("value") else f"'{m.group('value')}'"
+        shown = _SHOW.repr(value) if "$VALUE" in m.group("value") else _SHOW.repr(m.group("value"))
         return f"expected {_KINDS.get(m.group('kind'), m.group('kind'))}, got {shown}"
     if "is not a subclass of" in first or "is not a DictConfig" in first:
-        return f"expected a mapping (a section), got {value!r}"
+        return f"expected a mapping (a section), got {_SHOW.repr(value)}"
     if "is not a TupleConfig" in first or "is not a ListConfig" in first:
-        return f"expected a list, got {value!r}"
+        return f"expected a list, got {_SHOW.repr(value)}"
     return first
 
 
