@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +95,34 @@ def set_accelerator_env(use_gpu: bool) -> None:
     if not use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
+
+
+def extensions_dir() -> str:
+    """Where DeepSpeed's JIT-built ops live: inside the venv that runs (``<venv>/torch_extensions``), built with
+    it by ``make venv`` (``python -m launch.build_ops``) and removed with it. torch's default, one folder per
+    user and Python, is shared by every venv of that user: two checkouts' venvs (a second clone, CI's) would
+    each find the other's build stale and rebuild it, 20-60 s, at their next start. Outside a venv, torch's
+    default."""
+    if sys.prefix != sys.base_prefix:
+        return str(Path(sys.prefix) / "torch_extensions")
+    from torch.utils.cpp_extension import get_default_build_root
+
+    acc = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+    return os.path.join(get_default_build_root(), f"py{sys.version_info.major}{sys.version_info.minor}_{acc}")
+
+
+def build_ops() -> list[str]:
+    """Build now the ops ``deepspeed.initialize`` would JIT-build at a run's first start (on the CPU accelerator
+    the shared-memory comm op), so a newcomer's first run does not spend its first minute compiling. Returns
+    what it built."""
+    set_accelerator_env(use_gpu=False)
+    from deepspeed.accelerator import get_accelerator
+
+    ops, _ = ops_to_build()
+    if ops:
+        get_accelerator().create_op_builder("ShareMemCommBuilder").load(verbose=False)
+    return ops
 
 
 def ops_to_build() -> tuple[list[str], str]:

@@ -43,16 +43,13 @@ def _sh(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
 
 def _torch_extensions_dir() -> str:
     """A build folder for DeepSpeed's JIT-built CPU comm op used by these clusters only, seeded from this
-    user's default one. Shared with other processes whose build command differs (another HOME, other flags),
+    venv's one (cluster.engine.extensions_dir). Shared with other processes whose build command differs (another HOME, other flags),
     ninja rebuilds it at every switch (~1 min of both cores per training attempt); private, it builds at most
     once per machine."""
-    import torch
-    from torch.utils.cpp_extension import get_default_build_root
+    from cluster.engine import extensions_dir
 
-    acc = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
-    leaf = f"py{sys.version_info.major}{sys.version_info.minor}_{acc}"
-    mine = Path(get_default_build_root()).parent / "torch_extensions-facesr-netns" / leaf
-    default = Path(get_default_build_root()) / leaf
+    default = Path(extensions_dir())
+    mine = default.parent / f"{default.name}-facesr-netns"
     if not mine.exists() and default.is_dir():
         shutil.copytree(default, mine, ignore=shutil.ignore_patterns("lock", ".ninja_lock"), dirs_exist_ok=True)
     mine.mkdir(parents=True, exist_ok=True)

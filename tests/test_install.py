@@ -83,3 +83,18 @@ def test_launcher_imports_no_training_module_for_sr_export_info(tiny_run, tmp_pa
                 f"print('LOADED', sorted(m for m in {TRAINING!r} if m in sys.modules), rc)")
         res = run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
         assert res.stdout.strip().splitlines()[-1] == "LOADED [] 0", (args[0], res.stdout[-500:])
+
+
+def test_the_venv_carries_deepspeeds_built_op_so_a_first_run_compiles_nothing():
+    """`make venv` runs `launch.build_ops`: DeepSpeed's CPU comm op is built inside the venv, where a run looks
+    for it, and is current, so `make demo`'s first stage does not spend 20-60 s compiling it."""
+    if sys.prefix == sys.base_prefix:
+        pytest.skip("not in a venv: `make venv` builds one")
+    code = ("from cluster.engine import ops_to_build, set_accelerator_env\n"
+            "set_accelerator_env(use_gpu=False)\n"
+            "ops, cache = ops_to_build()\n"
+            "print(repr(ops), cache)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
+    out = run([sys.executable, "-c", code], cwd=ROOT, env=env).stdout.split()
+    assert out[0] == "[]", f"a run here would compile {out[0]} first: `make venv` did not build it"
+    assert Path(out[1]).resolve().is_relative_to(Path(sys.prefix).resolve()), out[1]

@@ -72,8 +72,8 @@ def free_ports(n: int) -> list[int]:
 
 
 def env_with_venv(**extra: str) -> dict:
-    """This venv first on PATH; DeepSpeed's JIT-built CPU comm op cached where the user's torch keeps it
-    (the head runs with a private HOME, which would otherwise rebuild it, ~30 s, in every session)."""
+    """This venv first on PATH; DeepSpeed's JIT-built CPU comm op where this venv keeps it (the head runs with
+    a private HOME, which must not move it)."""
     env = dict(os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("TORCH_EXTENSIONS_DIR", _torch_extensions_dir())
@@ -82,17 +82,10 @@ def env_with_venv(**extra: str) -> dict:
 
 
 def _torch_extensions_dir() -> str:
-    """Where torch.utils.cpp_extension builds for this HOME and torch (its own rule, without creating anything)."""
-    import torch
-    from torch.utils.cpp_extension import get_default_build_root
+    """Where this venv's runs find DeepSpeed's built CPU comm op (``make venv`` builds it there)."""
+    from cluster.engine import extensions_dir
 
-    if torch.version.hip is not None:
-        acc = f"rocm{torch.version.hip.replace('.', '')}"
-    elif torch.version.cuda is not None:
-        acc = f"cu{torch.version.cuda.replace('.', '')}"
-    else:
-        acc = "cpu"
-    return os.path.join(get_default_build_root(), f"py{sys.version_info.major}{sys.version_info.minor}_{acc}")
+    return extensions_dir()
 
 
 def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
