@@ -115,7 +115,9 @@ def extensions_dir() -> str:
 def build_ops() -> list[str]:
     """Build now the ops ``deepspeed.initialize`` would JIT-build at a run's first start (on the CPU accelerator
     the shared-memory comm op), so a newcomer's first run does not spend its first minute compiling. Returns
-    what it built."""
+    what it built. Built with this environment's ``ninja``, as runs are (cluster.ray_connect puts the
+    interpreter's bin folder first on workers' PATH): each ninja version finds the other's build log stale."""
+    os.environ["PATH"] = os.pathsep.join(p for p in (str(Path(sys.executable).parent), os.environ.get("PATH")) if p)
     set_accelerator_env(use_gpu=False)
     from deepspeed.accelerator import get_accelerator
 

@@ -87,7 +87,8 @@ def test_launcher_imports_no_training_module_for_sr_export_info(tiny_run, tmp_pa
 
 def test_the_venv_carries_deepspeeds_built_op_so_a_first_run_compiles_nothing():
     """`make venv` runs `launch.build_ops`: DeepSpeed's CPU comm op is built inside the venv, where a run looks
-    for it, and is current, so `make demo`'s first stage does not spend 20-60 s compiling it."""
+    for it, and is current for the ``ninja`` a run's workers use (the venv's), so `make demo`'s first stage does
+    not spend 20-60 s compiling it."""
     if sys.prefix == sys.base_prefix:
         pytest.skip("not in a venv: `make venv` builds one")
     code = ("from cluster.engine import ops_to_build, set_accelerator_env\n"
@@ -95,6 +96,7 @@ def test_the_venv_carries_deepspeeds_built_op_so_a_first_run_compiles_nothing():
             "ops, cache = ops_to_build()\n"
             "print(repr(ops), cache)\n")
     env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
+    env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))  # as Ray's workers run
     out = run([sys.executable, "-c", code], cwd=ROOT, env=env).stdout.split()
     assert out[0] == "[]", f"a run here would compile {out[0]} first: `make venv` did not build it"
     assert Path(out[1]).resolve().is_relative_to(Path(sys.prefix).resolve()), out[1]
