@@ -43,9 +43,9 @@ def _sh(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
 
 def _torch_extensions_dir() -> str:
     """A build folder for DeepSpeed's JIT-built CPU comm op used by these clusters only, seeded from this
-    venv's one (cluster.engine.extensions_dir). Shared with other processes whose build command differs (another HOME, other flags),
-    ninja rebuilds it at every switch (~1 min of both cores per training attempt); private, it builds at most
-    once per machine."""
+    venv's one (cluster.engine.extensions_dir). Shared with other processes whose build command differs
+    (another HOME, other flags), ninja rebuilds it at every switch (~1 min of both cores per training attempt);
+    private, it builds at most once per machine."""
     from cluster.engine import extensions_dir
 
     default = Path(extensions_dir())
