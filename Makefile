@@ -7,7 +7,7 @@ FACES   ?= ../shared/data/lfw
 
 SD_DIR  ?= runs/prometheus_sd
 
-.PHONY: test demo venv clean bench monitor train-cpu shards-id eval identity identity-embedder export gpu-check gpu-pack table1
+.PHONY: test demo deploy venv clean bench monitor train-cpu shards-id eval identity identity-embedder export gpu-check gpu-pack table1
 
 venv: $(STAMP)
 
@@ -29,6 +29,15 @@ demo: $(STAMP)
 
 RUN     ?= runs/demo/runs/demo
 SHARDS  ?= runs/demo/shards
+
+# The deploy model (launch/configs/deploy.yaml, issue 25): a face recognizer, then the demo's stage 2 with the
+# identity term through it, on the demo's shards (`make demo` first; ~25 min on 2 cores); then its identity
+# table against the demo's model on the validation identities, every row, where the recipe was chosen.
+DEGRADATIONS ?= paper,decimate0,bicubic_aa,area,bilinear_noise,jpeg50,heldout
+deploy: $(STAMP)
+	$(BIN)/facesr train --config launch/configs/deploy.yaml
+	$(BIN)/facesr eval identity $(RUN) runs/demo/runs/deploy --judge dlib --manifest $(SHARDS) --split val \
+		--degradations $(DEGRADATIONS) --drift-all --out runs/demo/runs/deploy/identity-val
 
 bench: $(STAMP)
 	$(BIN)/facesr bench step --preset tiny

@@ -63,11 +63,12 @@ def test_naive_degradation_is_what_the_probe_compares_against():
     assert c.total >= 8 and lr.shape == (8, 3, 24, 24) and np.isfinite(lr.numpy()).all()
 
 
-@pytest.mark.slow  # 14 DeepSpeed engines: a few minutes on 2 quiet cores
+@pytest.mark.slow  # 16 DeepSpeed engines: a few minutes on 2 quiet cores
 def test_every_shipped_configuration_steps_without_host_syncs():
     """Every distinct step of launch/configs/*.yaml (both stages; robust and paper degradation, the SRGAN critic,
-    ℓp, MSE peers, class-balanced priors, BatchNorm local and sync, bf16 and fp32, accumulation 2) runs three
-    DeepSpeed optimizer steps with no host synchronisation; the log step's one transfer brings every term."""
+    ℓp, MSE peers, class-balanced priors, the face recognizer and the identity term, BatchNorm local and sync,
+    bf16 and fp32, accumulation 2) runs three DeepSpeed optimizer steps with no host synchronisation; the log
+    step's one transfer brings every term."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     res = subprocess.run([sys.executable, str(ROOT / "tests" / "sync_probe.py")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=1800)
@@ -81,6 +82,8 @@ def test_every_shipped_configuration_steps_without_host_syncs():
     assert any(r["signature"].get("degradation") == "robust" for r in rows)
     assert any(r["signature"].get("batchnorm") == "sync" for r in rows)
     assert any(r["signature"].get("precision") == "fp32" for r in rows)
+    assert any(r["signature"].get("model") == "recognizer" for r in rows)  # deploy.yaml's stage 1 (issue 25)
+    assert any(r["signature"].get("identity") for r in rows)  # and its stage 2's identity term
     for r in rows:
         ours = r["ours"]
         assert ours["accumulation"] == 2

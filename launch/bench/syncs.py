@@ -146,20 +146,23 @@ def _bn_layers(*modules) -> int:
 # ---------------------------------------------------------------- the probe
 
 
-def _files(tmp: Path, classes: list[str]) -> tuple[Path, Path]:
-    """Random tiny identity priors and random SqueezeNet 1.1 weights: the frozen networks a step reads."""
-    from facesr.models import build_prior, get_preset
+def _files(tmp: Path, classes: list[str]) -> tuple[Path, Path, Path]:
+    """Random tiny identity priors, a random tiny face recognizer and random SqueezeNet 1.1 weights: the frozen
+    networks a step reads."""
+    from facesr.models import build_prior, build_recognizer, get_preset
     from facesr.models.perceptual import squeezenet1_1
     from facesr.vocab import TARGETS
-    from facesr.weights import save_priors
+    from facesr.weights import save_priors, save_recognizer
 
     torch.manual_seed(0)
     prior = get_preset("tiny").prior
     priors = tmp / "priors.safetensors"
     save_priors(priors, {k: build_prior(prior, len(classes)) for k in TARGETS}, prior, classes)
+    recognizer = save_recognizer(tmp / "recognizer.safetensors",
+                                 build_recognizer(get_preset("tiny").recognizer, len(classes)), classes)
     squeeze = tmp / "squeezenet1_1-random.pth"
     torch.save(squeezenet1_1(weights=None).state_dict(), squeeze)
-    return priors, squeeze
+    return priors, recognizer, squeeze
 
 
 def probe(sig: dict, tmp: Path, steps: int = 2, naive: bool = False) -> dict:
@@ -174,14 +177,14 @@ def probe(sig: dict, tmp: Path, steps: int = 2, naive: bool = False) -> dict:
     from facesr.vocab import SIZES
 
     classes = [f"id{i}" for i in range(10)]
-    priors, squeeze = _files(tmp, classes)
+    priors, recognizer, squeeze = _files(tmp, classes)
     number = sig["stage"]
     over = [f"engine.precision={sig['precision']}", f"engine.batchnorm={sig['batchnorm']}",
             f"engine.zero_stage={sig['zero_stage']}", f"engine.compile={str(sig['compile']).lower()}",
             f"stage{number}.batch_size={BATCH}", f"stage{number}.max_micro_batch={MICRO}", f"run.stages=[{number}]"]
     if number == 1:
         over += [f"stage1.augment={str(sig['augment']).lower()}", f"stage1.crop_pad={sig['crop_pad']}",
-                 f"stage1.input={sig['input']}"]
+                 f"stage1.input={sig['input']}", f"stage1.model={sig['model']}"]
     else:
         over += [f"stage2.model={sig['model']}", f"stage2.loss={sig['loss']}", f"data.degradation={sig['degradation']}",
                  f"stage2.alpha={0.001 if sig['priors'] and sig['loss'] == 'csrip' else 0}"]
@@ -190,6 +193,9 @@ def probe(sig: dict, tmp: Path, steps: int = 2, naive: bool = False) -> dict:
             over.append(f"stage2.perceptual_weights={weights}")
         if sig["priors"]:
             over.append(f"stage2.priors={priors}")
+        if sig["identity"]:
+            over += ["stage2.identity_weight=0.1", f"stage2.identity_scales=[{','.join(sig['identity'])}]",
+                     f"stage2.recognizer={recognizer}"]
     cfg: TrainConfig = load_config(None, over)
     device = torch.device("cpu")
     precision = resolve_precision(sig["precision"], device)
