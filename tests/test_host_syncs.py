@@ -82,7 +82,7 @@ def test_every_shipped_configuration_steps_without_host_syncs():
     assert any(r["signature"].get("degradation") == "robust" for r in rows)
     assert any(r["signature"].get("batchnorm") == "sync" for r in rows)
     assert any(r["signature"].get("precision") == "fp32" for r in rows)
-    assert any(r["signature"].get("model") == "recognizer" for r in rows)  # deploy.yaml's stage 1 (issue 25)
+    assert any(r["signature"].get("model") == "recognizer" for r in rows)  # identity-term.yaml's stage 1 (issue 25)
     assert any(r["signature"].get("identity") for r in rows)  # and its stage 2's identity term
     for r in rows:
         ours = r["ours"]
