@@ -82,9 +82,10 @@ def ssim_map(
 
 
 def ssim(sr: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean SSIM with the paper's constants; inputs in [0, 1], computed in fp32 on 0-255."""
+    """Mean SSIM with the paper's constants; inputs in [0, 1], computed in fp32 on 0-255. Made contiguous first:
+    a channels_last output would otherwise make its five moments channels_last, and the matmuls copy all five."""
     with torch.autocast(sr.device.type, enabled=False):
-        return ssim_map(sr.float() * PIXEL_MAX, target.float() * PIXEL_MAX).mean()
+        return ssim_map(sr.float().contiguous() * PIXEL_MAX, target.float().contiguous() * PIXEL_MAX).mean()
 
 
 def ssim_loss(sr: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
