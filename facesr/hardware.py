@@ -9,6 +9,7 @@ AVX512-BF16). Elsewhere bf16 is emulated: on an AVX2-only EPYC a bf16 convolutio
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from functools import lru_cache
@@ -41,6 +42,8 @@ def machine_info(device: str | torch.device = "cpu") -> dict:
     info = {"cpu": _cpuinfo().get("model name") or platform.processor() or platform.machine(),
             "isa": [f for f in ISA_FLAGS if f in flags],
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    if onednn_isa_cap():
+        info["onednn_max_cpu_isa"] = onednn_isa_cap()  # figures taken under a cap say so
     info["amx"] = "amx_bf16" in info["isa"]
     if torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -48,13 +51,29 @@ def machine_info(device: str | torch.device = "cpu") -> dict:
     return info
 
 
+def onednn_isa_cap() -> str | None:
+    """oneDNN's ISA cap (``ONEDNN_MAX_CPU_ISA``, or its older name ``DNNL_MAX_CPU_ISA``), upper-case; None = none."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return cap.strip().upper() if cap and cap.strip() else None
+
+
+def _cap_allows_bf16(cap: str | None) -> bool:
+    """Whether oneDNN, capped at ``cap``, may use bf16 dot products: caps at AVX512_CORE_BF16 and above (their
+    names say BF16, AMX, FP16 or AVX10) or none; SSE41 … AVX2_VNNI(_2), AVX512_CORE(_VNNI) emulate bf16."""
+    if cap is None or cap in ("ALL", "DEFAULT"):
+        return True
+    return any(k in cap for k in ("BF16", "AMX", "FP16", "AVX10"))
+
+
 def native_bf16(device: str | torch.device) -> bool:
-    """True where bf16 arithmetic is hardware, not emulation, on ``device``."""
+    """True where bf16 arithmetic is hardware, not emulation, on ``device``. On a CPU: the flags say AMX-BF16 or
+    AVX512-BF16 and oneDNN is not capped below them (``ONEDNN_MAX_CPU_ISA=AVX2`` makes such a CPU compute as
+    an AVX2-only one, and then fp32 is what ``auto`` must choose)."""
     dev = torch.device(device)
     if dev.type == "cuda":
         return torch.cuda.get_device_capability(dev)[0] >= 8  # Ampere and later: bf16 tensor cores
     if dev.type == "cpu":
-        return any(f in cpu_flags() for f in BF16_CPU_FLAGS)
+        return any(f in cpu_flags() for f in BF16_CPU_FLAGS) and _cap_allows_bf16(onednn_isa_cap())
     return False
 
 

@@ -1,0 +1,30 @@
+"""Precision ``auto`` follows what the CPU computes natively, and a oneDNN ISA cap counts: a bf16 CPU capped at
+AVX2 is an AVX2 CPU to oneDNN (bf16 emulated), so ``auto`` is fp32 there (how the AVX2 demo figure is taken)."""
+
+import pytest
+import torch
+
+from facesr import hardware
+from facesr.step import resolve_precision
+
+
+@pytest.mark.parametrize("cap, native", [
+    (None, True), ("ALL", True), ("avx512_core_amx", True), ("AVX512_CORE_BF16", True), ("AVX10_1_512", True),
+    ("AVX2", False), ("avx2_vnni", False), ("AVX512_CORE", False), ("AVX512_CORE_VNNI", False), ("SSE41", False),
+])
+def test_auto_precision_follows_flags_and_the_onednn_cap(monkeypatch, cap, native):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert hardware.native_bf16("cpu") is native
+    assert resolve_precision("auto", torch.device("cpu")).bf16 is native
+    assert (hardware.machine_info().get("onednn_max_cpu_isa") == cap.upper()) if cap else True
+
+
+def test_a_cpu_without_bf16_flags_is_fp32_whatever_the_cap(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")
+    assert not hardware.native_bf16("cpu")
