@@ -163,8 +163,10 @@ def worker_main(config: dict) -> None:
             decode_errors += loader.decode_errors
             for e in engines:
                 average_buffers(e.module)  # BatchNorm running stats: one model on every rank (see engine.py)
-            val = _validate(stage, eng, cfg, b.micro_batch, rank, world, epoch, device, precision)
-            recorder.val(val, {"lr": get_lr(eng)}, epoch, state.global_step)
+            val = {}
+            if (epoch + 1) % cfg.run.val_every == 0 or epoch + 1 == stage_cfg.epochs:
+                val = _validate(stage, eng, cfg, b.micro_batch, rank, world, epoch, device, precision)
+                recorder.val(val, {"lr": get_lr(eng)}, epoch, state.global_step)
             state = TrainState(epoch=epoch + 1, step_in_epoch=0, global_step=state.global_step, restarts=state.restarts)
             _checkpoint(eng, state, recorder, {"epoch": epoch, "step": state.global_step, "lr": get_lr(eng), **val},
                         critic_eng)

@@ -96,6 +96,7 @@ TRAIN = [
     ("negative shuffle_buffer", ["data.shuffle_buffer=-1"], "", r"data\.shuffle_buffer: must be 0 or more"),
     ("negative loader_workers", ["data.loader_workers=-1"], "", r"data\.loader_workers: must be 0 or more"),
     ("log_every 0", ["run.log_every=0"], "", r"run\.log_every: must be 1 or more, got 0"),
+    ("val_every 0", ["run.val_every=0"], "", r"run\.val_every: must be 1 or more, got 0"),
     ("max_failures -1", ["cluster.max_failures=-1"], "", r"cluster\.max_failures: must be 0 or more, got -1"),
     ("seed past torch's range", ["run.seed=99999999999999999999"], "", r"run\.seed: must be below 2\*\*63"),
     ("batch no split fits", ["stage2.batch_size=7"], "", r"stage2\.batch_size: global batch 7 cannot be split over 2"),
