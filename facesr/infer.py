@@ -114,15 +114,34 @@ def inference_bf16(precision: str, device: str | torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and native_bf16(device))
 
 
+def fold_batchnorm(net: torch.nn.Module) -> torch.nn.Module:
+    """An eval-mode copy of ``net`` with every BatchNorm2d that directly follows a Conv2d in an ``nn.Sequential``
+    folded into that convolution (``torch.nn.utils.fusion.fuse_conv_bn_eval``: the running statistics and affine
+    become the conv's weight scale and bias) and replaced by Identity; ``net`` itself is left as it was.
+    Inference then skips a full pass over every block's activations per BatchNorm."""
+    import copy
+
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    net = copy.deepcopy(net).eval()
+    for seq in [m for m in net.modules() if isinstance(m, torch.nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            conv, bn = seq[i], seq[i + 1]
+            if isinstance(conv, torch.nn.Conv2d) and isinstance(bn, torch.nn.BatchNorm2d) and bn.track_running_stats:
+                seq[i], seq[i + 1] = fuse_conv_bn_eval(conv, bn), torch.nn.Identity()
+    return net
+
+
 class Fast(torch.nn.Module):
-    """``net`` for inference in its fastest exact-enough form: channels_last activations and weights (oneDNN's and
-    cuDNN's preferred layout) and, with ``bf16``, bf16 autocast (outputs back in fp32). On a 2-core AVX512-BF16
+    """``net`` for inference in its fastest exact-enough form: BatchNorm folded into the convolutions (a copy:
+    ``net`` is not changed), channels_last activations and weights (oneDNN's and cuDNN's preferred layout) and,
+    with ``bf16``, bf16 autocast (outputs back in fp32). On a 2-core AVX512-BF16
     EPYC the tiny cascade runs 1.6× faster channels_last and 2.7× in bf16; bf16 moves an 8-bit output pixel by
     0.09 levels on average (evaluation: ``facesr eval quality --precision``)."""
 
     def __init__(self, net: torch.nn.Module, bf16: bool = False):
         super().__init__()
-        self.net, self.bf16 = net.to(memory_format=torch.channels_last), bf16
+        self.net, self.bf16 = fold_batchnorm(net).to(memory_format=torch.channels_last), bf16
 
     def forward(self, lr: torch.Tensor):
         with torch.autocast(lr.device.type, dtype=torch.bfloat16, enabled=self.bf16):

@@ -31,6 +31,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from .degrade import quantize
 from .losses import PIXEL_MAX, window_matrix
+from .resample import upsample_bicubic
 from .vocab import KEY_OF, SCALES, SIZES
 
 BASELINES = ("nearest", "bicubic")  # interpolation baselines, computed from the same lr
@@ -50,7 +51,7 @@ def upscale(lr: torch.Tensor, size: int, mode: str) -> torch.Tensor:
     """Interpolate lr (B, 3, 24, 24) to (B, 3, size, size) with ``mode`` in {bicubic, nearest}, finished."""
     if mode == "bicubic":
         # align_corners=False: the pixel-centre convention the degradation uses (degrade.py), no half-pixel shift
-        out = F.interpolate(lr.float(), size=(size, size), mode="bicubic", align_corners=False)
+        out = upsample_bicubic(lr.float(), size)  # F.interpolate's bicubic as matmuls (facesr/resample.py)
     elif mode == "nearest":
         out = F.interpolate(lr.float(), size=(size, size), mode="nearest-exact")
     else:

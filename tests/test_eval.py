@@ -312,16 +312,26 @@ def test_score_priors_top1_and_top5_count_the_label_rank():
 
 
 def test_fast_inference_computes_the_same_network():
-    """infer.Fast (what evaluation runs: channels_last, bf16 autocast where chosen) gives the network's own outputs:
+    """infer.Fast (what evaluation runs: BatchNorm folded, channels_last, bf16 autocast where chosen) gives the
+    network's own outputs:
     fp32 to float rounding at every output and through deploy(); bf16 to within a few 8-bit levels, back in fp32."""
     from facesr.infer import Fast, inference_bf16
     from facesr.quality import finish
 
     net = tiny_net().eval()
+    g = torch.Generator().manual_seed(1)
+    for m in net.modules():  # BatchNorm as training leaves it (a fresh one is the identity): folding must carry it
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
     lr = torch.rand(4, 3, 24, 24, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         want = net(lr)
         fast = Fast(net)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())  # folded into the convs
+        assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) > 0  # in a copy: net keeps its own
         got = fast(lr)
         assert set(got) == set(want)
         for k in want:

@@ -57,7 +57,8 @@ def test_deploy_has_no_branches(exported):
     n_onnx = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
     n_deploy = sum(p.numel() for p in net.deploy().parameters())
     n_full = sum(p.numel() for p in net.parameters())
-    assert n_onnx < n_full and abs(n_onnx - n_deploy) < 0.05 * n_deploy  # BN may be folded into convs
+    resize = 2 * 24 * 192  # the skip's bicubic as two constant (192, 24) matrices (facesr/resample.py)
+    assert n_onnx < n_full + resize and abs(n_onnx - resize - n_deploy) < 0.05 * n_deploy  # BN may be folded
     ts = load_upscaler(result["torchscript"]["path"])
     assert ts(example_input(4)).shape == (4, 3, 192, 192)
 

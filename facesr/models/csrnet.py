@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from ..resample import upsample_bicubic
 from ..vocab import TARGETS
 
 
@@ -102,7 +102,7 @@ class Branch(nn.Module):
 
 
 def _skip(lr: torch.Tensor, size: int) -> torch.Tensor:
-    return F.interpolate(lr, size=(size, size), mode="bicubic", align_corners=False)
+    return upsample_bicubic(lr, size)  # F.interpolate's bicubic, as matmuls (facesr/resample.py)
 
 
 class SRNet(nn.Module):

@@ -26,14 +26,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from ..resample import upsample_bicubic
 from ..vocab import SIZES
 
 
 def interpolated(lr: torch.Tensor) -> torch.Tensor:
     """lr (B, 3, 24, 24) -> bicubic (B, 3, 192, 192): the input both papers start from."""
-    return F.interpolate(lr, size=(SIZES["hr"], SIZES["hr"]), mode="bicubic", align_corners=False)
+    return upsample_bicubic(lr, SIZES["hr"])  # F.interpolate's bicubic, as matmuls (facesr/resample.py)
 
 
 @dataclass(frozen=True)

@@ -87,8 +87,7 @@ def run(args) -> int:
     print(f"bench eval: {n} faces x {len(rows)} rows ({', '.join(rows)}), {torch.get_num_threads()} threads", flush=True)
 
     bf16 = inference_bf16(args.precision, "cpu")
-    fast = Fast(load_cascade(args.model, "cpu") if args.model else SRNet(PRESETS["tiny"].sr).eval(), bf16)
-    fast.net.load_state_dict(model.state_dict())
+    fast = Fast(model, bf16)  # a BatchNorm-folded copy of the naive path's network
     t0 = time.perf_counter()
     ours, _ = score_degradations({"model": fast}, iter(batches), rows)
     t_ours = time.perf_counter() - t0
