@@ -51,3 +51,23 @@ def test_ssim_loss_window_matches_reflect_padded_convolution():
     k2 = torch.outer(k / k.sum(), k / k.sum()).expand(3, 1, 11, 11)
     mu = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (5, 5, 5, 5), mode="reflect"), k2, groups=3)
     assert torch.allclose(ssim_moments(x, y)[0], mu, atol=1e-12)
+
+
+def test_bicubic_as_matmuls_is_torchs_bicubic():
+    """facesr.resample.upsample_bicubic equals F.interpolate(bicubic, align_corners=False) to float rounding for
+    every size the cascade and evaluation use (square and not), and stays fp32 inside a bf16 autocast region."""
+    import torch.nn.functional as F
+
+    from facesr.resample import upsample_bicubic
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((2, 3, 24, 24), (1, 3, 48, 48), (2, 3, 24, 30)):
+        x = torch.rand(*shape, generator=g)
+        for n in (48, 96, 192):
+            want = F.interpolate(x, size=(n, n), mode="bicubic", align_corners=False)
+            assert (upsample_bicubic(x, n) - want).abs().max() < 1e-6, (shape, n)
+    x = torch.rand(2, 3, 24, 24, generator=g).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = upsample_bicubic(x, 192)
+    assert y.dtype == torch.float32
+    assert (y - F.interpolate(x, size=(192, 192), mode="bicubic", align_corners=False)).abs().max() < 1e-6
