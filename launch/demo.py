@@ -120,7 +120,7 @@ def run(args) -> int:
     times["prep"] = _step("prep: identity folders -> WebDataset shards",
                           ["prep", str(faces), str(shards), "--split-by", "identity", "--val", "0.05",
                            "--test", "0.05", "--min-images", "2", "--address", "local",
-                           # raw uint8 members: 2.3x the disk (1.6 GiB for LFW), but prep skips PNG's encoding
+                           # raw uint8 members: 2.3x the disk (1.7 GiB for LFW), but prep skips PNG's encoding
                            # (3.7 of 6.0 ms a face) and training its decoding, on the same two cores
                            "--members", "raw"])
     times["train"] = _step("train: stage 1 priors + stage 2 cascade (Ray Train + DeepSpeed, CPU)",
