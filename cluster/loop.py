@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from facesr.augment import step_generator, step_seed
+from facesr.hardware import retain_freed_memory
 from facesr.step import TermSums, compile_forward, resolve_precision, to_device
 from facesr.structured import build
 
@@ -63,6 +64,7 @@ def worker_main(config: dict) -> None:
     rank, world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
 
     t_start = time.perf_counter()
+    retain_freed_memory()  # activations reuse freed memory instead of faulting it in each step (hardware.py)
     _quiet_report_lines()
     set_accelerator_env(cfg.cluster.use_gpu)
     from shards.store import configure

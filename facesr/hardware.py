@@ -77,6 +77,31 @@ def native_bf16(device: str | torch.device) -> bool:
     return False
 
 
+MALLOC_TRIM_THRESHOLD = 1 << 30  # freed heap memory up to 1 GiB stays mapped for the next batch's tensors
+
+
+def retain_freed_memory() -> bool:
+    """Keep freed tensor memory in the process (glibc's malloc) instead of handing it back to the kernel.
+
+    glibc serves blocks above its mmap threshold (at most 32 MiB) with fresh ``mmap``s, unmaps them when
+    freed and trims the heap's free top, so a forward pass's activations, a few to tens of MiB each, are
+    faulted in page by page again every batch: on 2 cores an out-of-place add of two (32, 8, 192, 192) tensors
+    took 12 ms, 4-5 ms with the memory kept, and an evaluation ran ~30% faster. This is what PyTorch's CPU
+    tuning guide buys with jemalloc or tcmalloc, here with the allocator every Linux Python already has: every
+    block from the heap (glibc still maps memory directly where the heap cannot grow) and up to 1 GiB of freed
+    heap kept. Returns whether it was applied (glibc only; elsewhere the allocator stays as it is)."""
+    if platform.system() != "Linux":
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameters (malloc.h)
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, MALLOC_TRIM_THRESHOLD))
+    except (OSError, AttributeError):  # not glibc (musl, …)
+        return False
+
+
 def conv_peak(seconds: float = 3.0, bf16: bool = True, device: str = "cpu", batch: int = 16) -> dict:
     """Throughput of a large 3×3 convolution (forward), the machine's practical conv peak."""
     dtype = torch.bfloat16 if bf16 else torch.float32

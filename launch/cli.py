@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "_run", None) is not None:
+            from facesr.hardware import retain_freed_memory
+
+            retain_freed_memory()  # every command's tensors: freed memory kept for the next batch (hardware.py)
         return int(args._run(args) or 0)
     except (Exception, KeyboardInterrupt) as exn:  # every error a user can cause: one line naming the file or key
         if args.debug or os.environ.get("FACESR_DEBUG", "") not in ("", "0"):
