@@ -39,6 +39,29 @@ def test_deploy_keeps_8x_output(preset):
     assert sum(p.numel() for p in deploy.parameters()) < sum(p.numel() for p in net.parameters())
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_inference_sums_in_place_give_the_training_graphs_numbers(mode):
+    """Without autograd the residual and skip sums are taken in place (no fresh activation per sum): the same
+    numbers as with a graph, in fp32 and under bf16 autocast, channels_last too, and the input left as it was."""
+    torch.manual_seed(0)
+    net = SRNet(PRESETS["tiny"].sr).eval()
+    for p in net.parameters():
+        p.data.add_(0.01 * torch.randn_like(p))
+    for channels_last, bf16 in ((False, False), (True, False), (True, True)):
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        net = net.to(memory_format=fmt)
+        x = torch.rand(2, 3, 24, 24).contiguous(memory_format=fmt)
+        kept = x.clone()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            graph = net(x)
+            with getattr(torch, mode)():
+                fast, fast_hr = net(x), net.deploy()(x)
+        assert torch.equal(x, kept)
+        for k in TARGETS:
+            assert fast[k].dtype == graph[k].dtype and torch.equal(fast[k], graph[k].detach()), (k, channels_last, bf16)
+        assert torch.equal(fast_hr, graph["hr"].detach())
+
+
 def test_initial_output_is_bicubic_upsampling():
     """Zero-initialised branch outputs start the cascade at the bicubic image (stable early training)."""
     net = SRNet(PRESETS["tiny"].sr)

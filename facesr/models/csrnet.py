@@ -67,7 +67,8 @@ class ResidualBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.body(x)
+        y = self.body(x)
+        return y.add_(x) if _inference() else x + y
 
 
 class SRModule(nn.Module):
@@ -105,6 +106,18 @@ def _skip(lr: torch.Tensor, size: int) -> torch.Tensor:
     return upsample_bicubic(lr, size)  # F.interpolate's bicubic, as matmuls (facesr/resample.py)
 
 
+def _inference() -> bool:
+    """No autograd graph is being built: sums may be taken in place, into a tensor no one else holds (the same
+    numbers without a fresh allocation; on 2 cores a (32, 8, 192, 192) add 2 ms in place against 5-12 ms)."""
+    return not torch.is_grad_enabled()
+
+
+def _with_skip(img: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+    """img + the bicubic upsampling of lr; without autograd summed into the (contiguous, fp32) skip image."""
+    skip = _skip(lr, img.shape[-1])
+    return skip.add_(img) if _inference() and skip.dtype == torch.promote_types(skip.dtype, img.dtype) else img + skip
+
+
 class SRNet(nn.Module):
     """lr (B, 3, 24, 24) -> {"x2": (B,3,48,48), "x4": (B,3,96,96), "hr": (B,3,192,192)}."""
 
@@ -123,7 +136,7 @@ class SRNet(nn.Module):
         for key, stage, branch in zip(TARGETS, self.stages, self.branches):
             feat = stage(feat)  # (B, C_i, 24·2^i, 24·2^i)
             img = branch(feat)  # (B, 3, 24·2^i, 24·2^i)
-            out[key] = img + _skip(lr, img.shape[-1]) if self.cfg.image_skip else img
+            out[key] = _with_skip(img, lr) if self.cfg.image_skip else img
         return out
 
     def deploy(self) -> "SRNetDeploy":
@@ -145,7 +158,7 @@ class SRNetDeploy(nn.Module):
         for stage in self.stages:
             feat = stage(feat)
         img = self.head(feat)
-        return img + _skip(lr, img.shape[-1]) if self.image_skip else img
+        return _with_skip(img, lr) if self.image_skip else img
 
 
 def conv_depth(net: SRNet) -> int:
