@@ -17,9 +17,7 @@ targets; ``add_robustness`` and ``format_robustness`` report one row each.
 from __future__ import annotations
 
 import json
-import queue
 import random
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -30,6 +28,7 @@ from .degradations import describe, lr_under
 from .degrade import DEFAULT, DegradeConfig, TooSmallError, crop_hr, degrade, quantize
 from .imageio import ImageReadError, read_rgb
 from .models import SRNet
+from .prefetch import prefetched
 from .quality import BASELINES, PAPER_DATA_RANGE, QualityMeter, Reference, baselines, finish, upscale
 from .vocab import KEY_OF, LEVELS, SCALE_OF, SCALES, SIZES
 
@@ -180,42 +179,6 @@ def _inputs(batches: Iterable[dict], names: list[str], limit: int) -> Iterator[t
         quad = {k: batch[k][:take].float() for k in LEVELS}
         seen += take
         yield quad, {d: lr_under(d, quad) for d in names}
-
-
-def prefetched(items: Iterable, depth: int = 2) -> Iterator:
-    """``items`` produced by a background thread up to ``depth`` ahead (image decoding, PIL and torch release the
-    GIL, so reading faces and degrading them overlaps the network and the metrics); its exceptions are raised here."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put((item, None), timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put((done, None))
-        except BaseException as e:  # handed to the consumer, raised there with its traceback
-            q.put((done, e))
-
-    thread = threading.Thread(target=produce, name="eval-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, error = q.get()
-            if error is not None:
-                raise error
-            if item is done:
-                return
-            yield item
-    finally:
-        stop.set()
 
 
 def _score_quad(meter: QualityMeter, models: dict[str, SRNet], quad: dict, hr: Reference, device) -> None:

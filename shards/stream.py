@@ -44,7 +44,6 @@ import hashlib
 import io
 import logging
 import os
-import queue
 import random
 import threading
 import time
@@ -62,6 +61,7 @@ from webdataset.handlers import reraise_exception
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
+from facesr.prefetch import prefetched
 from facesr.vocab import LEVELS, SIZES
 
 from .store import ObjectPath, is_uri
@@ -432,7 +432,7 @@ class ShardLoader:
         self._errors = {}
         if self.cfg.workers == 0:  # decode in a thread of this process, ahead of the step that consumes it
             self.dataset.stop = threading.Event()
-            it = _prefetched(iter(self.dataset), self.cfg.prefetch, self.dataset.stop)
+            it = prefetched(iter(self.dataset), self.cfg.prefetch, self.dataset.stop, "shard-prefetch")
         else:
             it = iter(DataLoader(self.dataset, batch_size=None, num_workers=self.cfg.workers,
                                  prefetch_factor=self.cfg.prefetch, persistent_workers=False,
@@ -491,50 +491,6 @@ def _stack(batch: list[dict], levels) -> dict:
     out["cls"] = torch.tensor([s["cls"] for s in batch], dtype=torch.int64)
     out["key"] = [s["key"] for s in batch]
     return out
-
-
-def _prefetched(it: Iterator[dict], depth: int, stop: threading.Event) -> Iterator[dict]:
-    """``it`` run by a daemon thread up to ``depth`` batches ahead, in order; its exceptions re-raised here.
-
-    PNG/zlib decoding and tar reading release the GIL, so with ``workers=0`` the next batches decode while
-    the training step computes, without a second process. The thread stops when the consumer goes away.
-    """
-    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
-    done = object()
-
-    def produce():
-        try:
-            for item in it:
-                _offer(q, item, stop)
-                if stop.is_set():
-                    return
-            _offer(q, done, stop)
-        except BaseException as exn:  # handed to the consumer, raised in its thread
-            _offer(q, exn, stop)
-
-    thread = threading.Thread(target=produce, daemon=True, name="shard-prefetch")
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join(timeout=30)  # it stops within one sample: nothing of this epoch reads or logs after it
-
-
-def _offer(q: queue.Queue, item, stop: threading.Event) -> None:
-    """Put ``item`` unless the consumer has gone (then a full queue would block the thread forever)."""
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=0.1)
-            return
-        except queue.Full:
-            continue
 
 
 def build_loader(urls: list[str] | str, cfg: StreamConfig, *, rank: int, world_size: int, epoch: int) -> ShardLoader:

@@ -368,7 +368,7 @@ def test_cli_quality_precision_is_stated_and_moves_little(tmp_path, capsys):
 def test_prefetched_keeps_order_and_raises_the_producers_error():
     """Evaluation reads ahead in a thread: items arrive in order, and a reading error surfaces in the caller
     (naming what failed), not as a silently short evaluation."""
-    from facesr.evaluate import prefetched
+    from facesr.prefetch import prefetched
 
     assert list(prefetched(iter(range(50)), depth=2)) == list(range(50))
 
