@@ -39,6 +39,9 @@ def pytest_sessionstart(session):
     from tests import system
 
     MISSING_SYSTEM.update(system.ensure(log=lambda m: print(m, flush=True)))
+    from facesr.hardware import retain_freed_memory
+
+    retain_freed_memory()  # in-process training and evaluation run as the CLI and the workers do (hardware.py)
 
 
 def needs_system(binary: str) -> None:
