@@ -45,6 +45,7 @@ def machine_info(device: str | torch.device = "cpu") -> dict:
     if onednn_isa_cap():
         info["onednn_max_cpu_isa"] = onednn_isa_cap()  # figures taken under a cap say so
     info["amx"] = "amx_bf16" in info["isa"]
+    info["freed_memory_retained"] = _RETAINED  # retain_freed_memory() ran in this process: figures depend on it
     if torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
@@ -77,6 +78,7 @@ def native_bf16(device: str | torch.device) -> bool:
     return False
 
 
+_RETAINED = False
 MALLOC_TRIM_THRESHOLD = 1 << 30  # freed heap memory up to 1 GiB stays mapped for the next batch's tensors
 
 
@@ -97,9 +99,12 @@ def retain_freed_memory() -> bool:
     try:
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameters (malloc.h)
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, MALLOC_TRIM_THRESHOLD))
+        applied = bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, MALLOC_TRIM_THRESHOLD))
     except (OSError, AttributeError):  # not glibc (musl, …)
         return False
+    global _RETAINED
+    _RETAINED = _RETAINED or applied
+    return applied
 
 
 def conv_peak(seconds: float = 3.0, bf16: bool = True, device: str = "cpu", batch: int = 16) -> dict:

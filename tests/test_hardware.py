@@ -33,8 +33,10 @@ def test_a_cpu_without_bf16_flags_is_fp32_whatever_the_cap(monkeypatch):
 _RSS_PROBE = """
 import sys, torch
 from facesr.hardware import retain_freed_memory
+from facesr.hardware import machine_info
 if sys.argv[1] == "retain":
     assert retain_freed_memory()
+assert machine_info()["freed_memory_retained"] is (sys.argv[1] == "retain")
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096
 returned = 0
