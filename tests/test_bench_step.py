@@ -27,3 +27,22 @@ def test_bench_step_tiny_writes_machine_peaks_and_ratio(tmp_path):
     assert r["host_syncs_per_step"]["facesr"] == 0 < r["host_syncs_per_step"]["naive"]
     assert r["targets"] is None  # the issue's targets are for the paper preset only
 
+
+
+def test_bench_eval_times_naive_as_it_ran_before_and_with_the_allocator_setting(tmp_path):
+    """`facesr bench eval` scores the same real faces three ways and they agree: naive in a fresh process with
+    glibc's allocator as it comes (the headline ratio), naive here after retain_freed_memory, and facesr's path."""
+    from tests.conftest import LFW
+
+    out = tmp_path / "eval.json"
+    assert main(["bench", "eval", "--faces", str(LFW), "-n", "4", "--batch-size", "4", "--precision", "fp32",
+                 "--degradations", "paper,bicubic_aa", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["faces"] == 4 and r["rows"] == ["paper", "bicubic_aa"] and r["facesr_models"] == "fp32"
+    assert r["machine"]["freed_memory_retained"] is True  # the CLI retains it for every command
+    assert r["naive_default_allocator_freed_memory_retained"] is False  # the baseline's process does not
+    assert r["max_x8_psnr_difference_db"] < 1e-3  # the same numbers from all three
+    for k in ("naive_default_allocator", "naive", "facesr"):
+        assert abs(r[f"{k}_face_rows_per_s"] - 8 / r[f"{k}_s"]) < 1e-6
+    assert abs(r["speedup"] - r["naive_default_allocator_s"] / r["facesr_s"]) < 1e-9
+    assert abs(r["speedup_same_allocator"] - r["naive_s"] / r["facesr_s"]) < 1e-9
