@@ -152,6 +152,40 @@ class Fast(torch.nn.Module):
         return Fast(self.net.deploy(), self.bf16) if hasattr(self.net, "deploy") else self
 
 
+TTA = ("none", "flip", "both")  # test-time augmentation: `facesr eval --tta`, `facesr sr --tta`, Upscaler.load(tta=)
+
+
+class FlipEnsemble(torch.nn.Module):
+    """Self-ensemble at inference (Lim et al. 2017, EDSR+), with the one transform a face stays a face under: the
+    mean of ``net(lr)`` and the mirror of ``net(lr mirrored)``, both halves in one batch of 2B. Twice the
+    arithmetic; what one network hallucinates differently on the two sides of a face averages out. Works on
+    the cascade's {x2, x4, hr} dict and on a deploy network's hr tensor alike."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    @property
+    def bf16(self) -> bool:
+        return bool(getattr(self.net, "bf16", False))
+
+    def forward(self, lr: torch.Tensor):
+        both = self.net(torch.cat([lr, lr.flip(-1)]))
+        b = lr.shape[0]
+        mean = lambda t: (t[:b] + t[b:].flip(-1)) * 0.5  # noqa: E731
+        return {k: mean(v) for k, v in both.items()} if isinstance(both, dict) else mean(both)
+
+    def deploy(self) -> "FlipEnsemble":
+        return FlipEnsemble(self.net.deploy()) if hasattr(self.net, "deploy") else self
+
+
+def with_tta(net, tta: str):
+    """``net`` as is (``none``) or flip-averaged (``flip``); ``both`` is the caller's: one of each."""
+    if tta not in ("none", "flip"):
+        raise ValueError(f"tta: expected none or flip, got {tta!r}")
+    return FlipEnsemble(net) if tta == "flip" else net
+
+
 class OnnxUpscaler:
     """An exported ONNX deploy network as a callable lr -> hr.
 
@@ -190,9 +224,14 @@ class OnnxUpscaler:
         return torch.from_numpy(np.asarray(out, dtype=np.float32)).to(lr.device)
 
 
-def load_upscaler(path: str | Path, device: str | torch.device = "cpu") -> Callable[[torch.Tensor], torch.Tensor]:
-    """A callable lr (B, 3, 24, 24) -> hr (B, 3, 192, 192) from a run folder, safetensors, TorchScript or ONNX file."""
-    path = Path(path)
+def load_upscaler(path: str | Path, device: str | torch.device = "cpu", tta: str = "none"
+                  ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A callable lr (B, 3, 24, 24) -> hr (B, 3, 192, 192) from a run folder, safetensors, TorchScript or ONNX file;
+    ``tta="flip"``: flip-averaged (``FlipEnsemble``)."""
+    return with_tta(_load_upscaler(Path(path), device), tta)
+
+
+def _load_upscaler(path: Path, device) -> Callable[[torch.Tensor], torch.Tensor]:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such model (run folder, .safetensors, .pt or .onnx)")
     if path.is_dir() or path.suffix == ".safetensors":

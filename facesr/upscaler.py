@@ -94,8 +94,9 @@ class Upscaler:
         self._detector = None
 
     @classmethod
-    def load(cls, model: str | Path, device: str | torch.device = "cpu", **kwargs) -> "Upscaler":
-        """From a run folder, SR-net .safetensors, TorchScript .pt, ONNX (runs on the CPU) or an object-store URI."""
+    def load(cls, model: str | Path, device: str | torch.device = "cpu", tta: str = "none", **kwargs) -> "Upscaler":
+        """From a run folder, SR-net .safetensors, TorchScript .pt, ONNX (runs on the CPU) or an object-store URI;
+        ``tta="flip"`` averages each face's output with the mirror of its mirror's (``infer.FlipEnsemble``)."""
         path = str(model)
         if "://" in path:
             from shards.store import local_model  # pyarrow.fs: the `store` extra
@@ -103,7 +104,7 @@ class Upscaler:
             path = local_model(path)
         if path.endswith(".onnx"):
             device = "cpu"
-        return cls(load_upscaler(path, device), device, name=str(model), **kwargs)
+        return cls(load_upscaler(path, device, tta), device, name=str(model), **kwargs)
 
     @property
     def detector(self):

@@ -43,6 +43,10 @@ def _common(p, data: bool = True) -> None:
                    help="the models' arithmetic: auto = bf16 autocast where the device computes bf16 natively "
                    "(as training chose), else fp32; scores are always computed in fp32")
     p.add_argument("--out", default="runs/eval", help="folder for the JSON/PNG written")
+    p.add_argument("--tta", choices=["none", "flip", "both"], default="none",
+                   help="test-time augmentation: flip = each model's output averaged with the mirror of its "
+                   "output on the mirrored input (twice the arithmetic); both = each model scored both ways, "
+                   "as NAME and NAME+flip, on the same faces")
 
 
 def _add_degradations(p) -> None:
@@ -213,18 +217,23 @@ def _faces(args, n: int = 0):
     return faces, select(faces, n, args.seed)
 
 
-def _load_models(paths: list[str], device: str, precision: str = "fp32"):
-    """{label: the cascade ready for inference (channels_last, bf16 autocast per ``precision``)}, {label: path}."""
+def _load_models(paths: list[str], device: str, precision: str = "fp32", tta: str = "none"):
+    """{label: the cascade ready for inference (channels_last, bf16 autocast per ``precision``, flip-averaged per
+    ``tta``)}, {label: path}. ``tta="both"``: each model twice, ``NAME`` and ``NAME+flip``."""
     from facesr.evaluate import model_label
-    from facesr.infer import Fast, inference_bf16, load_cascade
+    from facesr.infer import FlipEnsemble, Fast, inference_bf16, load_cascade
     from shards.store import local_model
 
     bf16 = inference_bf16(precision, device)
     models, where = {}, {}
     for p in paths:
         name = model_label(p, models)
-        models[name] = Fast(load_cascade(local_model(p), device), bf16)  # a run in a bucket: its srnet downloaded
-        where[name] = str(p)
+        net = Fast(load_cascade(local_model(p), device), bf16)  # a run in a bucket: its srnet downloaded
+        if tta in ("none", "both"):
+            models[name], where[name] = net, str(p)
+        if tta in ("flip", "both"):
+            label = f"{name}+flip"
+            models[label], where[label] = FlipEnsemble(net), f"{p} (flip-averaged)"
     return models, where
 
 
@@ -245,7 +254,7 @@ def run_quality(args) -> int:
 
     names = _degradations(args.degradations)
     rows = list(dict.fromkeys(["paper", *names])) if names != ["paper"] else []  # robustness rows; none by default
-    models, where = _load_models(args.models, args.device, args.precision)
+    models, where = _load_models(args.models, args.device, args.precision, args.tta)
     skipped: list = []
     if _is_shard_root(args.data):
         source = f"shards {args.data} split {args.split}"
@@ -293,7 +302,7 @@ def run_grid(args) -> int:
     names = _degradations(args.degradations)
     if not args.models:
         raise SystemExit("facesr eval grid: give at least one MODEL")
-    models, _ = _load_models(args.models, args.device, args.precision)
+    models, _ = _load_models(args.models, args.device, args.precision, args.tta)
     if args.faces:
         faces = [Face(f.split("/")[0], Path(args.data) / f) for f in args.faces]
     else:
@@ -354,7 +363,7 @@ def run_identity(args) -> int:
                                  usable_pairs, verify_degradations)
 
     extra = _drift_faces(args.lfw, _identities(args)) if args.drift_all else []  # refused before any loading
-    models, where = _load_models(args.models, args.device, args.precision)
+    models, where = _load_models(args.models, args.device, args.precision, args.tta)
     if args.drawn_pairs:
         if _identities(args) is None:
             raise SystemExit("--drawn-pairs needs chosen people (--manifest with --split, or --ids)")

@@ -38,6 +38,9 @@ def configure(p) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="crops per batch with --faces-only (on photos, "
                    "each photo's faces are one batch)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tta", choices=["none", "flip"], default="none",
+                   help="flip: each face's output averaged with the mirror of its mirror's output (twice the "
+                   "arithmetic; README: identity section)")
 
 
 def run(args) -> int:
@@ -72,7 +75,7 @@ def _photos(args) -> int:
     except ValueError as e:
         print(f"facesr sr: --detector: {e}", file=sys.stderr)
         return 2
-    up = Upscaler.load(args.model, args.device, detect=detect)
+    up = Upscaler.load(args.model, args.device, detect=detect, tta=args.tta)
     rep = enhance_photos(up, args.src, args.out, boxes_file=args.boxes, scale=args.scale, compare=args.compare,
                          log=log)
     print(f"{rep.faces} faces from {rep.photos} photos written to {shown(args.out)} ({len(rep.written)} files); "
@@ -91,7 +94,7 @@ def _faces_only(args) -> int:
 
         model = local_model(model)
     device = "cpu" if model.endswith(".onnx") else args.device  # ONNX runs on the CPU runtime
-    report = super_resolve(load_upscaler(model, device), args.src, args.out, fit=args.fit, compare=args.compare,
+    report = super_resolve(load_upscaler(model, device, args.tta), args.src, args.out, fit=args.fit, compare=args.compare,
                            batch_size=args.batch_size, device=device, log=log)
     print(f"wrote {len(report.written)} PNGs to {shown(args.out)}; {len(report.resized)} resized, "
           f"{len(report.skipped)} skipped (refused by the image reader, reasons above)")

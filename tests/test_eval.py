@@ -365,6 +365,27 @@ def test_cli_quality_precision_is_stated_and_moves_little(tmp_path, capsys):
     assert abs(psnr["fp32"] - psnr["bf16"]) < 0.05, psnr
 
 
+def test_cli_quality_tta_both_scores_each_model_both_ways(tmp_path):
+    """--tta both: every model twice on the same faces, NAME and NAME+flip, under every row asked for; the
+    flip-averaged network is a different network (its scores differ), the plain one scores as without --tta."""
+    from launch.cli import main
+
+    run = tmp_path / "runs" / "demo"
+    save_srnet(run / "srnet.safetensors", tiny_net())
+    reports = {}
+    for tta in ("none", "both"):
+        out = tmp_path / tta
+        assert main(["eval", "quality", str(run), "--data", str(LFW), "--limit", "8", "--batch-size", "8",
+                     "--precision", "fp32", "--degradations", "bicubic_aa", "--tta", tta, "--out", str(out),
+                     "--device", "cpu"]) == 0
+        reports[tta] = json.loads((out / "quality.json").read_text())
+    both = reports["both"]
+    assert set(both["models"]) == {"demo", "demo+flip"} and "flip-averaged" in both["models"]["demo+flip"]
+    assert both["results"]["demo"]["x8"]["psnr"] == pytest.approx(reports["none"]["results"]["demo"]["x8"]["psnr"])
+    assert both["results"]["demo+flip"]["x8"]["psnr"] != pytest.approx(both["results"]["demo"]["x8"]["psnr"], abs=1e-4)
+    assert set(both["robustness"]["bicubic_aa"]["gain_over_bicubic"]) == {"demo", "demo+flip"}
+
+
 def test_prefetched_keeps_order_and_raises_the_producers_error():
     """Evaluation reads ahead in a thread: items arrive in order, and a reading error surfaces in the caller
     (naming what failed), not as a silently short evaluation."""

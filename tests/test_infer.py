@@ -122,3 +122,40 @@ def test_compare_panels(tiny_run, inputs, tmp_path):
     photo = np.asarray(Image.open(panels / "photo.png").convert("RGB"))[header:, 3 * (cell + gap):].astype(float)
     src = np.asarray(Image.open(faces()[2]).convert("RGB").resize((cell, cell), Image.BICUBIC)).astype(float)
     assert np.abs(photo - src).mean() < 3  # the source photo, resized (torch's antialiased bicubic vs PIL's)
+
+
+def test_flip_ensemble_is_mirror_equivariant_and_the_mean_of_both_passes():
+    """--tta flip: the mean of the network on the face and, mirrored back, on its mirror; so a mirrored face
+    gives exactly the mirrored output (a plain network does not), for the cascade's dict and the deploy tensor."""
+    from facesr.infer import FlipEnsemble, with_tta
+
+    net = tiny_net(3)
+    lr = torch.rand(3, 3, 24, 24, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        tta = FlipEnsemble(net)
+        out, plain, mirrored = tta(lr), net(lr), net(lr.flip(-1))
+        assert set(out) == set(plain) == {"x2", "x4", "hr"}
+        for k in out:
+            assert torch.allclose(out[k], (plain[k] + mirrored[k].flip(-1)) / 2, atol=1e-6), k
+            assert torch.allclose(tta(lr.flip(-1))[k], out[k].flip(-1), atol=1e-6), k
+        assert not torch.allclose(mirrored["hr"], plain["hr"].flip(-1), atol=1e-4)  # the test could fail
+        assert torch.allclose(tta.deploy()(lr), out["hr"], atol=1e-6)
+    assert with_tta(net, "none") is net and isinstance(with_tta(net, "flip"), FlipEnsemble)
+    with pytest.raises(ValueError, match="tta"):
+        with_tta(net, "rot90")
+
+
+def test_cli_sr_tta_flip_writes_the_flip_averaged_faces(tiny_run, inputs, tmp_path):
+    """`facesr sr --tta flip`: each written face is the flip-averaged network's output, not the plain one's."""
+    from facesr.infer import FlipEnsemble
+    from launch.cli import main
+
+    for tta in ("none", "flip"):
+        assert main(["sr", str(tiny_run), str(inputs), str(tmp_path / tta), "--faces-only", "--device", "cpu",
+                     "--tta", tta]) == 0
+    lr = to_lr(read_rgb(inputs / "face0.png"))[0].unsqueeze(0)
+    with torch.inference_mode():
+        want = to_uint8(FlipEnsemble(load_upscaler(tiny_run))(lr)[0]).permute(1, 2, 0).numpy()
+    got, plain = (np.asarray(Image.open(tmp_path / t / "face0.png")) for t in ("flip", "none"))
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    assert np.abs(got.astype(int) - plain.astype(int)).max() > 1  # the option changes what is written
