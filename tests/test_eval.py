@@ -346,19 +346,24 @@ def test_fast_inference_computes_the_same_network():
         inference_bf16("fp16", "cpu")
 
 
-def test_cli_quality_precision_is_stated_and_moves_little(tmp_path, capsys):
-    """--precision fp32 and bf16 score the same faces within a few hundredths of a dB, and each report says how
-    the models computed."""
+def _quality_of_tiny_net(tmp_path, out: str, *options: str) -> dict:
+    """`facesr eval quality` of a tiny cascade (runs/demo under ``tmp_path``) on 8 LFW faces: its JSON report."""
     from launch.cli import main
 
     run = tmp_path / "runs" / "demo"
-    save_srnet(run / "srnet.safetensors", tiny_net())
+    if not run.exists():
+        save_srnet(run / "srnet.safetensors", tiny_net())
+    assert main(["eval", "quality", str(run), "--data", str(LFW), "--limit", "8", "--batch-size", "8",
+                 "--out", str(tmp_path / out), "--device", "cpu", *options]) == 0
+    return json.loads((tmp_path / out / "quality.json").read_text())
+
+
+def test_cli_quality_precision_is_stated_and_moves_little(tmp_path, capsys):
+    """--precision fp32 and bf16 score the same faces within a few hundredths of a dB, and each report says how
+    the models computed."""
     psnr = {}
     for p in ("fp32", "bf16"):
-        out = tmp_path / p
-        assert main(["eval", "quality", str(run), "--data", str(LFW), "--limit", "8", "--batch-size", "8",
-                     "--precision", p, "--out", str(out), "--device", "cpu"]) == 0
-        report = json.loads((out / "quality.json").read_text())
+        report = _quality_of_tiny_net(tmp_path, p, "--precision", p)
         assert ("bf16 autocast" in report["protocol"]["arithmetic"]) == (p == "bf16")
         psnr[p] = report["results"]["demo"]["x8"]["psnr"]
     assert "models: " in capsys.readouterr().out
@@ -368,17 +373,8 @@ def test_cli_quality_precision_is_stated_and_moves_little(tmp_path, capsys):
 def test_cli_quality_tta_both_scores_each_model_both_ways(tmp_path):
     """--tta both: every model twice on the same faces, NAME and NAME+flip, under every row asked for; the
     flip-averaged network is a different network (its scores differ), the plain one scores as without --tta."""
-    from launch.cli import main
-
-    run = tmp_path / "runs" / "demo"
-    save_srnet(run / "srnet.safetensors", tiny_net())
-    reports = {}
-    for tta in ("none", "both"):
-        out = tmp_path / tta
-        assert main(["eval", "quality", str(run), "--data", str(LFW), "--limit", "8", "--batch-size", "8",
-                     "--precision", "fp32", "--degradations", "bicubic_aa", "--tta", tta, "--out", str(out),
-                     "--device", "cpu"]) == 0
-        reports[tta] = json.loads((out / "quality.json").read_text())
+    reports = {tta: _quality_of_tiny_net(tmp_path, tta, "--precision", "fp32", "--degradations", "bicubic_aa",
+                                         "--tta", tta) for tta in ("none", "both")}
     both = reports["both"]
     assert set(both["models"]) == {"demo", "demo+flip"} and "flip-averaged" in both["models"]["demo+flip"]
     assert both["results"]["demo"]["x8"]["psnr"] == pytest.approx(reports["none"]["results"]["demo"]["x8"]["psnr"])
