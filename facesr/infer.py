@@ -152,9 +152,6 @@ class Fast(torch.nn.Module):
         return Fast(self.net.deploy(), self.bf16) if hasattr(self.net, "deploy") else self
 
 
-TTA = ("none", "flip", "both")  # test-time augmentation: `facesr eval --tta`, `facesr sr --tta`, Upscaler.load(tta=)
-
-
 class FlipEnsemble(torch.nn.Module):
     """Self-ensemble at inference (Lim et al. 2017, EDSR+), with the one transform a face stays a face under: the
     mean of ``net(lr)`` and the mirror of ``net(lr mirrored)``, both halves in one batch of 2B. Twice the
