@@ -348,6 +348,7 @@ STAGE1_MODELS = ("priors", "recognizer")  # stage1.model
 
 # stage2.loss: eq. (4); ℓp on SqueezeNet fire2-4; SRCNN's and VDSR's pixel MSE; SRGAN's MSE + adversarial term
 SR_LOSSES = ("csrip", "perceptual", "mse", "adversarial")
+IDENTITY_ON = ("all", "jpeg")  # stage2.identity_on: which training faces the identity term acts on
 
 
 @dataclass
@@ -373,6 +374,9 @@ class SRStageConfig(StageConfig):
     identity_scales: list[str] = field(default_factory=lambda: ["x8"])  # outputs it acts on: x2, x4, x8
     identity_start: int = 0  # first (0-based) epoch it acts in: SSIM alone before, so it can converge first
     identity_ramp: int = 0  # epochs over which its weight rises linearly to identity_weight from identity_start
+    # which training faces it acts on: all, or jpeg = only those the degradation JPEG-compressed (the others get
+    # SSIM alone), so the term can steer the compressed inputs the mix's SSIM loses identity on (issue 25)
+    identity_on: str = "all"
     recognizer: str = ""  # trained recognizer (safetensors) when stage 1 is not in this run; "" = <run_dir>/recognizer.safetensors
 
     @property
@@ -419,6 +423,8 @@ class SRStageConfig(StageConfig):
                               "must be 0 or more")
         if self.recognizer and not self.uses_recognizer:
             raise ConfigError(f"{key}.recognizer", f"identity_weight={self.identity_weight}: no identity term uses it")
+        if self.identity_on not in IDENTITY_ON:
+            raise ConfigError(f"{key}.identity_on", f"expected one of {', '.join(IDENTITY_ON)}, got {self.identity_on!r}")
 
 
 @dataclass
@@ -526,6 +532,11 @@ class TrainConfig:
         if both and self.stage2.uses_recognizer and self.stage1.model != "recognizer" and not self.stage2.recognizer:
             raise ConfigError("stage2.recognizer", "stage 1 trains the priors, not the recognizer that "
                               "stage2.identity_weight uses: point stage2.recognizer at a recognizer file")
+        if self.stage2.uses_recognizer and self.stage2.identity_on == "jpeg" and 2 in self.run.stages:
+            jpeg = self.data.degradation_model().jpeg
+            if getattr(jpeg, "p", 0) <= 0:
+                raise ConfigError("stage2.identity_on", f"jpeg: the identity term acts on JPEG-compressed faces only, "
+                                  f"and data.degradation={_clip(str(self.data.degradation))} compresses none")
         if self.stage2.priors and 1 in self.run.stages and self.stage1.model == "priors":
             raise ConfigError("stage2.priors", "set it only for a stage-2 run (run.stages=[2]); stage 1 writes "
                               "<run_dir>/priors.safetensors")

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from facesr.augment import flip_crop
-from facesr.degradations import PAPER, degrade_lr
+from facesr.degradations import PAPER, degrade_lr, sample_params
 from facesr.losses import AdversarialLoss, CSRIPLoss, MarginLoss, MSELoss, PerceptualLoss, PriorLoss
 from facesr.models import build_critic, build_prior, build_recognizer, build_sr, get_preset
 from facesr.models.perceptual import PriorFeatures
@@ -177,6 +177,8 @@ class SRStage:
         self.loss_fn = sr_loss(cfg, classes, device, precision)
         self.degradation = cfg.data.degradation_model()
         self.fixed = self.degradation == PAPER  # the shards' lr is exactly the paper's cascade
+        # stage2.identity_on=jpeg: the identity term weighs each face by whether the degradation compressed it
+        self.identity_on_jpeg = self.stage_cfg.uses_recognizer and self.stage_cfg.identity_on == "jpeg"
 
     def build_model(self) -> nn.Module:
         return build_sr(self.stage_cfg.model, preset=self.cfg.preset)
@@ -194,14 +196,22 @@ class SRStage:
         if isinstance(self.loss_fn, CSRIPLoss) and self.loss_fn.identity:
             self.loss_fn.identity_scale.fill_(self.stage_cfg.identity_factor(epoch))
 
-    def train_batch(self, batch: dict, generator: torch.Generator) -> dict:
-        """The network's input: the shards' lr, or hr degraded on the device by the configured model."""
+    def train_batch(self, batch: dict, generator: torch.Generator, weigh: bool = True) -> dict:
+        """The network's input: the shards' lr, or hr degraded on the device by the configured model; with
+        stage2.identity_on=jpeg (and ``weigh``), ``id_weight`` (B,): 1 where that degradation JPEG-compressed."""
         if self.fixed:
             return batch
+        extra = {}
+        if self.identity_on_jpeg and weigh:  # the draws degrade_lr makes next (sample_params leaves the generator)
+            compressed = sample_params(batch["hr"].shape[0], self.degradation, generator).jpeg > 0
+            extra["id_weight"] = compressed.float().to(batch["hr"].device, non_blocking=True)  # host -> device only
         lr = degrade_lr(batch["hr"], self.degradation, generator)  # (B, 3, 24, 24); targets stay the clean cascade
-        return {**batch, "lr": self.precision.tensor(lr)}
+        return {**batch, "lr": self.precision.tensor(lr), **extra}
 
-    val_batch = train_batch  # validation draws from the same distribution, with a generator fixed per batch
+    def val_batch(self, batch: dict, generator: torch.Generator) -> dict:
+        """Validation draws from the same distribution, with a generator fixed per batch; its id/* is every
+        face's distance (the held-out measure), not the training weight's."""
+        return self.train_batch(batch, generator, weigh=False)
 
     def forward(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         return sr_forward(model, self.loss_fn, batch, self.precision)

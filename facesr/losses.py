@@ -119,7 +119,9 @@ class CSRIPLoss(nn.Module):
     ``recognizer`` (frozen, ``facesr.models.Recognizer``) and ``identity`` (target key -> weight β): the cosine
     distance between the recognizer's embeddings of each SR output and of its own ground truth. Unlike eq. (4)'s
     cross-entropy it needs no class label, so it acts on every face, including people outside the class map.
-    ``identity_scale`` (a 0-d tensor, set by the stage each step: its warm-up) multiplies every β.
+    ``identity_scale`` (a 0-d tensor, set by the stage each step: its warm-up) multiplies every β. A batch that
+    holds ``id_weight`` (B,) weighs each face's distance by it (0 = SSIM alone for that face; the mean stays over
+    the whole batch, so β is each counted face's weight).
     """
 
     def __init__(self, priors: dict[str, nn.Module] | None = None, alpha: float = 0.001,
@@ -140,7 +142,7 @@ class CSRIPLoss(nn.Module):
             terms[f"ssim/{scale}"] = s.detach()
             total = total + 0.5 * (1.0 - s)  # eq. (2)
             if key in self.identity:
-                d = identity_distance(self.recognizer, sr[key], batch[key])
+                d = identity_distance(self.recognizer, sr[key], batch[key], batch.get("id_weight"))
                 terms[f"id/{scale}"] = d.detach()
                 total = total + self.identity[key] * self.identity_scale * d
             if self.priors is not None:
@@ -155,13 +157,16 @@ class CSRIPLoss(nn.Module):
         return terms
 
 
-def identity_distance(recognizer: nn.Module, sr: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def identity_distance(recognizer: nn.Module, sr: torch.Tensor, target: torch.Tensor,
+                      weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cosine distance 1 − cos(E(sr), E(target)) of a frozen recognizer's unit embeddings; gradients reach
-    ``sr`` only (the target's embedding is a constant)."""
+    ``sr`` only (the target's embedding is a constant). ``weight`` (B,): each face's share, the mean still
+    over all B."""
     with torch.no_grad():
         want = recognizer.embed(target)  # (B, D)
     got = recognizer.embed(sr)  # (B, D)
-    return 1.0 - (got.float() * want.float()).sum(1).mean()
+    d = 1.0 - (got.float() * want.float()).sum(1)  # (B,)
+    return (d * weight.float()).mean() if weight is not None else d.mean()
 
 
 class PerceptualLoss(nn.Module):

@@ -195,3 +195,54 @@ def test_trained_recognizer_verifies_people_it_never_saw():
     after = auc(rec.eval())
     print(f"held-out verification AUC: untrained {before:.3f}, trained {after:.3f}")
     assert after >= 0.75 and after > before + 0.1
+
+
+def test_weighted_identity_term_counts_only_the_weighted_faces():
+    """A batch's ``id_weight`` weighs each face's distance (the mean over the whole batch): the term equals the
+    weighted mean, and a face weighted 0 sends no gradient through the term."""
+    rec = _recognizer().eval().requires_grad_(False)
+    hr = torch.rand(3, 3, 192, 192)
+    sr = torch.rand(3, 3, 192, 192, requires_grad=True)
+    w = torch.tensor([1.0, 0.0, 1.0])
+    d = 1 - (rec.embed(sr) * rec.embed(hr)).sum(1)
+    got = identity_distance(rec, sr, hr, w)
+    assert torch.isclose(got, (d * w).mean(), atol=1e-6) and not torch.isclose(got, d.mean(), atol=1e-4)
+    got.backward()
+    assert sr.grad[1].abs().sum() == 0 and sr.grad[0].abs().sum() > 0 and sr.grad[2].abs().sum() > 0
+    terms = CSRIPLoss(None, alpha=0.0, recognizer=rec, identity={"hr": 1.0})(
+        {"hr": sr.detach()}, {"hr": hr, "id_weight": w})
+    assert torch.isclose(terms["id/x8"], (d * w).mean().detach(), atol=1e-6)
+
+
+def test_identity_on_jpeg_weighs_the_faces_the_degradation_compressed(tmp_path):
+    """stage2.identity_on=jpeg: SRStage's training batch carries id_weight = 1 exactly where the robust
+    degradation JPEG-compressed the face (its own parameter draw), and the same lr as without the weight
+    (the generator is not disturbed); validation batches carry none (id/* there is every face's); a
+    degradation without JPEG is refused by field name."""
+    from cluster.config import ConfigError, load_config, resolve
+    from cluster.stages import SRStage
+    from facesr.degradations import degrade_lr, sample_params
+    from facesr.step import resolve_precision
+    from tests.conftest import ROOT
+
+    save_recognizer(tmp_path / "rec.safetensors", _recognizer(), [f"c{i}" for i in range(5)])
+    base = [f"data.shards={tmp_path}", f"cluster.storage_path={tmp_path / 'runs'}", "run.stages=[2]",
+            "stage2.alpha=0", "stage2.identity_weight=0.5", f"stage2.recognizer={tmp_path / 'rec.safetensors'}",
+            "engine.precision=fp32"]
+    cfg = resolve(load_config(ROOT / "launch/configs/demo.yaml",
+                              [*base, "data.degradation=robust", "stage2.identity_on=jpeg"]))
+    stage = SRStage(cfg, [], torch.device("cpu"), resolve_precision("fp32", "cpu"))
+    hr = (torch.rand(16, 3, 192, 192) * 255).to(torch.uint8)
+    seed = 1234
+    batch = stage.train_batch({"hr": hr}, torch.Generator().manual_seed(seed))
+    want = (sample_params(16, stage.degradation, torch.Generator().manual_seed(seed)).jpeg > 0).float()
+    assert torch.equal(batch["id_weight"], want) and 0 < want.sum() < 16, want
+    assert torch.equal(batch["lr"], degrade_lr(hr, stage.degradation, torch.Generator().manual_seed(seed)))
+    assert "id_weight" not in stage.val_batch({"hr": hr}, torch.Generator().manual_seed(seed))
+    every = resolve(load_config(ROOT / "launch/configs/demo.yaml", [*base, "data.degradation=robust"]))
+    assert "id_weight" not in SRStage(every, [], torch.device("cpu"), resolve_precision("fp32", "cpu")).train_batch(
+        {"hr": hr}, torch.Generator().manual_seed(seed))
+    with pytest.raises(ConfigError, match="stage2.identity_on.*compresses none"):
+        load_config(ROOT / "launch/configs/demo.yaml", [*base, "stage2.identity_on=jpeg"]).validate()
+    with pytest.raises(ConfigError, match="stage2.identity_on.*expected one of all, jpeg"):
+        load_config(ROOT / "launch/configs/demo.yaml", [*base, "stage2.identity_on=clean"]).validate()
