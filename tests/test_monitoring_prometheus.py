@@ -33,6 +33,8 @@ DASHBOARD = ROOT / "cluster" / "grafana" / "dashboards" / "facesr.json"
 # real shards; the test appends --run-dir, the shards and run.*/cluster.* overrides.
 WORKLOAD = [sys.executable, "-m", "launch.train", "--config", "launch/configs/cpu.yaml"]
 WORKERS = 2
+# tests/test_train.py's FAST, shortened: every series needs a few scrapes, not priors that learn (2 epochs a stage)
+SHORTER = ["stage1.epochs=2", "stage2.epochs=2", "stage2.lr_milestones=[1]"]
 RUN = "monitoring-e2e"
 PER_SCALE = re.compile(r"\bfacesr_(ssim|ce|acc|psnr)\b")  # families labelled by scale
 RATE_INTERVAL = "10s"  # $__rate_interval for a 1 s scrape interval
@@ -122,7 +124,7 @@ def run_window(prometheus):
     run_dir = scratch / "runs" / RUN
     shards = make_shards(scratch / "data")
     cmd = WORKLOAD + ["--run-dir", str(run_dir), f"run.name={RUN}", f"data.shards={shards}",
-                      f"cluster.storage_path={scratch / 'runs'}", *FAST,
+                      f"cluster.storage_path={scratch / 'runs'}", *FAST, *SHORTER,
                       f"run.telemetry_port={monitor.free_port()}", f"run.telemetry_sd_dir={sd_dir}",
                       f"cluster.num_workers={WORKERS}"]
     try:
