@@ -429,7 +429,7 @@ class SRStageConfig(StageConfig):
 
 @dataclass
 class TrainConfig:
-    preset: str = "tiny"  # model preset of facesr.models.PRESETS (tiny | paper)
+    preset: str = "tiny"  # model preset of facesr.models.PRESETS (tiny | paper; tiny-wide, a capacity probe)
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)

@@ -7,7 +7,7 @@ target (the cascade ``x2``, ``x4``, ``hr``; the peers ``hr`` only) and has ``dep
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import timm
 import torch.nn as nn
@@ -43,6 +43,9 @@ PRESETS: dict[str, ModelPreset] = {
         critic=DiscriminatorConfig(width=16, blocks=5, dense=64),
     ),
 }
+# A capacity probe a CPU can train: tiny with twice its widths (4x its FLOPs an image; the paper's is 71x).
+# For the question "does the tiny preset lack capacity?" (README: issue 25), not a deployment size.
+PRESETS["tiny-wide"] = replace(PRESETS["tiny"], sr=SRNetConfig(widths=(64, 32, 16), blocks=1, branch_kernels=(5, 3)))
 
 # stage2.model -> the network class; its config is the preset's field of the same role (sr_config)
 SR_MODELS: dict[str, type[nn.Module]] = {"cascade": SRNet, "srcnn": SRCNN, "vdsr": VDSR, "srresnet": SRResNet}
