@@ -154,7 +154,9 @@ class DataConfig:
     prior_val_split: str = "auto"
     loader_workers: int = 1  # decode processes per training worker
     shuffle_buffer: int = 256  # samples in each decode worker's shuffle buffer (shards already mix identities)
-    steps_per_epoch: int = 0  # cap on optimizer steps per epoch; 0 = the whole split (caps serve smoke runs/benchmarks)
+    # cap on optimizer steps per epoch; 0 = the whole split (caps serve smoke runs/benchmarks); a stage's own
+    # stageN.steps_per_epoch, where set, overrides it for that stage
+    steps_per_epoch: int = 0
     val_batches: int = 0  # cap on validation batches per worker; 0 = the whole split
     # How stage 2's network input is made from hr (facesr.degradations): "paper" = the shards' lr (the
     # paper's fixed blur + decimation, fidelity to the paper); "robust" = randomised per sample on the worker
@@ -274,11 +276,16 @@ class StageConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam betas (PyTorch defaults; paper gives none)
     weight_decay: float = 0.0  # Adam L2 weight decay (paper gives none)
     warmup_steps: int = 0  # linear LR warm-up over the first optimizer steps (large batches); 0 = none (paper)
+    # This stage's cap on optimizer steps per epoch: null = data.steps_per_epoch's, 0 = the whole split (a stage
+    # that needs full epochs, e.g. identity-term.yaml's recognizer, under a config that caps the other one)
+    steps_per_epoch: int | None = None
 
     def validate(self, key: str) -> None:
         for name in ("epochs", "batch_size", "max_micro_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{key}.{name}", "must be at least 1")
+        if self.steps_per_epoch is not None:
+            _at_least(self, key, steps_per_epoch=0)
         if self.lr <= 0:
             raise ConfigError(f"{key}.lr", "must be positive")
         if self.warmup_steps < 0:
@@ -481,6 +488,11 @@ class TrainConfig:
     def stage_cfg(self, stage_num: int) -> StageConfig:
         """The section of stage 1 (priors) or 2 (cascade)."""
         return {1: self.stage1, 2: self.stage2}[stage_num]
+
+    def steps_cap(self, stage_num: int) -> int:
+        """The stage's cap on optimizer steps per epoch (0 = none): its own ``steps_per_epoch``, else data's."""
+        own = self.stage_cfg(stage_num).steps_per_epoch
+        return self.data.steps_per_epoch if own is None else own
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

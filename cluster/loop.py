@@ -126,8 +126,8 @@ def worker_main(config: dict) -> None:
             skip = state.step_in_epoch * b.accumulation
             loader = build_loader(cfg, number, "train", b.micro_batch, rank, world, epoch)
             steps = len(loader) // b.accumulation  # optimizer steps this epoch (same on every rank)
-            if cfg.data.steps_per_epoch:
-                steps = min(steps, cfg.data.steps_per_epoch)
+            if cfg.steps_cap(number):
+                steps = min(steps, cfg.steps_cap(number))
             batches = iter(loader)
             if skip:
                 for _ in islice(batches, skip):  # replay the data epoch up to where the checkpoint left it

@@ -44,8 +44,8 @@ def planned_steps(cfg: TrainConfig, number: int, manifest: dict, world: int | No
     micro, accum = accumulation(st.batch_size, world, st.max_micro_batch)
     per_epoch = split_samples(manifest, split_name(cfg, number, "train"), labelled_only=number == 1) // (world * micro)
     per_epoch //= accum
-    if cfg.data.steps_per_epoch:
-        per_epoch = min(per_epoch, cfg.data.steps_per_epoch)
+    if cfg.steps_cap(number):
+        per_epoch = min(per_epoch, cfg.steps_cap(number))
     return per_epoch * st.epochs
 
 

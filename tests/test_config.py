@@ -215,6 +215,7 @@ def test_warmup_rises_linearly_then_follows_the_epoch_schedule():
         ("EngineConfig", {"precision": "fp16"}, "engine.precision"),
         ("PriorStageConfig", {"crop_pad": -1}, "stage1.crop_pad"),
         ("SRStageConfig", {"lr": 0.0}, "stage2.lr"),
+        ("SRStageConfig", {"steps_per_epoch": -1}, "stage2.steps_per_epoch"),
     ],
 )
 def test_each_section_checks_its_own_values(section, kwargs, field):
@@ -226,6 +227,25 @@ def test_each_section_checks_its_own_values(section, kwargs, field):
     with pytest.raises(ConfigError) as e:
         obj.validate(key)
     assert e.value.field == field
+
+
+def test_a_stage_s_own_steps_cap_overrides_data_s(shards):
+    """``stageN.steps_per_epoch`` caps that stage alone (0 = the whole split), where ``data.steps_per_epoch`` caps
+    both: identity-term.yaml trains its recognizer on whole epochs under the demo's 60-step stage 2."""
+    from cluster.progress import planned_steps
+    from shards.manifest import read_manifest
+
+    m = read_manifest(shards)
+    full = resolve(load_config(CPU, [f"data.shards={shards}"]))
+    capped = resolve(load_config(CPU, [f"data.shards={shards}", "data.steps_per_epoch=1"]))
+    own = resolve(load_config(CPU, [f"data.shards={shards}", "data.steps_per_epoch=1", "stage1.steps_per_epoch=0",
+                                    "stage2.steps_per_epoch=2"]))
+    whole1, whole2 = planned_steps(full, 1, m), planned_steps(full, 2, m)
+    assert whole1 > full.stage1.epochs and whole2 > 2 * full.stage2.epochs  # more than the caps below allow
+    assert (planned_steps(capped, 1, m), planned_steps(capped, 2, m)) == (capped.stage1.epochs, capped.stage2.epochs)
+    assert (planned_steps(own, 1, m), planned_steps(own, 2, m)) == (whole1, 2 * own.stage2.epochs)
+    shipped = load_config("identity-term")
+    assert (shipped.steps_cap(1), shipped.steps_cap(2)) == (0, shipped.data.steps_per_epoch) and shipped.steps_cap(2)
 
 
 # ---------------------------------------------------------------- config files: defaults, names

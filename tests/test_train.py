@@ -445,7 +445,8 @@ def test_table1_peer_trains_through_facesr_train_without_priors(shards, scratch)
     storage = scratch / "peer"
     res = subprocess.run(train_cmd(CPU, f"data.shards={shards}", f"cluster.storage_path={storage}", "run.name=vdsr",
                                    "run.stages=[2]", "stage2.model=vdsr", "stage2.loss=perceptual",
-                                   f"stage2.perceptual_weights={weights}", "stage2.epochs=3", "data.steps_per_epoch=4",
+                                   f"stage2.perceptual_weights={weights}", "stage2.epochs=3",
+                                   "stage2.steps_per_epoch=4",  # the stage's own cap (8 steps an epoch uncapped)
                                    "data.val_batches=1", "run.log_every=1", "cluster.max_failures=0"),
                          cwd=ROOT, env=env_with_venv(), capture_output=True, text=True, timeout=600,
                          start_new_session=True)
