@@ -31,7 +31,7 @@ RUN     ?= runs/demo/runs/demo
 SHARDS  ?= runs/demo/shards
 
 # Issue 25's identity term (launch/configs/identity-term.yaml): a face recognizer, then the demo's stage 2 with
-# the identity term through it, on the demo's shards (`make demo` first; ~14 min of training on 2 cores); then
+# the identity term through it, on the demo's shards (`make demo` first; ~19 min of training on 2 cores); then
 # its identity table beside the demo's model on the validation identities, every row (~15 min).
 DEGRADATIONS ?= paper,decimate0,bicubic_aa,area,bilinear_noise,jpeg50,heldout
 identity-term: $(STAMP)
