@@ -33,6 +33,7 @@ import ray
 from ray._raylet import Config
 
 ROOT = Path(__file__).resolve().parents[1]  # this checkout: workers of a new local Ray import it from here
+HEALTH_CHECK_INTERVAL_S = "0.5"  # Ray Train's controller polls its workers this often (module docstring)
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None, use_gpu: bool = False) -> str:
@@ -41,6 +42,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, use_gpu:
     ``use_gpu``: False makes a new local Ray's workers use DeepSpeed's CPU accelerator. Workers' stdout and
     stderr reach this console (log_to_driver): their warnings and tracebacks; facesr's workers print little.
     """
+    set_train_defaults()
     if ray.is_initialized():
         return "the Ray instance this process already uses"
     if "RAY_AUTH_MODE" not in os.environ:
@@ -59,6 +61,11 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, use_gpu:
     ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=dashboard, **quiet)
     return f"a new local Ray ({_cpus()} CPUs, dashboard http://127.0.0.1:{dashboard})"
+
+
+def set_train_defaults() -> None:
+    """Ray Train settings this driver's trainers pass on to their controller, where the environment is silent."""
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
 
 
 def shutdown() -> None:

@@ -244,3 +244,74 @@ def s3_server(tmp_path_factory):
     server = S3Server(tmp_path_factory.mktemp("moto") / "moto.log")
     yield server
     server.stop()
+
+
+# ---------------------------------------------------------------- one monitored training job for the session
+
+
+@pytest.fixture(scope="session")
+def prometheus(tmp_path_factory):
+    """A real Prometheus on 127.0.0.1 finding exporters through a temporary file_sd dir and an HTTP SD table
+    (cluster/discovery.py's, served on loopback); yields (url, sd_dir, sd_table). For the session: the job below
+    is scraped by it, tests/test_monitoring_prometheus.py queries it."""
+    from cluster import monitor
+    from cluster.discovery import SDServer, TargetTable
+
+    needs_system("prometheus")  # installed at session start (tests/system.py)
+    tmp = tmp_path_factory.mktemp("prometheus")
+    sd_dir = tmp / "sd"
+    sd_dir.mkdir()
+    ray_sd = tmp / "ray_sd.json"
+    ray_sd.write_text("[]")  # no Ray cluster scraped: an empty target list
+    table = TargetTable()
+    server = SDServer(table, "127.0.0.1", 0)
+    port = monitor.free_port()
+    text = monitor.render_config(str(sd_dir), str(ray_sd), scrape_interval="1s", sd_url=server.url)
+    log = open(tmp / "prometheus.log", "w")
+    proc = monitor.start(text, str(tmp / "data"), port=port, log_file=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        monitor.wait_ready(url, proc)
+        yield url, sd_dir, table
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def monitored_job(request) -> dict:
+    """Both stages of cpu.yaml on 2 workers with ZeRO-1, submitted with `ray job submit` to a token-auth head,
+    exporters on and found by the session's Prometheus: one run that tests/test_train.py checks as a training
+    job and tests/test_monitoring_prometheus.py as a monitored one (each used to train its own).
+    Without Prometheus on the machine (outside CI) the job runs unwatched and the monitoring tests skip.
+    Returns {"run": run folder, "window": (start, end) Unix times of the job}."""
+    import subprocess
+    import tempfile
+    import time
+
+    from cluster import monitor
+    from tests.test_train import BIN, CPU, FAST, TokenHead, make_shards
+
+    scratch = Path(tempfile.mkdtemp(prefix="fsr-job-"))  # private: pytest's basetemp is pruned by other sessions
+    watched = "prometheus" not in MISSING_SYSTEM and shutil.which("prometheus")
+    sd_dir = request.getfixturevalue("prometheus")[1] if watched else scratch / "sd"
+    head = TokenHead(scratch / "head")
+    try:
+        shards, storage = make_shards(scratch / "data"), scratch / "runs"
+        cmd = [str(BIN / "ray"), "job", "submit", "--address", head.url, "--working-dir", ".", "--",
+               "python", "-m", "launch.train", "--config", CPU, f"data.shards={shards}",
+               f"cluster.storage_path={storage}", "run.name=job", f"run.telemetry_port={monitor.free_port()}",
+               f"run.telemetry_sd_dir={sd_dir}", *FAST,
+               "engine.zero_stage=1",  # the configs use 0; this run keeps the sharded-optimizer path tested
+               "run.val_every=2"]  # validation after epochs 2, 4, 6 of stage 1 and 2, 3 (the last) of stage 2
+        start = time.time()
+        res = subprocess.run(cmd, cwd=ROOT, env=head.env, capture_output=True, text=True, timeout=600)
+        end = time.time()
+    finally:
+        head.stop()  # the tests read the run folder only: no idle Ray head for the rest of the session
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert "succeeded" in (res.stdout + res.stderr).lower()
+    yield {"run": storage / "job", "window": (start, end)}
+    shutil.rmtree(scratch, ignore_errors=True)

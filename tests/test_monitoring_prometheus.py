@@ -1,9 +1,10 @@
 """End to end against a real Prometheus: exporters of a short run -> file_sd -> every dashboard query.
 
-Installs Debian's ``prometheus`` if missing (needs root and apt), starts it on loopback with
+Debian's ``prometheus`` (installed at session start, tests/system.py) runs on loopback with
 cluster/prometheus/prometheus.yml rendered to a temporary discovery dir and a 1 s scrape
-interval, runs WORKLOAD to completion, then evaluates every PromQL query of the Grafana
-dashboard over the run's time window through /api/v1/query_range (as Grafana does).
+interval (tests/conftest.py's ``prometheus``) while the session's training job runs (``monitored_job``, which
+tests/test_train.py checks as a job); every PromQL query of the Grafana dashboard is then evaluated over the
+job's time window through /api/v1/query_range (as Grafana does).
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -29,13 +28,10 @@ from tests.conftest import needs_system
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "cluster" / "grafana" / "dashboards" / "facesr.json"
-# The run being monitored: a real short CPU training (Ray Train + DeepSpeed, both stages) on tiny
-# real shards; the test appends --run-dir, the shards and run.*/cluster.* overrides.
-WORKLOAD = [sys.executable, "-m", "launch.train", "--config", "launch/configs/cpu.yaml"]
+# The run being monitored: the session's `monitored_job` (tests/conftest.py), a real short CPU training (Ray
+# Train + DeepSpeed, both stages, 2 workers) on tiny real shards, submitted as a Ray job
 WORKERS = 2
-# tests/test_train.py's FAST, shortened: every series needs a few scrapes, not priors that learn (2 epochs a stage)
-SHORTER = ["stage1.epochs=2", "stage2.epochs=2", "stage2.lr_milestones=[1]"]
-RUN = "monitoring-e2e"
+RUN = "job"
 PER_SCALE = re.compile(r"\bfacesr_(ssim|ce|acc|psnr)\b")  # families labelled by scale
 RATE_INTERVAL = "10s"  # $__rate_interval for a 1 s scrape interval
 
@@ -86,54 +82,11 @@ def api(url: str, path: str, **params) -> dict:
 
 
 @pytest.fixture(scope="module")
-def prometheus(tmp_path_factory):
-    """A real Prometheus on 127.0.0.1 finding exporters through a temporary file_sd dir and an HTTP SD table
-    (cluster/discovery.py's, served on loopback); yields (url, sd_dir, sd_table)."""
-    from cluster.discovery import SDServer, TargetTable
-
-    needs_system("prometheus")  # installed at session start (tests/system.py)
-    tmp = tmp_path_factory.mktemp("prometheus")
-    sd_dir = tmp / "sd"
-    sd_dir.mkdir()
-    ray_sd = tmp / "ray_sd.json"
-    ray_sd.write_text("[]")  # no Ray cluster in this test: an empty target list
-    table = TargetTable()
-    server = SDServer(table, "127.0.0.1", 0)
-    port = monitor.free_port()
-    text = monitor.render_config(str(sd_dir), str(ray_sd), scrape_interval="1s", sd_url=server.url)
-    log = open(tmp / "prometheus.log", "w")
-    proc = monitor.start(text, str(tmp / "data"), port=port, log_file=log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        monitor.wait_ready(url, proc)
-        yield url, sd_dir, table
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
-        server.close()
-
-
-@pytest.fixture(scope="module")
-def run_window(prometheus):
-    """Runs WORKLOAD to completion; yields (t_start, t_end, run_dir), removes its scratch after."""
-    _, sd_dir, _ = prometheus
-    from tests.test_train import FAST, make_shards
-
-    scratch = Path(tempfile.mkdtemp(prefix="fsr-mon-"))  # private: pytest's basetemp is pruned by other sessions
-    run_dir = scratch / "runs" / RUN
-    shards = make_shards(scratch / "data")
-    cmd = WORKLOAD + ["--run-dir", str(run_dir), f"run.name={RUN}", f"data.shards={shards}",
-                      f"cluster.storage_path={scratch / 'runs'}", *FAST, *SHORTER,
-                      f"run.telemetry_port={monitor.free_port()}", f"run.telemetry_sd_dir={sd_dir}",
-                      f"cluster.num_workers={WORKERS}"]
-    try:
-        t_start = time.time()
-        subprocess.run(cmd, cwd=ROOT, check=True, timeout=600)
-        t_end = time.time()
-        yield t_start, t_end, run_dir
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+def run_window(monitored_job):
+    """The session's monitored job (tests/conftest.py: both stages, 2 workers, `ray job submit`, exporters
+    found by the session's ``prometheus`` through its file_sd folder); yields (t_start, t_end, run_dir)."""
+    t_start, t_end = monitored_job["window"]
+    return t_start, t_end, monitored_job["run"]
 
 
 def test_rendered_config_is_valid(prometheus, tmp_path):

@@ -106,3 +106,18 @@ def test_cuda_status_names_what_is_missing():
     else:
         assert status["problems"] and status["devices"] == 0
         assert all(("nvidia-smi" in p or "torch" in p) for p in status["problems"]), status["problems"]
+
+
+def test_driver_shortens_ray_trains_poll_interval_unless_the_environment_sets_it(monkeypatch):
+    """The driver's default poll interval (0.5 s, cluster/ray_connect.py) is among what Ray Train passes on to its
+    controller; a value in the environment is kept."""
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    from cluster.ray_connect import HEALTH_CHECK_INTERVAL_S, set_train_defaults
+
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    set_train_defaults()
+    assert get_env_vars_to_propagate()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == HEALTH_CHECK_INTERVAL_S == "0.5"
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
+    set_train_defaults()
+    assert get_env_vars_to_propagate()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"

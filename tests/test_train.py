@@ -209,19 +209,11 @@ def head(scratch):
 
 
 @pytest.fixture(scope="module")
-def job_run(head, shards, scratch) -> Path:
-    """Both stages of cpu.yaml on 2 workers with ZeRO-1, submitted with `ray job submit` to the token-auth head
-    (with the Prometheus exporters on, as a monitored run has them)."""
-    storage = scratch / "runs"
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", head.url, "--working-dir", ".", "--",
-           "python", "-m", "launch.train", "--config", CPU, f"data.shards={shards}",
-           f"cluster.storage_path={storage}", "run.name=job", f"run.telemetry_port={free_ports(1)[0]}", *FAST,
-           "engine.zero_stage=1",  # the configs use 0; this run keeps the sharded-optimizer path tested
-           "run.val_every=2"]  # validation after epochs 2, 4, 6 of stage 1 and 2, 3 (the last) of stage 2
-    res = subprocess.run(cmd, cwd=ROOT, env=head.env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    assert "succeeded" in (res.stdout + res.stderr).lower()
-    return storage / "job"
+def job_run(monitored_job) -> Path:
+    """Both stages of cpu.yaml on 2 workers with ZeRO-1, submitted with `ray job submit` to a token-auth head,
+    exporters on: the session's monitored job (tests/conftest.py), which tests/test_monitoring_prometheus.py
+    watches through Prometheus."""
+    return monitored_job["run"]
 
 
 # ---------------------------------------------------------------- tests
