@@ -119,3 +119,24 @@ def test_config_is_documented():
     """The degradation parameters serialise for the shard manifest."""
     d = DEFAULT.to_dict()
     assert d["crop"] == 192 and d["blur_sigma"] == 1.0 and d["residual_sigma"]["hr"] == pytest.approx(7 / 3)
+
+
+@pytest.mark.parametrize("shape,sigma,even,stride", [((2, 3, 48, 48), 1 / 3, False, 1), ((2, 3, 96, 80), 1.0, False, 1),
+                                                     ((1, 3, 192, 192), 7 / 3, False, 1), ((2, 3, 64, 96), 1.0, True, 2)])
+def test_matmul_filter_equals_reflect_padded_convolution(shape, sigma, even, stride):
+    """The banded matrices (facesr.degrade's docstring) compute what F.pad(reflect) + a depthwise conv2d does, on
+    square and non-square images, blur and blur-and-decimate; a padding the side cannot reflect is refused."""
+    from facesr.degrade import _separable, gaussian_kernel1d
+
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    k = gaussian_kernel1d(sigma, even)
+    pad = (k.numel() // 2 - 1, k.numel() // 2) if even else ((k.numel() - 1) // 2,) * 2
+    c = shape[1]
+    want = F.conv2d(F.pad(x, (0, 0, *pad), mode="reflect"), k.view(1, 1, -1, 1).expand(c, 1, -1, 1),
+                    stride=(stride, 1), groups=c)
+    want = F.conv2d(F.pad(want, (*pad, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).expand(c, 1, 1, -1),
+                    stride=(1, stride), groups=c)
+    got = _separable(x, sigma, even, stride, pad)
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6)
+    with pytest.raises(ValueError, match="reflect padding of"):
+        _separable(x[..., :pad[1], :pad[1]], sigma, even, stride, pad)

@@ -167,13 +167,13 @@ def test_prior_loss_top5_and_class_weights_match_torch():
 
 def test_constants_cached_during_evaluation_still_serve_training():
     """A process that evaluates first fills the caches of constant tensors (SSIM's window matrices, the cascade's
-    blur kernels, resize matrices) under torch.inference_mode; training after it must still backpropagate
+    blur matrices, resize matrices) under torch.inference_mode; training after it must still backpropagate
     through them (an inference tensor cannot be saved for backward: the suite run in reverse order hit it)."""
     from facesr import degrade as dg
     from facesr import degradations as dgs
     from facesr import losses
 
-    for cached in (losses.window_matrix, dg._kernel_on, dgs.resize_matrix, dgs._matrix64, dgs._paper64):
+    for cached in (losses.window_matrix, dg._band, dgs.resize_matrix, dgs._matrix64, dgs._paper64):
         cached.cache_clear()
     g = torch.Generator().manual_seed(0)
     hr = torch.rand(2, 3, 192, 192, generator=g)
