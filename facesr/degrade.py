@@ -76,9 +76,14 @@ class TooSmallError(ValueError):
     """The source image cannot give a 192×192 crop without upscaling."""
 
 
+def kernel_radius(sigma: float) -> int:
+    """Taps on each side of the Gaussian's centre: the odd kernel has 2r+1, the even one 2r."""
+    return max(1, math.ceil(3.0 * sigma))
+
+
 def gaussian_kernel1d(sigma: float, even: bool = False, dtype=torch.float32) -> torch.Tensor:
     """Normalised 1-D Gaussian; odd length centred on a tap, or even length centred between taps."""
-    radius = max(1, math.ceil(3.0 * sigma))
+    radius = kernel_radius(sigma)
     if even:
         t = torch.arange(-radius, radius, dtype=torch.float64) + 0.5  # 2·radius taps
     else:
@@ -112,7 +117,7 @@ def _separable(x: torch.Tensor, sigma: float, even: bool, stride: int, pad: tupl
 
 def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Gaussian blur with reflect padding; same size out. (B, C, H, W) -> (B, C, H, W)."""
-    r = (gaussian_kernel1d(sigma).numel() - 1) // 2
+    r = kernel_radius(sigma)
     return _separable(x, sigma, False, 1, (r, r))
 
 
@@ -120,7 +125,7 @@ def downsample2x(x: torch.Tensor, sigma: float = DEFAULT.blur_sigma) -> torch.Te
     """Gaussian blur followed by 2× decimation. (B, C, H, W) -> (B, C, H/2, W/2)."""
     if x.shape[-1] % 2 or x.shape[-2] % 2:
         raise ValueError(f"downsample2x needs even sides, got {tuple(x.shape[-2:])}")
-    r = gaussian_kernel1d(sigma, even=True).numel() // 2
+    r = kernel_radius(sigma)
     # Output i averages fine pixels 2i-r+1 .. 2i+r, centred at 2i+0.5.
     return _separable(x, sigma, True, 2, (r - 1, r))
 
