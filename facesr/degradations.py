@@ -44,7 +44,7 @@ from __future__ import annotations
 import io
 import math
 import zlib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import numpy as np
