@@ -297,6 +297,7 @@ def monitored_job(request) -> dict:
     scratch = Path(tempfile.mkdtemp(prefix="fsr-job-"))  # private: pytest's basetemp is pruned by other sessions
     watched = "prometheus" not in MISSING_SYSTEM and shutil.which("prometheus")
     sd_dir = request.getfixturevalue("prometheus")[1] if watched else scratch / "sd"
+    sd_dir.mkdir(exist_ok=True)  # unwatched: the exporters still advertise, into a folder nobody reads
     head = TokenHead(scratch / "head")
     try:
         shards, storage = make_shards(scratch / "data"), scratch / "runs"

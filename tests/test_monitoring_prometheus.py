@@ -84,7 +84,7 @@ def api(url: str, path: str, **params) -> dict:
 @pytest.fixture(scope="module")
 def run_window(monitored_job):
     """The session's monitored job (tests/conftest.py: both stages, 2 workers, `ray job submit`, exporters
-    found by the session's ``prometheus`` through its file_sd folder); yields (t_start, t_end, run_dir)."""
+    found by the session's ``prometheus`` through its file_sd folder): (t_start, t_end, run_dir)."""
     t_start, t_end = monitored_job["window"]
     return t_start, t_end, monitored_job["run"]
 
