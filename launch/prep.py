@@ -27,6 +27,10 @@ def configure(p) -> None:
     p.add_argument("--prior-holdout", type=float, default=0.0,
                    help="images of each prior class held out (split prior_val) to score the priors on images "
                         "they never trained on: a share under 1, a count per class from 1 (balanced); 0 = none")
+    p.add_argument("--exclude", default="", metavar="SHARDS",
+                   help="another shard set (folder or URI): leave out the identities its val and test splits hold "
+                        "(matched in the source folders both read), e.g. faces for a recognizer that must not see "
+                        "the people SHARDS evaluates on")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--png-level", type=int, default=1, choices=range(10), metavar="0-9", help="PNG zlib level")
     p.add_argument("--members", default="png", choices=("png", "raw"),
@@ -53,7 +57,8 @@ def run(args) -> int:
         print(f"facesr prep: error: {exn}", file=sys.stderr)
         return 2
     cfg = PrepConfig(src=args.src[0] if len(args.src) == 1 else tuple(args.src), out=args.out, split=split, shard_size=args.shard_size,
-                     png_level=args.png_level, members=args.members, progress=not args.no_progress)
+                     png_level=args.png_level, members=args.members, progress=not args.no_progress,
+                     exclude=args.exclude)
     try:
         check_paths(cfg)
         if args.no_ray:

@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -58,6 +59,10 @@ class PrepConfig:
     members: str = "png"  # png = lossless PNG levels; raw = uint8 (3, S, S) bytes, 2.3x larger, ~100x faster to stream
     degrade: DegradeConfig = DEFAULT
     progress: bool = True  # tqdm bars (images/s, ETA) on stderr
+    # another shard set (folder or URI with a manifest): the identities its val and test splits hold, in the
+    # source folders both read, are left out, so that a face set for a recognizer can take every person but those
+    # that set evaluates on (launch/configs/identity-term.yaml's stage1.shards); "" = none
+    exclude: str = ""
 
     def settings(self) -> dict:
         """What shard bytes depend on; part of every shard's fingerprint."""
@@ -97,6 +102,38 @@ def check_paths(cfg: PrepConfig) -> None:
         raise PrepError(f"OUT {cfg.out} is not writable: {exn.strerror or exn}") from None
 
 
+EXCLUDED_SPLITS = ("val", "test")
+
+
+def excluded_identities(cfg: PrepConfig, candidates: list[tuple[str, str]]) -> set[str]:
+    """This prep's names of the identities that ``cfg.exclude``'s val/test splits hold, matched on the source
+    folder (resolved) both preps read; PrepError when the manifest is unreadable or shares no source folder."""
+    from .manifest import ManifestError, read_manifest
+
+    try:
+        other = read_manifest(cfg.exclude, check_files=False)
+    except (ManifestError, OSError, StoreError) as exn:
+        raise PrepError(f"--exclude {cfg.exclude}: no readable shard manifest ({exn})") from None
+    src = other.get("source", {})
+    theirs = {"": src["root"]} if "root" in src else dict(src.get("roots", {}))
+    held = set()  # (resolved source folder, identity folder name)
+    for name, info in other["identities"].items():
+        if info.get("split") in EXCLUDED_SPLITS:
+            label, _, bare = name.partition("/") if "" not in theirs else ("", "", name)
+            if label in theirs:
+                held.add((os.path.realpath(theirs[label]), bare))
+    ours = {label: os.path.realpath(root) for label, root in source_roots(cfg.src).items()}
+    if not set(ours.values()) & {os.path.realpath(r) for r in theirs.values()}:
+        raise PrepError(f"--exclude {cfg.exclude}: its source folders ({', '.join(theirs.values()) or 'none'}) are "
+                        f"not among SRC ({_show(cfg.src)}), so no identity of its val/test splits could be matched")
+    out = set()
+    for ident, _ in candidates:
+        label, _, bare = ident.partition("/") if "" not in ours else ("", "", ident)
+        if (ours[label], bare) in held:
+            out.add(ident)
+    return out
+
+
 def _sweep(out, keep: set[str]) -> None:
     """Remove temporaries of killed runs, and our shards/records that the current plan no longer has."""
     for d in (out, out / PARTS):
@@ -122,6 +159,12 @@ def prepare(cfg: PrepConfig, mapper: Mapper = serial_map) -> dict:
     out = store_path(cfg.out)
     found = scan(cfg.src)
     rejects = list(found.rejects)
+    excluded = {"shards": str(cfg.exclude), "splits": list(EXCLUDED_SPLITS), "identities": 0, "images": 0}
+    if cfg.exclude:
+        drop = excluded_identities(cfg, found.candidates)
+        kept = [c for c in found.candidates if c[0] not in drop]
+        excluded.update(identities=len(drop), images=len(found.candidates) - len(kept))
+        found = dataclasses.replace(found, candidates=kept)
     if not found.candidates:
         _write_rejects(out, rejects)
         raise PrepError(f"SRC {_show(cfg.src)} holds no image files in identity folders "
@@ -171,6 +214,8 @@ def prepare(cfg: PrepConfig, mapper: Mapper = serial_map) -> dict:
 
     # 4. manifest and rejects, published last: a manifest means every shard it lists is complete
     manifest = _manifest(cfg, found, accepted, rejects, counts, split_of, where, classes, plans, records)
+    if cfg.exclude:
+        manifest["excluded"] = excluded
     _write_rejects(out, rejects)
     atomic_write(out / "manifest.json", (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
     written = sum(len(plans[i].samples) for i in todo)
@@ -179,7 +224,7 @@ def prepare(cfg: PrepConfig, mapper: Mapper = serial_map) -> dict:
         "shards": len(plans), "shards_written": len(todo), "shards_kept": len(plans) - len(todo),
         "images_checked": len(paths), "check_s": check_s, "images_written": written, "write_s": write_s, "total_s": time.perf_counter() - t0,
         "splits": {s: {k: v for k, v in d.items() if k != "shards"} for s, d in manifest["splits"].items()},
-        "num_classes": manifest["num_classes"], "out": str(out),
+        "num_classes": manifest["num_classes"], "out": str(out), "excluded": excluded if cfg.exclude else None,
     }
 
 
@@ -256,6 +301,10 @@ def format_summary(summary: dict) -> str:
              f"(see {summary['out']}/rejects.tsv)"]
     for kind, n in summary["rejects_by_kind"].items():
         lines.append(f"  {n:>7,}  {kind:<15} {KINDS.get(kind, '')}")
+    if summary.get("excluded"):
+        e = summary["excluded"]
+        lines.append(f"left out {e['identities']:,} identities ({e['images']:,} images) that {e['shards']} "
+                     f"holds in {' and '.join(e['splits'])}")
     for s, d in summary["splits"].items():
         lines.append(f"{s:>5}: {d['identities']:,} identities, {d['samples']:,} samples "
                      f"({d['labelled']:,} labelled)")

@@ -278,3 +278,44 @@ def test_combined_sources_with_one_folder_name_refused(tmp_path, capsys):
     assert main(["prep", str(a), str(b), str(tmp_path / "out"), "--no-ray", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "share the folder name 'faces'" in err and str(a) in err and str(b) in err
+
+
+def test_exclude_leaves_out_the_people_another_shard_set_evaluates_on(tmp_path, capsys):
+    """--exclude SHARDS: a second prep over the same folder plus another one keeps every identity of SHARDS'
+    train split and none of its val/test people (matched in the folder both read, not by bare name: the other
+    folder's same-named identity stays); counts in the manifest and summary. An unreadable or unrelated
+    --exclude stops before anything is written, naming it."""
+    faces = real_faces(60)
+    roots = {"lfw": tmp_path / "a" / "lfw", "celeb": tmp_path / "b" / "celeb"}
+    for k, root in enumerate(roots.values()):
+        for f in dict.fromkeys(faces[k * 30 : (k + 1) * 30] + faces[:6]):
+            (root / f.parent.name).mkdir(parents=True, exist_ok=True)
+            (root / f.parent.name / f.name).symlink_to(f)
+    first = tmp_path / "first"
+    assert main(["prep", str(roots["lfw"]), str(first), "--no-ray", "--shard-size", "16", "--val", "0.2",
+                 "--test", "0.2", "--no-progress"]) == 0
+    m1 = read_manifest(first)
+    held = {n for n, d in m1["identities"].items() if d["split"] in ("val", "test")}
+    kept = {n for n, d in m1["identities"].items() if d["split"] == "train"}
+    assert held and kept
+    out = tmp_path / "rec"
+    args = ["prep", *map(str, roots.values()), str(out), "--no-ray", "--split-by", "none", "--exclude", str(first),
+            "--shard-size", "16", "--no-progress"]
+    assert main(args) == 0
+    assert "left out" in capsys.readouterr().out
+    m2 = read_manifest(out, verify=True)
+    lfw = {n.split("/", 1)[1] for n in m2["identities"] if n.startswith("lfw/")}
+    celeb = {n.split("/", 1)[1] for n in m2["identities"] if n.startswith("celeb/")}
+    assert lfw == kept and not lfw & held
+    assert celeb == {p.name for p in roots["celeb"].iterdir()}  # the other folder loses no one
+    shared = {f.parent.name for f in faces[:6]}  # folders of this name in both sources: two people
+    assert shared & held and shared & held <= celeb  # held out in lfw, kept in celeb
+    images = sum(m1["identities"][n]["images"] for n in held)
+    assert m2["excluded"] == {"shards": str(first), "splits": ["val", "test"], "identities": len(held),
+                              "images": images}
+    for bad, why in ((tmp_path / "nowhere", "no readable shard manifest"), (first, "not among SRC")):
+        dest = tmp_path / f"never-{bad.name}"
+        assert main(["prep", str(roots["celeb"]), str(dest), "--no-ray", "--exclude", str(bad), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"--exclude {bad}" in err and why in err, err
+        assert not (dest / "manifest.json").exists()
