@@ -331,6 +331,10 @@ class PriorStageConfig(StageConfig):
     margin: str = "cosface"  # recognizer: cosface (s·(cos θ − m)) or arcface (s·cos(θ + m))
     margin_m: float = 0.35  # recognizer: the margin m (CosFace's 0.35; ArcFace's paper uses 0.5)
     margin_s: float = 30.0  # recognizer: the scale s of the cosine logits
+    # The shard set stage 1 trains on; "" = data.shards. A recognizer may learn from more people than stage 2
+    # trains on (every training identity plus another face set: `facesr prep ... --exclude DATA_SHARDS` leaves
+    # out the people data.shards evaluates on); priors whose cross-entropy stage 2 uses must share its class map
+    shards: str = ""
 
     def validate(self, key: str = "stage1") -> None:
         super().validate(key)
@@ -488,6 +492,10 @@ class TrainConfig:
     def stage_cfg(self, stage_num: int) -> StageConfig:
         """The section of stage 1 (priors) or 2 (cascade)."""
         return {1: self.stage1, 2: self.stage2}[stage_num]
+
+    def shards_of(self, stage_num: int) -> str:
+        """The shard set stage ``stage_num`` streams: stage1.shards where set, else data.shards."""
+        return self.stage1.shards if stage_num == 1 and self.stage1.shards else self.data.shards
 
     def steps_cap(self, stage_num: int) -> int:
         """The stage's cap on optimizer steps per epoch (0 = none): its own ``steps_per_epoch``, else data's."""
@@ -720,6 +728,7 @@ def resolve(cfg: TrainConfig, base: str | Path | None = None) -> TrainConfig:
 
     cfg = dataclasses.replace(cfg)
     cfg.data = dataclasses.replace(cfg.data, shards=absolute(cfg.data.shards))
+    cfg.stage1 = dataclasses.replace(cfg.stage1, shards=absolute(cfg.stage1.shards))
     cfg.cluster = dataclasses.replace(cfg.cluster, storage_path=absolute(cfg.cluster.storage_path))
     run_dir = cfg.run.run_dir or (
         str(Path(cfg.cluster.storage_path) / cfg.run.name) if not _is_uri(cfg.cluster.storage_path)
@@ -734,7 +743,7 @@ def resolve(cfg: TrainConfig, base: str | Path | None = None) -> TrainConfig:
     cfg.stage2 = dataclasses.replace(cfg.stage2, priors=absolute(cfg.stage2.priors),
                                      recognizer=absolute(cfg.stage2.recognizer),
                                      perceptual_weights=weights if weights in ("imagenet", "priors") else absolute(weights))
-    if any(_is_uri(p) for p in (cfg.cluster.storage_path, run_dir, cfg.data.shards, cfg.stage2.priors,
+    if any(_is_uri(p) for p in (cfg.cluster.storage_path, run_dir, cfg.data.shards, cfg.stage1.shards, cfg.stage2.priors,
                                 cfg.stage2.recognizer)):
         from shards.store import settings
 
@@ -745,12 +754,13 @@ def resolve(cfg: TrainConfig, base: str | Path | None = None) -> TrainConfig:
     return cfg
 
 
-def check(cfg: TrainConfig) -> dict:
+def check(cfg: TrainConfig) -> dict[int, dict]:
     """Everything that can be refused before a worker starts: the values, then the shards and priors on disk;
-    returns the shard manifest."""
+    returns each stage's shard manifest (stage number -> manifest)."""
     cfg.validate()
     _check_stores(cfg)
-    manifest = _manifest(cfg)
+    manifests = _manifests(cfg)
+    manifest = manifests.get(2)
     trained_here = 1 in cfg.run.stages
     if 2 in cfg.run.stages and cfg.stage2.uses_priors and not (trained_here and cfg.stage1.model == "priors"):
         _check_priors(cfg, manifest)
@@ -758,7 +768,7 @@ def check(cfg: TrainConfig) -> dict:
         _check_recognizer(cfg)
     if 2 in cfg.run.stages and cfg.stage2.loss == "perceptual" and cfg.stage2.perceptual_weights != "priors":
         _check_perceptual(cfg)
-    return manifest
+    return manifests
 
 
 def _check_stores(cfg: TrainConfig) -> None:
@@ -767,6 +777,7 @@ def _check_stores(cfg: TrainConfig) -> None:
 
     configure(cfg.cluster.s3_endpoint, cfg.cluster.s3_region)
     for key, uri, write in (("run.run_dir", cfg.run.run_dir, True), ("data.shards", cfg.data.shards, False),
+                            ("stage1.shards", cfg.stage1.shards if 1 in cfg.run.stages else "", False),
                             ("stage2.priors", cfg.stage2.priors if 2 in cfg.run.stages else "", False),
                             ("stage2.recognizer", cfg.stage2.recognizer if 2 in cfg.run.stages else "", False)):
         if _is_uri(uri):
@@ -776,34 +787,49 @@ def _check_stores(cfg: TrainConfig) -> None:
                 raise ConfigError(key, str(e).strip()) from None
 
 
-def _manifest(cfg: TrainConfig) -> dict:
-    from shards.manifest import read_manifest, shard_urls
+def _read_manifest(root: str, key: str) -> dict:
+    from shards.manifest import read_manifest
 
-    root = cfg.data.shards
     if not _is_uri(root) and not Path(root).is_dir():
-        raise ConfigError("data.shards", f"{root}: no such folder (write shards with `facesr prep` first)")
+        raise ConfigError(key, f"{root}: no such folder (write shards with `facesr prep` first)")
     try:
-        manifest = read_manifest(root)
+        return read_manifest(root)
     except Exception as e:  # the manifest reader's own errors, reworded with the field
-        raise ConfigError("data.shards", f"{root}: no readable shard manifest ({e})") from None
-    keys = ["train_split"] + (["prior_val_split"] if 1 in cfg.run.stages else []) + (["val_split"] if 2 in cfg.run.stages else [])
-    for key in keys:
-        split = cfg.data.prior_split(manifest) if key == "prior_val_split" else getattr(cfg.data, key)
-        try:
-            urls = shard_urls(root, split, manifest=manifest)
-        except Exception as e:
-            raise ConfigError(f"data.{key}", f"split {split!r} not in {root} ({e})") from None
-        if not urls:
-            raise ConfigError(f"data.{key}", f"split {split!r} in {root} has no shards")
-        info = manifest["splits"][split]
-        if key != "val_split" and 1 in cfg.run.stages and info.get("labelled", 0) == 0:
-            raise ConfigError(f"data.{key}", f"split {split!r} has no labelled samples (cls >= 0) for the priors")
+        raise ConfigError(key, f"{root}: no readable shard manifest ({e})") from None
+
+
+def _manifests(cfg: TrainConfig) -> dict[int, dict]:
+    """Each configured stage's shard manifest (stage 1: stage1.shards where set), its splits and batch checked."""
+    from shards.manifest import shard_urls
+
+    read: dict[str, dict] = {}
+    out = {}
     for stage_num in cfg.run.stages:
+        root = cfg.shards_of(stage_num)
+        where = "stage1.shards" if root != cfg.data.shards else "data.shards"
+        manifest = out[stage_num] = read.get(root) or read.setdefault(root, _read_manifest(root, where))
+        for key in ("train_split", "prior_val_split" if stage_num == 1 else "val_split"):
+            split = cfg.data.prior_split(manifest) if key == "prior_val_split" else getattr(cfg.data, key)
+            try:
+                urls = shard_urls(root, split, manifest=manifest)
+            except Exception as e:
+                raise ConfigError(f"data.{key}", f"split {split!r} not in {root} ({e})") from None
+            if not urls:
+                raise ConfigError(f"data.{key}", f"split {split!r} in {root} has no shards")
+            if stage_num == 1 and manifest["splits"][split].get("labelled", 0) == 0:
+                raise ConfigError(f"data.{key}", f"split {split!r} of {root} has no labelled samples (cls >= 0) "
+                                  "for stage 1")
         batch_size = cfg.stage_cfg(stage_num).batch_size
         n = manifest["splits"][cfg.data.train_split]["labelled" if stage_num == 1 else "samples"]
         if n < batch_size:
-            raise ConfigError(f"stage{stage_num}.batch_size", f"{batch_size} exceeds the {n} usable training samples")
-    return manifest
+            raise ConfigError(f"stage{stage_num}.batch_size", f"{batch_size} exceeds the {n} usable training samples "
+                              f"of {root}")
+    if (cfg.stage1.shards and cfg.run.stages == [1, 2] and cfg.stage1.model == "priors" and cfg.stage2.uses_priors
+            and out[1]["classes"] != out[2]["classes"]):
+        raise ConfigError("stage1.shards", f"{cfg.stage1.shards} has another class map ({len(out[1]['classes'])} "
+                          f"classes) than data.shards ({len(out[2]['classes'])}), whose labels stage 2's cross-entropy "
+                          "gives the priors: train priors on data.shards, or only a recognizer on stage1.shards")
+    return out
 
 
 def _check_perceptual(cfg: TrainConfig) -> None:

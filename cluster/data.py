@@ -20,10 +20,11 @@ from .config import TrainConfig
 PRIOR_LEVELS = ("x2", "x4", "hr")
 
 
-def read_classes(cfg: TrainConfig) -> list[str]:
+def read_classes(cfg: TrainConfig, number: int) -> list[str]:
+    """The class map of stage ``number``'s shards (stage 1: stage1.shards where set)."""
     from shards.manifest import read_manifest
 
-    return list(read_manifest(cfg.data.shards)["classes"])
+    return list(read_manifest(cfg.shards_of(number))["classes"])
 
 
 def _sr_levels(cfg: TrainConfig) -> tuple[str, ...]:
@@ -42,7 +43,7 @@ def split_name(cfg: TrainConfig, number: int, split: str, manifest: dict | None 
     if manifest is None:
         from shards.manifest import read_manifest
 
-        manifest = read_manifest(cfg.data.shards, check_files=False)
+        manifest = read_manifest(cfg.shards_of(1), check_files=False)
     return cfg.data.prior_split(manifest)
 
 
@@ -54,7 +55,7 @@ def build_loader(cfg: TrainConfig, number: int, split: str, micro_batch: int, ra
     from shards.stream import StreamConfig, build_loader as stream
 
     train = split == "train"
-    manifest = read_manifest(cfg.data.shards, check_files=False)  # config.check() verified them before the start
+    manifest = read_manifest(cfg.shards_of(number), check_files=False)  # config.check() verified them before the start
     name = split_name(cfg, number, split, manifest)
     priors = number == 1
     scfg = StreamConfig(
@@ -70,5 +71,5 @@ def build_loader(cfg: TrainConfig, number: int, split: str, micro_batch: int, ra
         cache_bytes=int(cfg.data.shard_cache_gb * 2**30),
         num_classes=len(manifest["classes"]),  # a cls past the class map is a decode error, not a loss crash
     )
-    urls = shard_urls(cfg.data.shards, name, manifest=manifest)
+    urls = shard_urls(cfg.shards_of(number), name, manifest=manifest)
     return stream(urls, scfg, rank=rank, world_size=world_size, epoch=epoch if train else 0)

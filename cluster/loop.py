@@ -82,7 +82,7 @@ def worker_main(config: dict) -> None:
         torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
 
     precision = resolve_precision(cfg.engine.precision, device, cfg.engine.channels_last)
-    classes = read_classes(cfg)
+    classes = read_classes(cfg, number)
     stage = STAGES[number](cfg, classes, device, precision)
     stage_cfg = stage.stage_cfg
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank

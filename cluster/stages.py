@@ -80,7 +80,7 @@ class PriorStage:
 
     def _class_weight(self) -> torch.Tensor:
         """Inverse class frequency in the training split, mean 1 over the classes that have training images."""
-        manifest = read_manifest(self.cfg.data.shards, check_files=False)
+        manifest = read_manifest(self.cfg.shards_of(1), check_files=False)
         n = torch.tensor(class_counts(manifest, self.cfg.data.train_split), dtype=torch.float32)
         weight = torch.where(n > 0, 1 / n.clamp(min=1), torch.zeros_like(n))
         return (weight * (n > 0).sum() / weight.sum()).to(self.device)
@@ -120,7 +120,7 @@ class PriorStage:
     def validate_batch(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         """Loss, cross-entropy, top-1 and top-5 accuracy per scale, beside the split's chance and majority rates."""
         if self.baselines is None:
-            manifest = read_manifest(self.cfg.data.shards, check_files=False)
+            manifest = read_manifest(self.cfg.shards_of(1), check_files=False)
             self.baselines = prior_baselines(manifest, self.cfg.data.prior_split(manifest))
         terms = prior_forward(model, self.loss_fn, batch, self.precision, self.view)
         return terms | {k: torch.tensor(v, device=self.device) for k, v in self.baselines.items()}

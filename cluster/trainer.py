@@ -41,7 +41,7 @@ log = logging.getLogger("facesr.train")
 def train(cfg: TrainConfig) -> Path:
     """Train the configured stages; returns the run folder. Raises ConfigError before any worker starts."""
     cfg = resolve(cfg)
-    manifest = check(cfg)
+    manifests = check(cfg)  # stage number -> the manifest of the shards it streams
     run_dir = cfg.run_path
     for number in cfg.run.stages:
         if not done_path(run_dir, number).exists():
@@ -49,7 +49,9 @@ def train(cfg: TrainConfig) -> Path:
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     _log_to(run_dir / "logs" / "driver.log")
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    log.info("run %s in %s (%d classes, stages %s)", cfg.run.name, run_dir, len(manifest["classes"]), cfg.run.stages)
+    for number, manifest in manifests.items():
+        log.info("run %s in %s: stage %d on %s (%d classes)", cfg.run.name, run_dir, number, cfg.shards_of(number),
+                 len(manifest["classes"]))
     for number in cfg.run.stages:
         if not done_path(run_dir, number).exists():
             repair_snapshot(run_dir / f"stage{number}")
@@ -71,10 +73,10 @@ def train(cfg: TrainConfig) -> Path:
             continue
         if number == 2 and 1 in cfg.run.stages:  # check() already read a stage-2-only run's priors/recognizer
             if cfg.stage2.uses_priors:
-                _check_priors(cfg, manifest)  # stage 1 of this run must have produced them
+                _check_priors(cfg, manifests[2])  # stage 1 of this run must have produced them
             if cfg.stage2.uses_recognizer:
                 _check_recognizer(cfg)
-        _fit(cfg, number, manifest)
+        _fit(cfg, number, manifests[number])
         log.info("stage %d finished: %s", number, json.dumps(json.loads(done.read_text())) if done.exists() else "no marker")
     _summarise(run_dir)
     _sync_logs()

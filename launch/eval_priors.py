@@ -14,7 +14,8 @@ import sys
 def configure(p) -> None:
     p.add_argument("run", help="run folder holding priors.safetensors, or the priors file itself (either may be "
                                "an s3:// URI)")
-    p.add_argument("--shards", help="shard root (default: the run's config.yaml data.shards)")
+    p.add_argument("--shards", help="shard root (default: the shards stage 1 of the run's config.yaml trained on: "
+                   "stage1.shards, else data.shards)")
     p.add_argument("--split", default="auto", help="manifest split; auto = prior_val where the shards have it")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--limit", type=int, default=0, help="at most N images (in shard order); 0 = all")
@@ -29,7 +30,7 @@ def _shards_of(run) -> str:
     if not (run / "config.yaml").is_file():
         raise SystemExit(f"{run}: no config.yaml to find the shards in; pass --shards")
     # the run's resolved config: an absolute shard root (downloaded first for a run in a bucket)
-    return load_config(local_copy(str(run / "config.yaml"))).data.shards
+    return load_config(local_copy(str(run / "config.yaml"))).shards_of(1)
 
 
 def run(args) -> int:

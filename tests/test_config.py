@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from cluster.config import ConfigError, TrainConfig, accumulation, check, load_config, resolve
 from tests.conftest import ROOT
@@ -304,3 +305,33 @@ def test_shipped_configs_inherit_and_hold_only_what_differs():
         repeated += [k for k, v in own.items() if not isinstance(v, dict) and base[k] == v]
         assert not repeated, f"{name}.yaml restates what its defaults give: {repeated}"
     assert inheriting >= 10  # all but the two roots (local, paper)
+
+
+def test_stage1_takes_its_own_shards_where_named(shards, tmp_path):
+    """stage1.shards: stage 1 streams and takes its class map from that set, stage 2 from data.shards; a missing
+    set is refused naming stage1.shards; priors trained on another class map than the one stage 2's
+    cross-entropy labels with are refused before Ray starts, a recognizer is not (stage 2 only embeds)."""
+    from cluster.data import build_loader, read_classes
+    from shards.manifest import read_manifest
+    from shards.plan import SplitConfig
+    from shards.prep import PrepConfig, prepare
+
+    other = tmp_path / "other"
+    prepare(PrepConfig(src=str(shards.parent / "src"), out=str(other), shard_size=16, progress=False,
+                       split=SplitConfig(by="none", min_images=2)))
+    mine, theirs = read_manifest(shards)["classes"], read_manifest(other)["classes"]
+    assert mine != theirs
+    base = [f"data.shards={shards}", "data.loader_workers=0", "stage1.batch_size=8", "stage1.max_micro_batch=8"]
+    rec = resolve(load_config(CPU, [*base, f"stage1.shards={other}", "stage1.model=recognizer", "stage2.alpha=0",
+                                    "stage2.identity_weight=0.1"]))
+    manifests = check(rec)
+    assert manifests[1]["classes"] == theirs and manifests[2]["classes"] == mine
+    assert (read_classes(rec, 1), read_classes(rec, 2)) == (theirs, mine)
+    cls = torch.cat([b["cls"] for b in build_loader(rec, 1, "train", 8, 0, 1, 0)])
+    assert len(cls) == 8 * (read_manifest(other)["splits"]["train"]["labelled"] // 8)  # every labelled face of it
+    assert set(cls.tolist()) == set(range(len(theirs))) and len(theirs) > len(mine)  # labels of its own map
+    with pytest.raises(ConfigError, match="^stage1.shards: .*no such folder"):
+        check(resolve(load_config(CPU, [*base, f"stage1.shards={tmp_path / 'none'}"])))
+    with pytest.raises(ConfigError, match="^stage1.shards: .*another class map"):
+        check(resolve(load_config(CPU, [*base, f"stage1.shards={other}"])))  # priors whose CE stage 2 uses
+    check(resolve(load_config(CPU, [*base, f"stage1.shards={other}", "run.stages=[1]"])))  # priors for later
