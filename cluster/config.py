@@ -279,6 +279,11 @@ class StageConfig:
     # This stage's cap on optimizer steps per epoch: null = data.steps_per_epoch's, 0 = the whole split (a stage
     # that needs full epochs, e.g. identity-term.yaml's recognizer, under a config that caps the other one)
     steps_per_epoch: int | None = None
+    # Exponential moving average of the weights (timm's ModelEmaV3, warm-up on): 0 = off; else its decay, e.g.
+    # 0.999 (BasicSR's). The average is what validation scores and the stage writes; it is checkpointed, so a
+    # resumed run continues it exactly. The warm-up caps the decay at 1 - (1 + step)^(-2/3): about 0.99 after
+    # 1,000 steps, so a short run averages its last ~100 steps whatever the decay.
+    ema_decay: float = 0.0
 
     def validate(self, key: str) -> None:
         for name in ("epochs", "batch_size", "max_micro_batch"):
@@ -290,6 +295,8 @@ class StageConfig:
             raise ConfigError(f"{key}.lr", "must be positive")
         if self.warmup_steps < 0:
             raise ConfigError(f"{key}.warmup_steps", "must be 0 (none) or more")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"{key}.ema_decay", f"0 (off) or a decay in (0, 1), got {self.ema_decay}")
         _at_least(self, key, lr_every=0, weight_decay=0)
         if not 0 < self.lr_gamma <= 1:
             raise ConfigError(f"{key}.lr_gamma", f"a decay factor in (0, 1], got {self.lr_gamma}")

@@ -16,6 +16,11 @@ before each forward, so a resumed process draws what the first one would have.
 BatchNorm running statistics are averaged over the ranks before every
 checkpoint, mid-epoch ones too: DeepSpeed saves rank 0's module only, which
 would otherwise hand rank 0's statistics to every rank on resume.
+
+With ``ema_decay`` the stage keeps an exponential moving average of the
+weights (timm's ``ModelEmaV3``), updated after every optimizer step from the
+global step, carried in the checkpoint's client state, validated and written
+in place of the last iterate.
 """
 
 from __future__ import annotations
@@ -97,6 +102,7 @@ def worker_main(config: dict) -> None:
     ops, cache = ops_to_build()
     if ops:
         recorder.compiling(ops, cache)
+    ema = build_ema(model, stage_cfg.ema_decay)  # the weights' moving average, or None (before DeepSpeed wraps it)
     eng, b = initialize(model, stage_cfg, cfg.engine, world)
     critic_eng = initialize(critic, stage_cfg, cfg.engine, world)[0] if critic is not None else None
     engines = [eng] + ([critic_eng] if critic_eng is not None else [])
@@ -110,6 +116,7 @@ def worker_main(config: dict) -> None:
             client = load(eng, folder)
             if critic_eng is not None:
                 load(critic_eng, os.path.join(folder, CRITIC))
+        restore_ema(ema, client, eng.module)
         state = TrainState(**client["train_state"])
         state.restarts += 1
         recorder.resumed(state, ckpt.path)  # where it is stored (as_directory's is a local download from a bucket)
@@ -146,6 +153,8 @@ def worker_main(config: dict) -> None:
                                       critic_eng, forward)
                 state.step_in_epoch += 1
                 state.global_step += 1
+                if ema is not None:
+                    ema.update(eng.module, step=state.global_step)  # on the device: no host sync
                 if state.global_step % cfg.run.log_every == 0:
                     terms = sums.mean()  # the interval's one host synchronisation
                     dt = time.perf_counter() - t_last
@@ -158,21 +167,22 @@ def worker_main(config: dict) -> None:
                     t_last, samples, wait = time.perf_counter(), 0, 0.0
                 mid_epoch = state.step_in_epoch < steps  # the epoch's last step is checkpointed after validation
                 if cfg.run.checkpoint_every and state.global_step % cfg.run.checkpoint_every == 0 and mid_epoch:
-                    for e in engines:
-                        average_buffers(e.module)  # what rank 0 saves is every rank's model (see the docstring)
+                    for m in [e.module for e in engines] + ([ema.module] if ema is not None else []):
+                        average_buffers(m)  # what rank 0 saves is every rank's model (see the docstring)
                     _checkpoint(eng, state, recorder, {"epoch": epoch, "step": state.global_step, "lr": get_lr(eng)},
-                                critic_eng)
+                                critic_eng, ema)
             decode_errors += loader.decode_errors
-            for e in engines:
-                average_buffers(e.module)  # BatchNorm running stats: one model on every rank (see engine.py)
+            for m in [e.module for e in engines] + ([ema.module] if ema is not None else []):
+                average_buffers(m)  # BatchNorm running stats: one model on every rank (see engine.py)
             val = {}
             if (epoch + 1) % cfg.run.val_every == 0 or epoch + 1 == stage_cfg.epochs:
-                val = _validate(stage, eng, cfg, b.micro_batch, rank, world, epoch, device, precision)
+                val = _validate(stage, eng, cfg, b.micro_batch, rank, world, epoch, device, precision,
+                                ema.module if ema is not None else None)
                 recorder.val(val, {"lr": get_lr(eng)}, epoch, state.global_step)
             state = TrainState(epoch=epoch + 1, step_in_epoch=0, global_step=state.global_step, restarts=state.restarts)
             _checkpoint(eng, state, recorder, {"epoch": epoch, "step": state.global_step, "lr": get_lr(eng), **val},
-                        critic_eng)
-        recorder.finish(stage, eng.module, state, get_lr(eng))
+                        critic_eng, ema)
+        recorder.finish(stage, ema.module if ema is not None else eng.module, state, get_lr(eng))
         finished = True
     finally:
         recorder.close(finished)
@@ -256,14 +266,39 @@ def train_step(eng, stage, group: list[dict], sums, device, precision, seed: tup
     return samples
 
 
-def _checkpoint(eng, state: TrainState, recorder: Recorder, metrics: dict, critic_eng=None) -> None:
+def build_ema(model: torch.nn.Module, decay: float):
+    """timm's ``ModelEmaV3`` of ``model`` (a copy on its device, in eval mode), or None when ``decay`` is 0. Its
+    warm-up caps the decay at ``1 - (1 + step)^(-2/3)``, so the first steps do not pin it to the initial weights."""
+    if not decay:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=decay, use_warmup=True)
+
+
+def restore_ema(ema, client: dict, module: torch.nn.Module) -> None:
+    """The checkpoint's moving average; a checkpoint written without one (ema_decay switched on for the
+    resumed run) starts it from the restored weights."""
+    if ema is None:
+        return
+    if "ema" in client:
+        ema.load_state_dict(client["ema"])
+    else:
+        ema.set(module)
+        logging.getLogger(__name__).warning("checkpoint has no weight average (ema_decay was 0): starting it here")
+
+
+def _checkpoint(eng, state: TrainState, recorder: Recorder, metrics: dict, critic_eng=None, ema=None) -> None:
     """Collective: every rank saves its DeepSpeed part and reports it; Ray merges the parts into one folder
-    (a critic's engine in its subfolder ``critic``)."""
+    (a critic's engine in its subfolder ``critic``; the weights' moving average in the client state)."""
     import ray.train
 
     folder = tempfile.mkdtemp(prefix=f"facesr-ckpt-r{recorder.rank}-")
     try:
-        save(eng, folder, {"train_state": dataclasses.asdict(state)})
+        client = {"train_state": dataclasses.asdict(state)}
+        if ema is not None:
+            client["ema"] = ema.state_dict()
+        save(eng, folder, client)
         if critic_eng is not None:
             save(critic_eng, os.path.join(folder, CRITIC), {})
         recorder.checkpoint_written(folder, state)
@@ -275,9 +310,12 @@ def _checkpoint(eng, state: TrainState, recorder: Recorder, metrics: dict, criti
 
 
 @torch.no_grad()
-def _validate(stage, eng, cfg: TrainConfig, micro: int, rank: int, world: int, epoch: int, device, precision) -> dict:
-    """Mean of the stage's validation terms over all batches of all ranks (same count per rank)."""
+def _validate(stage, eng, cfg: TrainConfig, micro: int, rank: int, world: int, epoch: int, device, precision,
+              model=None) -> dict:
+    """Mean of the stage's validation terms over all batches of all ranks (same count per rank); of ``model``
+    (the weights' moving average) where given, else of the engine's."""
     eng.eval()
+    model = eng.module if model is None else model
     sums: dict[str, torch.Tensor] = {}
     n = 0
     loader = build_loader(cfg, stage.number, "val", micro, rank, world, 0)
@@ -285,7 +323,7 @@ def _validate(stage, eng, cfg: TrainConfig, micro: int, rank: int, world: int, e
         if cfg.data.val_batches and i >= cfg.data.val_batches:
             break
         batch = stage.val_batch(to_device(batch, device, precision), step_generator(cfg.run.seed, -1, rank, i, device))
-        terms = stage.validate_batch(eng.module, batch)
+        terms = stage.validate_batch(model, batch)
         for k, v in terms.items():
             sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64, device=device)) + v.detach().double()
         n += 1

@@ -92,6 +92,7 @@ TRAIN = [
      r"data\.degradation\.noise\.gaussian\.sigma\[0\]: expected a finite number, got nan"),
     ("negative weight decay", ["stage2.weight_decay=-0.1"], "", r"stage2\.weight_decay: must be 0 or more"),
     ("negative lr_gamma", ["stage1.lr_gamma=-0.5"], "", r"stage1\.lr_gamma: a decay factor in \(0, 1\]"),
+    ("weight average that never moves", ["stage2.ema_decay=1"], "", r"stage2\.ema_decay: 0 \(off\) or a decay in \(0, 1\)"),
     ("negative cpus_per_worker", ["cluster.cpus_per_worker=-1"], "", r"cluster\.cpus_per_worker: must be positive"),
     ("negative shuffle_buffer", ["data.shuffle_buffer=-1"], "", r"data\.shuffle_buffer: must be 0 or more"),
     ("negative loader_workers", ["data.loader_workers=-1"], "", r"data\.loader_workers: must be 0 or more"),
