@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from facesr.augment import step_generator, step_seed
 from facesr.hardware import retain_freed_memory
-from facesr.step import TermSums, compile_forward, resolve_precision, to_device
+from facesr.step import TermSums, build_ema, compile_forward, resolve_precision, to_device
 from facesr.structured import build
 
 from .config import TrainConfig
@@ -264,16 +264,6 @@ def train_step(eng, stage, group: list[dict], sums, device, precision, seed: tup
         sums.add(terms)
         samples += batch["cls"].shape[0]
     return samples
-
-
-def build_ema(model: torch.nn.Module, decay: float):
-    """timm's ``ModelEmaV3`` of ``model`` (a copy on its device, in eval mode), or None when ``decay`` is 0. Its
-    warm-up caps the decay at ``1 - (1 + step)^(-2/3)``, so the first steps do not pin it to the initial weights."""
-    if not decay:
-        return None
-    from timm.utils import ModelEmaV3
-
-    return ModelEmaV3(model, decay=decay, use_warmup=True)
 
 
 def restore_ema(ema, client: dict, module: torch.nn.Module) -> None:

@@ -111,6 +111,18 @@ class TermSums:
         return out
 
 
+def build_ema(model: nn.Module, decay: float):
+    """timm's ``ModelEmaV3`` of ``model`` (a copy on its device, in eval mode), or None when ``decay`` is 0: the
+    weights' moving average a stage writes in place of its last iterate (``ema_decay``). Its warm-up caps the decay
+    at ``1 - (1 + step)^(-2/3)``, so the first steps do not pin it to the initial weights; ``update(model, step)``
+    runs on the device (foreach lerps, no host sync)."""
+    if not decay:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=decay, use_warmup=True)
+
+
 def compile_forward(forward, mode: str = "off"):
     """``forward(model, batch) -> terms`` (a stage's forward: the network and its loss) for the training step.
 

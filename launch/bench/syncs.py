@@ -34,7 +34,7 @@ def signature(cfg, number: int) -> dict:
     """The settings of ``cfg`` that change what a stage-``number`` training step runs."""
     e = cfg.engine
     common = {"stage": number, "precision": "fp32" if e.precision == "fp32" else "bf16", "batchnorm": e.batchnorm,
-              "zero_stage": e.zero_stage, "compile": e.compile}
+              "zero_stage": e.zero_stage, "compile": e.compile, "ema": bool(cfg.stage_cfg(number).ema_decay)}
     if number == 1:
         s = cfg.stage1
         return {**common, "model": s.model, "augment": s.augment, "crop_pad": s.crop_pad if s.augment else 0,
@@ -172,7 +172,7 @@ def probe(sig: dict, tmp: Path, steps: int = 2, naive: bool = False) -> dict:
     from cluster.loop import train_step
     from cluster.stages import STAGES
     from facesr.losses import PriorLoss
-    from facesr.step import TermSums, resolve_precision
+    from facesr.step import TermSums, build_ema, resolve_precision
     from facesr.syncs import SyncCounter
     from facesr.vocab import SIZES
 
@@ -210,6 +210,7 @@ def probe(sig: dict, tmp: Path, steps: int = 2, naive: bool = False) -> dict:
     critic = stage.build_critic()
     eng, b = initialize(model, stage.stage_cfg, cfg.engine, 1)
     critic_eng = initialize(critic, stage.stage_cfg, cfg.engine, 1)[0] if critic is not None else None
+    ema = build_ema(model, 0.999 if sig.get("ema") else 0)  # the weights' moving average, updated after each step
     gen = torch.Generator().manual_seed(number)
 
     def micro() -> dict:
@@ -220,11 +221,15 @@ def probe(sig: dict, tmp: Path, steps: int = 2, naive: bool = False) -> dict:
 
     sums = TermSums()
     train_step(eng, stage, [micro() for _ in range(b.accumulation)], sums, device, precision, (0, 0, 0, 0), critic_eng)
+    if ema is not None:
+        ema.update(eng.module, step=1)
     sums.mean()  # warm-up step (optimizer state, cached kernels) outside the count
     with SyncCounter() as c:
         for i in range(1, steps + 1):
             train_step(eng, stage, [micro() for _ in range(b.accumulation)], sums, device, precision,
                        (0, 0, 0, i * b.accumulation), critic_eng)
+            if ema is not None:
+                ema.update(eng.module, step=i + 1)
     step_syncs = c.total / steps
     where = sorted(set(c.where))[:20]
     with SyncCounter() as c:
