@@ -396,6 +396,10 @@ class SRStageConfig(StageConfig):
     # SSIM alone), so the term can steer the compressed inputs the mix's SSIM loses identity on (issue 25)
     identity_on: str = "all"
     recognizer: str = ""  # trained recognizer (safetensors) when stage 1 is not in this run; "" = <run_dir>/recognizer.safetensors
+    # The written network's detail strength (facesr.detail): srnet.safetensors holds the cascade with every output
+    # bicubic + detail · (its correction to bicubic), folded into the branches' last convolutions; 1 = as trained.
+    # Training, validation and checkpoints use the network as trained; chosen on validation identities (README)
+    detail: float = 1.0
 
     @property
     def uses_priors(self) -> bool:
@@ -443,6 +447,14 @@ class SRStageConfig(StageConfig):
             raise ConfigError(f"{key}.recognizer", f"identity_weight={self.identity_weight}: no identity term uses it")
         if self.identity_on not in IDENTITY_ON:
             raise ConfigError(f"{key}.identity_on", f"expected one of {', '.join(IDENTITY_ON)}, got {self.identity_on!r}")
+        from facesr.detail import check_detail
+
+        try:
+            check_detail(self.detail, f"{key}.detail")
+        except ValueError as e:
+            raise ConfigError(f"{key}.detail", str(e).split(": ", 1)[1]) from None
+        if self.detail != 1 and self.model != "cascade":
+            raise ConfigError(f"{key}.detail", f"scales the cascade's corrections to bicubic; {self.model} has none")
 
 
 @dataclass

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from facesr.augment import flip_crop
+from facesr.detail import with_detail
 from facesr.degradations import PAPER, degrade_lr, sample_params
 from facesr.losses import AdversarialLoss, CSRIPLoss, MarginLoss, MSELoss, PerceptualLoss, PriorLoss
 from facesr.models import build_critic, build_prior, build_recognizer, build_sr, get_preset
@@ -240,9 +241,11 @@ class SRStage:
 
     def finish(self, model: nn.Module, run_dir: Path) -> Path:
         path = run_dir / "srnet.safetensors"
+        extra = {"preset": self.cfg.preset, "run": self.cfg.run.name, "loss": self.stage_cfg.loss}
+        if self.stage_cfg.detail != 1:  # the corrections to bicubic scaled (facesr.detail): what ships
+            model, extra["detail"] = with_detail(model, self.stage_cfg.detail), self.stage_cfg.detail
         with staged(path) as local:
-            save_srnet(local, model, extra={"preset": self.cfg.preset, "run": self.cfg.run.name,
-                                            "loss": self.stage_cfg.loss})
+            save_srnet(local, model, extra=extra)
         return path
 
 

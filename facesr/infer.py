@@ -221,18 +221,28 @@ class OnnxUpscaler:
         return torch.from_numpy(np.asarray(out, dtype=np.float32)).to(lr.device)
 
 
-def load_upscaler(path: str | Path, device: str | torch.device = "cpu", tta: str = "none"
-                  ) -> Callable[[torch.Tensor], torch.Tensor]:
+def load_upscaler(path: str | Path, device: str | torch.device = "cpu", tta: str = "none",
+                  detail: float | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """A callable lr (B, 3, 24, 24) -> hr (B, 3, 192, 192) from a run folder, safetensors, TorchScript or ONNX file;
-    ``tta="flip"``: flip-averaged (``FlipEnsemble``)."""
-    return with_tta(_load_upscaler(Path(path), device), tta)
+    ``tta="flip"``: flip-averaged (``FlipEnsemble``); ``detail``: the cascade at this detail strength
+    (``facesr.detail``; absolute, 1 = as trained; None = as the file ships it), run folder or safetensors only."""
+    return with_tta(_load_upscaler(Path(path), device, detail), tta)
 
 
-def _load_upscaler(path: Path, device) -> Callable[[torch.Tensor], torch.Tensor]:
+def _load_upscaler(path: Path, device, detail: float | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such model (run folder, .safetensors, .pt or .onnx)")
     if path.is_dir() or path.suffix == ".safetensors":
-        return load_cascade(path, device).deploy().eval()
+        net = load_cascade(path, device)
+        if detail is not None:
+            from .detail import with_detail
+
+            shipped = float(read_meta(find_srnet(path) if path.is_dir() else path).get("detail", 1.0))
+            net = with_detail(net, detail / shipped)
+        return net.deploy().eval()
+    if detail is not None:
+        raise ValueError(f"{path}: an export's detail strength is fixed in its graph; give the run folder or "
+                         f".safetensors to choose another")
     if path.suffix in TORCHSCRIPT_SUFFIXES:
         with warnings.catch_warnings():  # TorchScript is deprecated in favour of torch.export, still supported
             warnings.simplefilter("ignore", FutureWarning)

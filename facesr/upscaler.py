@@ -94,9 +94,11 @@ class Upscaler:
         self._detector = None
 
     @classmethod
-    def load(cls, model: str | Path, device: str | torch.device = "cpu", tta: str = "none", **kwargs) -> "Upscaler":
+    def load(cls, model: str | Path, device: str | torch.device = "cpu", tta: str = "none",
+             detail: float | None = None, **kwargs) -> "Upscaler":
         """From a run folder, SR-net .safetensors, TorchScript .pt, ONNX (runs on the CPU) or an object-store URI;
-        ``tta="flip"`` averages each face's output with the mirror of its mirror's (``infer.FlipEnsemble``)."""
+        ``tta="flip"`` averages each face's output with the mirror of its mirror's (``infer.FlipEnsemble``);
+        ``detail``: another detail strength than the file ships with (``facesr.detail``; 1 = as trained)."""
         path = str(model)
         if "://" in path:
             from shards.store import local_model  # pyarrow.fs: the `store` extra
@@ -104,7 +106,7 @@ class Upscaler:
             path = local_model(path)
         if path.endswith(".onnx"):
             device = "cpu"
-        return cls(load_upscaler(path, device, tta), device, name=str(model), **kwargs)
+        return cls(load_upscaler(path, device, tta, detail), device, name=str(model), **kwargs)
 
     @property
     def detector(self):

@@ -16,6 +16,7 @@ x2/x4/hr targets stay the clean cascade): quality adds a robustness table, grid 
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -47,6 +48,20 @@ def _common(p, data: bool = True) -> None:
                    help="test-time augmentation: flip = each model's output averaged with the mirror of its "
                    "output on the mirrored input (twice the arithmetic); both = each model scored both ways, "
                    "as NAME and NAME+flip, on the same faces")
+    p.add_argument("--detail", type=_details, default=None, metavar="D[,D...]",
+                   help="each model at these detail strengths (facesr.detail: every output = bicubic + D x the "
+                   "network's correction to it; 1 = as trained, whatever the file ships with), as NAME@detailD; "
+                   "choose on validation identities (--split val)")
+
+
+def _details(text: str) -> list[float]:
+    """--detail's comma-separated strengths, each positive."""
+    from facesr.detail import check_detail
+
+    try:
+        return list(dict.fromkeys(check_detail(v.strip(), "--detail") for v in text.split(",")))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _add_degradations(p) -> None:
@@ -217,23 +232,37 @@ def _faces(args, n: int = 0):
     return faces, select(faces, n, args.seed)
 
 
-def _load_models(paths: list[str], device: str, precision: str = "fp32", tta: str = "none"):
+def _load_models(paths: list[str], device: str, precision: str = "fp32", tta: str = "none",
+                 details: list[float] | None = None):
     """{label: the cascade ready for inference (channels_last, bf16 autocast per ``precision``, flip-averaged per
-    ``tta``)}, {label: path}. ``tta="both"``: each model twice, ``NAME`` and ``NAME+flip``."""
+    ``tta``)}, {label: path}. ``tta="both"``: each model twice, ``NAME`` and ``NAME+flip``. ``details``: each
+    model at each of these detail strengths (absolute: the file's own ``detail`` undone first), ``NAME@detailD``."""
+    from facesr.detail import with_detail
     from facesr.evaluate import model_label
-    from facesr.infer import FlipEnsemble, Fast, inference_bf16, load_cascade
+    from facesr.infer import FlipEnsemble, Fast, find_srnet, inference_bf16, load_cascade
+    from facesr.weights import read_meta
     from shards.store import local_model
 
     bf16 = inference_bf16(precision, device)
     models, where = {}, {}
     for p in paths:
         name = model_label(p, models)
-        net = Fast(load_cascade(local_model(p), device), bf16)  # a run in a bucket: its srnet downloaded
-        if tta in ("none", "both"):
-            models[name], where[name] = net, str(p)
-        if tta in ("flip", "both"):
-            label = f"{name}+flip"
-            models[label], where[label] = FlipEnsemble(net), f"{p} (flip-averaged)"
+        local = Path(local_model(p))  # a run in a bucket: its srnet downloaded
+        cascade = load_cascade(local, device)
+        variants = [(name, str(p), cascade)]
+        if details is not None:
+            shipped = float(read_meta(find_srnet(local) if local.is_dir() else local).get("detail", 1.0))
+            try:
+                variants = [(f"{name}@detail{d:g}", f"{p} (detail {d:g})", with_detail(cascade, d / shipped))
+                            for d in details]
+            except ValueError as e:
+                raise SystemExit(f"{p}: --detail: {e}") from None
+        for label, src, net in variants:
+            net = Fast(net, bf16)
+            if tta in ("none", "both"):
+                models[label], where[label] = net, src
+            if tta in ("flip", "both"):
+                models[f"{label}+flip"], where[f"{label}+flip"] = FlipEnsemble(net), f"{src} (flip-averaged)"
     return models, where
 
 
@@ -254,7 +283,7 @@ def run_quality(args) -> int:
 
     names = _degradations(args.degradations)
     rows = list(dict.fromkeys(["paper", *names])) if names != ["paper"] else []  # robustness rows; none by default
-    models, where = _load_models(args.models, args.device, args.precision, args.tta)
+    models, where = _load_models(args.models, args.device, args.precision, args.tta, args.detail)
     skipped: list = []
     if _is_shard_root(args.data):
         source = f"shards {args.data} split {args.split}"
@@ -302,7 +331,7 @@ def run_grid(args) -> int:
     names = _degradations(args.degradations)
     if not args.models:
         raise SystemExit("facesr eval grid: give at least one MODEL")
-    models, _ = _load_models(args.models, args.device, args.precision, args.tta)
+    models, _ = _load_models(args.models, args.device, args.precision, args.tta, args.detail)
     if args.faces:
         faces = [Face(f.split("/")[0], Path(args.data) / f) for f in args.faces]
     else:
@@ -363,7 +392,7 @@ def run_identity(args) -> int:
                                  usable_pairs, verify_degradations)
 
     extra = _drift_faces(args.lfw, _identities(args)) if args.drift_all else []  # refused before any loading
-    models, where = _load_models(args.models, args.device, args.precision, args.tta)
+    models, where = _load_models(args.models, args.device, args.precision, args.tta, args.detail)
     if args.drawn_pairs:
         if _identities(args) is None:
             raise SystemExit("--drawn-pairs needs chosen people (--manifest with --split, or --ids)")

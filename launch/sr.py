@@ -41,6 +41,9 @@ def configure(p) -> None:
     p.add_argument("--tta", choices=["none", "flip"], default="none",
                    help="flip: each face's output averaged with the mirror of its mirror's output (twice the "
                    "arithmetic; README: identity section)")
+    p.add_argument("--detail", type=float, default=None, metavar="D",
+                   help="the network's corrections to bicubic times D (1 = as trained; default: as the model "
+                   "ships, e.g. the demo's 0.7; README: identity section); run folder or .safetensors only")
 
 
 def run(args) -> int:
@@ -75,7 +78,7 @@ def _photos(args) -> int:
     except ValueError as e:
         print(f"facesr sr: --detector: {e}", file=sys.stderr)
         return 2
-    up = Upscaler.load(args.model, args.device, detect=detect, tta=args.tta)
+    up = Upscaler.load(args.model, args.device, detect=detect, tta=args.tta, detail=args.detail)
     rep = enhance_photos(up, args.src, args.out, boxes_file=args.boxes, scale=args.scale, compare=args.compare,
                          log=log)
     print(f"{rep.faces} faces from {rep.photos} photos written to {shown(args.out)} ({len(rep.written)} files); "
@@ -94,7 +97,7 @@ def _faces_only(args) -> int:
 
         model = local_model(model)
     device = "cpu" if model.endswith(".onnx") else args.device  # ONNX runs on the CPU runtime
-    report = super_resolve(load_upscaler(model, device, args.tta), args.src, args.out, fit=args.fit, compare=args.compare,
+    report = super_resolve(load_upscaler(model, device, args.tta, args.detail), args.src, args.out, fit=args.fit, compare=args.compare,
                            batch_size=args.batch_size, device=device, log=log)
     print(f"wrote {len(report.written)} PNGs to {shown(args.out)}; {len(report.resized)} resized, "
           f"{len(report.skipped)} skipped (refused by the image reader, reasons above)")

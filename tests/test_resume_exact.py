@@ -6,7 +6,8 @@ sum are deterministic, so any difference is state the resume lost).
 Both stages in one run, in the configuration the issue names: accumulation 2 (``skip = step_in_epoch *
 accumulation`` exercised), stage 1 with its flips, crops and the tiny priors' dropout, stage 2 with
 ``data.degradation=robust`` (the demo's default, drawn on the worker), ZeRO-0, BatchNorm in both networks;
-stage 2 keeps a moving average of its weights (``stage2.ema_decay``), which is what it writes.
+stage 2 keeps a moving average of its weights (``stage2.ema_decay``), which is what it writes, its corrections to
+bicubic scaled (``stage2.detail``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ EXACT = [
     "stage1.lr_every=1",
     "stage2.epochs=2", "stage2.batch_size=8", "stage2.max_micro_batch=2", "stage2.lr_milestones=[1]",
     "stage2.ema_decay=0.9",  # stage 2 writes its weights' moving average: the resume must carry it (stage 1: none)
+    "stage2.detail=0.5",  # ... with its corrections to bicubic halved (facesr.detail): folded in as it is written
 ]
 # what a train record holds that is a measurement of this machine, not of the optimisation
 TIMING = {"time", "samples_per_s", "step_time_s", "data_wait_s", "data_wait_fraction", "mfu", "peak_memory_bytes"}
@@ -119,9 +121,14 @@ def test_worker_killed_mid_epoch_resumes_bit_exact(exact_runs, stage):
     assert sorted(a) == sorted(b) and any("running_var" in k for k in a)
     unequal = [k for k in a if not torch.equal(a[k], b[k])]
     assert not unequal, unequal
-    if stage == 2:  # what it wrote is the moving average the last checkpoint carries, not the last iterate
+    if stage == 2:  # what it wrote is the moving average the last checkpoint carries, not the last iterate,
+        # with the branches' last convolutions halved (stage2.detail=0.5: x0.5 is exact in fp32) and saying so
+        from facesr.weights import read_meta
+
         last = max((ref / "stage2").glob("checkpoint_s*"))
         state = torch.load(last / "state" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         ema = {k.removeprefix("module."): v for k, v in state["ema"].items()}
-        assert all(torch.equal(a[k], ema[k]) for k in a)
+        heads = {k for k in a if re.fullmatch(r"branches\.\d\.body\.2\.(weight|bias)", k)}
+        assert len(heads) == 6 and read_meta(ref / weights)["detail"] == 0.5
+        assert all(torch.equal(a[k], ema[k] * 0.5 if k in heads else ema[k]) for k in a)
         assert not all(torch.equal(a[k], state["module"][k]) for k in a if "weight" in k)
