@@ -235,8 +235,9 @@ def _load_upscaler(path: Path, device, detail: float | None = None) -> Callable[
     if path.is_dir() or path.suffix == ".safetensors":
         net = load_cascade(path, device)
         if detail is not None:
-            from .detail import with_detail
+            from .detail import check_detail, with_detail
 
+            detail = check_detail(detail)  # the value asked for named in the error, not the ratio applied
             shipped = float(read_meta(find_srnet(path) if path.is_dir() else path).get("detail", 1.0))
             net = with_detail(net, detail / shipped)
         return net.deploy().eval()

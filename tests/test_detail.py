@@ -112,6 +112,8 @@ def test_sr_loads_the_strength_shipped_or_asked_and_refuses_it_for_an_export(tmp
         torch.testing.assert_close(load_upscaler(run)(lr), want[0.5], atol=1e-5, rtol=0)
         torch.testing.assert_close(load_upscaler(run, detail=1)(lr), want[1.0], atol=1e-5, rtol=0)
         torch.testing.assert_close(Upscaler.load(run, detail=0.8).model(lr), want[0.8], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"detail: .* got -1$"):
+        load_upscaler(run, detail=-1)
     ts = tmp_path / "shipped.pt"
     ts.write_bytes(b"TorchScript")  # refused before it is read
     with pytest.raises(ValueError, match=r"shipped\.pt: an export's detail strength is fixed"):
