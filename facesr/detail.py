@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -55,3 +56,14 @@ def with_detail(net: nn.Module, detail: float) -> nn.Module:
                 if last.bias is not None:
                     last.bias.mul_(d)
     return out
+
+
+def at_detail(net: nn.Module, path: str | Path, detail: float) -> nn.Module:
+    """``net``, loaded from ``path`` (a run folder or SR-net safetensors), at the absolute strength ``detail``: the
+    strength the file ships with (its metadata ``detail``, 1 when absent) undone first."""
+    from .infer import find_srnet
+    from .weights import read_meta
+
+    d, path = check_detail(detail), Path(path)  # the value asked for named in an error, not the ratio applied
+    shipped = float(read_meta(find_srnet(path) if path.is_dir() else path).get("detail", 1.0))
+    return with_detail(net, d / shipped)

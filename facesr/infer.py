@@ -235,11 +235,9 @@ def _load_upscaler(path: Path, device, detail: float | None = None) -> Callable[
     if path.is_dir() or path.suffix == ".safetensors":
         net = load_cascade(path, device)
         if detail is not None:
-            from .detail import check_detail, with_detail
+            from .detail import at_detail
 
-            detail = check_detail(detail)  # the value asked for named in the error, not the ratio applied
-            shipped = float(read_meta(find_srnet(path) if path.is_dir() else path).get("detail", 1.0))
-            net = with_detail(net, detail / shipped)
+            net = at_detail(net, path, detail)
         return net.deploy().eval()
     if detail is not None:
         raise ValueError(f"{path}: an export's detail strength is fixed in its graph; give the run folder or "

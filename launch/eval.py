@@ -237,10 +237,9 @@ def _load_models(paths: list[str], device: str, precision: str = "fp32", tta: st
     """{label: the cascade ready for inference (channels_last, bf16 autocast per ``precision``, flip-averaged per
     ``tta``)}, {label: path}. ``tta="both"``: each model twice, ``NAME`` and ``NAME+flip``. ``details``: each
     model at each of these detail strengths (absolute: the file's own ``detail`` undone first), ``NAME@detailD``."""
-    from facesr.detail import with_detail
+    from facesr.detail import at_detail
     from facesr.evaluate import model_label
-    from facesr.infer import FlipEnsemble, Fast, find_srnet, inference_bf16, load_cascade
-    from facesr.weights import read_meta
+    from facesr.infer import FlipEnsemble, Fast, inference_bf16, load_cascade
     from shards.store import local_model
 
     bf16 = inference_bf16(precision, device)
@@ -251,9 +250,8 @@ def _load_models(paths: list[str], device: str, precision: str = "fp32", tta: st
         cascade = load_cascade(local, device)
         variants = [(name, str(p), cascade)]
         if details is not None:
-            shipped = float(read_meta(find_srnet(local) if local.is_dir() else local).get("detail", 1.0))
             try:
-                variants = [(f"{name}@detail{d:g}", f"{p} (detail {d:g})", with_detail(cascade, d / shipped))
+                variants = [(f"{name}@detail{d:g}", f"{p} (detail {d:g})", at_detail(cascade, local, d))
                             for d in details]
             except ValueError as e:
                 raise SystemExit(f"{p}: --detail: {e}") from None
