@@ -88,6 +88,8 @@ def check_paths(cfg: PrepConfig) -> None:
             raise PrepError(f"SRC {src} does not exist")
         if not src.is_dir():
             raise PrepError(f"SRC {src} is not a folder (expected a folder of identity folders)")
+    if cfg.exclude:
+        _excluded_manifest(cfg)
     if is_uri(cfg.out):  # endpoint, bucket and credentials, with a probe object written and deleted
         try:
             check_reachable(cfg.out, "OUT", write=True)
@@ -105,15 +107,20 @@ def check_paths(cfg: PrepConfig) -> None:
 EXCLUDED_SPLITS = ("val", "test")
 
 
-def excluded_identities(cfg: PrepConfig, candidates: list[tuple[str, str]]) -> set[str]:
-    """This prep's names of the identities that ``cfg.exclude``'s val/test splits hold, matched on the source
-    folder (resolved) both preps read; PrepError when the manifest is unreadable or shares no source folder."""
+def _excluded_manifest(cfg: PrepConfig) -> dict:
+    """``cfg.exclude``'s manifest; PrepError naming it when unreadable."""
     from .manifest import ManifestError, read_manifest
 
     try:
-        other = read_manifest(cfg.exclude, check_files=False)
+        return read_manifest(cfg.exclude, check_files=False)
     except (ManifestError, OSError, StoreError) as exn:
         raise PrepError(f"--exclude {cfg.exclude}: no readable shard manifest ({exn})") from None
+
+
+def excluded_identities(cfg: PrepConfig, candidates: list[tuple[str, str]]) -> set[str]:
+    """This prep's names of the identities that ``cfg.exclude``'s val/test splits hold, matched on the source
+    folder (resolved) both preps read; PrepError when the manifest is unreadable or shares no source folder."""
+    other = _excluded_manifest(cfg)
     src = other.get("source", {})
     theirs = {"": src["root"]} if "root" in src else dict(src.get("roots", {}))
     held = set()  # (resolved source folder, identity folder name)

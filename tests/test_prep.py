@@ -19,6 +19,7 @@ import pytest
 from launch.cli import main
 from shards.manifest import read_manifest
 from shards.plan import SplitConfig, label_set, split_identities
+from shards.prep import PrepConfig, PrepError, check_paths
 from shards.source import KINDS
 from tests.fixtures_faces import N_FACES, PREP_ARGS, add_bad_inputs, prepared, real_faces
 
@@ -319,3 +320,6 @@ def test_exclude_leaves_out_the_people_another_shard_set_evaluates_on(tmp_path, 
         err = capsys.readouterr().err
         assert f"--exclude {bad}" in err and why in err, err
         assert not (dest / "manifest.json").exists()
+    with pytest.raises(PrepError, match="no readable shard manifest"):  # checked with the paths, before any Ray
+        check_paths(PrepConfig(src=str(roots["celeb"]), out=str(tmp_path / "unmade"), exclude=str(tmp_path / "nowhere")))
+    assert not (tmp_path / "unmade").exists()
