@@ -136,7 +136,7 @@ def evaluate(args) -> int:
     from launch.cli import main
 
     gate = make_gate()
-    gate.load_state_dict(torch.load(args.gate))
+    gate.load_state_dict(torch.load(args.gate, weights_only=True))
     gate.eval()
     ks = [float(k) for k in args.ks.split(",")]
     load = eval_cli._load_models
