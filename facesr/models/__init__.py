@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import timm
 import torch.nn as nn
 
-from .csrnet import SRNet, SRNetConfig, SRNetDeploy, conv_depth
+from .csrnet import DetailGate, SRNet, SRNetConfig, SRNetDeploy, conv_depth
 from .embedder import EmbedderConfig, FaceEmbedder, MarginHead, Recognizer, RecognizerConfig
 from .peers import (SRCNN, VDSR, Discriminator, DiscriminatorConfig, HROnly, SRCNNConfig, SRResNet, SRResNetConfig,
                     VDSRConfig)
@@ -98,7 +98,7 @@ def build_prior(cfg: PriorConfig, num_classes: int) -> nn.Module:
 __all__ = [
     "PRESETS", "ModelPreset", "get_preset", "build_prior", "build_critic",
     "SR_MODELS", "OUTPUTS", "sr_config", "build_sr", "sr_model_name",
-    "SRNet", "SRNetConfig", "SRNetDeploy", "conv_depth",
+    "DetailGate", "SRNet", "SRNetConfig", "SRNetDeploy", "conv_depth",
     "SRCNN", "SRCNNConfig", "VDSR", "VDSRConfig", "HROnly", "SRResNet", "SRResNetConfig",
     "Discriminator", "DiscriminatorConfig",
     "FrozenPrior", "PriorConfig", "SqueezeNetResidual",

@@ -40,6 +40,9 @@ class SRNetConfig:
     # one epoch at the paper's lr, the output frozen at bicubic). PReLU keeps a gradient.
     branch_act: str = "prelu"
     image_skip: bool = True  # branches predict a correction to the bicubic upsampling of lr: training starts at the baseline
+    # A detail gate (``DetailGate``): each face's corrections to bicubic scaled by a strength in [0, 1] that a small
+    # CNN reads off its lr. Trained after the cascade (training's stage 3), never by stage 2; needs image_skip.
+    gate: bool = False
 
 
 def _act(name: str, channels: int) -> nn.Module:
@@ -102,6 +105,29 @@ class Branch(nn.Module):
         return self.body(feat)
 
 
+class DetailGate(nn.Module):
+    """lr (B, 3, 24, 24) in [0, 1] -> (B,) how strongly to apply the cascade's corrections to this face (unclamped:
+    ``SRNet`` clamps it to [0, 1]). Three convolutions, 14k weights: it reads what kind of input it was given
+    (blurred, compressed, noisy), which is what decides how much of a correction drawn from 24² is right."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, 1),
+        )
+
+    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+        return self.body(lr - 0.5).squeeze(1)
+
+
+def _strength(gate: nn.Module | None, lr: torch.Tensor) -> torch.Tensor | None:
+    """The gate's strength per face as (B, 1, 1, 1) in [0, 1], or None without a gate."""
+    return None if gate is None else gate(lr).clamp(0, 1).view(-1, 1, 1, 1)
+
+
 def _skip(lr: torch.Tensor, size: int) -> torch.Tensor:
     return upsample_bicubic(lr, size)  # F.interpolate's bicubic, as matmuls (facesr/resample.py)
 
@@ -130,12 +156,17 @@ class SRNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d) and m not in (b.body[-1] for b in self.branches):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        if cfg.gate and not cfg.image_skip:
+            raise ValueError("SRNetConfig.gate scales the corrections to bicubic, which needs image_skip")
+        self.gate = DetailGate() if cfg.gate else None  # PyTorch's default init: trained from scratch in stage 3
 
     def forward(self, lr: torch.Tensor) -> dict[str, torch.Tensor]:
         out, feat = {}, lr
+        d = _strength(self.gate, lr)
         for key, stage, branch in zip(TARGETS, self.stages, self.branches):
             feat = stage(feat)  # (B, C_i, 24·2^i, 24·2^i)
             img = branch(feat)  # (B, 3, 24·2^i, 24·2^i)
+            img = img if d is None else img * d.to(img.dtype)
             out[key] = _with_skip(img, lr) if self.cfg.image_skip else img
         return out
 
@@ -152,16 +183,24 @@ class SRNetDeploy(nn.Module):
         self.image_skip = net.cfg.image_skip
         self.stages = net.stages
         self.head = net.branches[-1]
+        self.gate = net.gate
 
-    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+    def correction(self, lr: torch.Tensor) -> torch.Tensor:
+        """What the 8× branch draws: with image_skip, the correction to bicubic (before a gate scales it)."""
         feat = lr
         for stage in self.stages:
             feat = stage(feat)
-        img = self.head(feat)
+        return self.head(feat)
+
+    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+        d = _strength(self.gate, lr)
+        img = self.correction(lr)
+        img = img if d is None else img * d.to(img.dtype)
         return _with_skip(img, lr) if self.image_skip else img
 
 
 def conv_depth(net: SRNet) -> int:
     """Convolutions on the LR -> 8× path (see module docstring for the counting rule)."""
     deploy = net.deploy()
-    return sum(isinstance(m, nn.Conv2d) for m in deploy.modules())
+    gate = set(deploy.gate.modules()) if deploy.gate is not None else set()  # beside the path, not on it
+    return sum(isinstance(m, nn.Conv2d) and m not in gate for m in deploy.modules())
