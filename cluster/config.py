@@ -103,7 +103,8 @@ def _check_finite(obj, key: str) -> None:
 class RunConfig:
     name: str = "cpu"  # run name; a run started again with the same name resumes from its latest checkpoint
     run_dir: str = ""  # run folder (config, priors, metrics.jsonl, logs); "" = <cluster.storage_path>/<name>
-    stages: list[int] = field(default_factory=lambda: [1, 2])  # 1 = identity priors, 2 = SR cascade with frozen priors
+    # 1 = identity priors (or the recognizer), 2 = SR cascade with the frozen priors, 3 = its detail gate
+    stages: list[int] = field(default_factory=lambda: [1, 2])
     seed: int = 0  # model init and data-stream seed (shuffle, flips, crops); the stream mixes in epoch and rank
     log_every: int = 10  # optimizer steps between train-metric records (all-reduced over ranks)
     checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints; 0 = only at the end of each epoch
@@ -126,8 +127,12 @@ class RunConfig:
     tensorboard: bool = True
 
     def validate(self, key: str = "run") -> None:
-        if not self.stages or sorted(set(self.stages)) != self.stages or not set(self.stages) <= {1, 2}:
-            raise ConfigError(f"{key}.stages", f"expected [1], [2] or [1, 2], got {self.stages}")
+        if not self.stages or sorted(set(self.stages)) != self.stages or not set(self.stages) <= {1, 2, 3}:
+            raise ConfigError(f"{key}.stages", f"expected ascending stage numbers out of 1, 2, 3 (e.g. [1, 2], "
+                              f"[2, 3]), got {self.stages}")
+        if self.stages == [1, 3]:
+            raise ConfigError(f"{key}.stages", "stage 3 gates the cascade stage 2 trains: [1, 2, 3], or [3] with "
+                              "stage3.srnet")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
             raise ConfigError(f"{key}.name", f"use letters, digits, '_', '-', '.' only, got {self.name!r}")
         for name in ("telemetry_port", "telemetry_sd_port"):
@@ -458,6 +463,38 @@ class SRStageConfig(StageConfig):
 
 
 @dataclass
+class GateStageConfig(StageConfig):
+    # Stage 3 (issue 25): a DetailGate (facesr.detail) learns, from each face's lr alone, the strength of the
+    # cascade's corrections that maximises that face's PSNR, <c, hr - bicubic> / <c, c> for the frozen cascade's
+    # full x8 correction c; written into srnet.safetensors, which then scales each face's corrections by
+    # clamp(strength · prediction, 0, 1) in facesr sr, eval and the exports.
+    srnet: str = ""  # the cascade to gate when stage 2 is not in this run; "" = <run_dir>/srnet.safetensors
+    # the inputs it learns from, in data.degradation's vocabulary; "" = data.degradation. A wider mix than stage
+    # 2's (robust, with JPEG, under a robust_nojpeg cascade) teaches it the inputs the cascade should touch less
+    degradation: str | dict = ""
+    # the shrink on top of the PSNR-optimal prediction: below 1 keeps identity better on compressed inputs;
+    # choose it on validation identities (launch.eval's --gate-strength), never on the faces you report
+    strength: float = 0.7
+    target_max: float = 2.5  # PSNR-optimal strengths above this (corrections nearly orthogonal to the truth) clipped
+
+    def validate(self, key: str = "stage3") -> None:
+        super().validate(key)
+        from facesr.detail import check_detail
+
+        for name in ("strength", "target_max"):
+            try:
+                check_detail(getattr(self, name), f"{key}.{name}")
+            except ValueError as e:
+                raise ConfigError(f"{key}.{name}", str(e).split(": ", 1)[1]) from None
+
+    def degradation_model(self, data: "DataConfig", key: str = "stage3"):
+        """The validated degradation the gate learns from: its own, else data.degradation's."""
+        if self.degradation in ("", None):
+            return data.degradation_model()
+        return DataConfig(degradation=self.degradation).degradation_model(key)
+
+
+@dataclass
 class TrainConfig:
     preset: str = "tiny"  # model preset of facesr.models.PRESETS (tiny | paper; tiny-wide, a capacity probe)
     run: RunConfig = field(default_factory=RunConfig)
@@ -471,6 +508,9 @@ class TrainConfig:
         default_factory=lambda: SRStageConfig(
             epochs=100, batch_size=8, max_micro_batch=8, lr=10 / 3 * 1e-3, lr_milestones=[10, 25, 50, 80]
         )
+    )
+    stage3: GateStageConfig = field(  # detail gate: Adam 2e-3, batch 128, 3 passes of fresh degradations
+        default_factory=lambda: GateStageConfig(epochs=3, batch_size=128, max_micro_batch=64, lr=2e-3)
     )
 
     # ---- derived paths (absolute once resolve() ran) ----
@@ -494,6 +534,13 @@ class TrainConfig:
         return path(self.stage2.recognizer) if self.stage2.recognizer else self.run_path / "recognizer.safetensors"
 
     @property
+    def srnet_path(self):
+        """The cascade stage 3 gates (and overwrites in this run's folder with the gated one)."""
+        from shards.store import path
+
+        return path(self.stage3.srnet) if self.stage3.srnet else self.run_path / "srnet.safetensors"
+
+    @property
     def stage1_needed(self) -> bool:
         """Whether stage 2's loss uses what stage 1 of this config trains (priors or recognizer: stage1.model)."""
         return self.stage2.uses_recognizer if self.stage1.model == "recognizer" else self.stage2.uses_priors
@@ -509,8 +556,8 @@ class TrainConfig:
         return range(low, self.cluster.num_workers + 1)
 
     def stage_cfg(self, stage_num: int) -> StageConfig:
-        """The section of stage 1 (priors) or 2 (cascade)."""
-        return {1: self.stage1, 2: self.stage2}[stage_num]
+        """The section of stage 1 (priors), 2 (cascade) or 3 (detail gate)."""
+        return {1: self.stage1, 2: self.stage2, 3: self.stage3}[stage_num]
 
     def shards_of(self, stage_num: int) -> str:
         """The shard set stage ``stage_num`` streams: stage1.shards where set, else data.shards."""
@@ -582,6 +629,14 @@ class TrainConfig:
         if self.stage2.recognizer and 1 in self.run.stages and self.stage1.model == "recognizer":
             raise ConfigError("stage2.recognizer", "set it only for a stage-2 run (run.stages=[2]); stage 1 writes "
                               "<run_dir>/recognizer.safetensors")
+        if 3 in self.run.stages:
+            if self.stage3.srnet and 2 in self.run.stages:
+                raise ConfigError("stage3.srnet", "set it only for a stage-3 run (run.stages=[3]); stage 2 writes "
+                                  "<run_dir>/srnet.safetensors")
+            if 2 in self.run.stages and self.stage2.model != "cascade":
+                raise ConfigError("run.stages", f"stage 3 gates the cascade's corrections to bicubic; "
+                                  f"stage2.model={self.stage2.model} has none")
+            self.stage3.degradation_model(self.data)
 
 
 # ---------------------------------------------------------------- parsing
@@ -762,8 +817,9 @@ def resolve(cfg: TrainConfig, base: str | Path | None = None) -> TrainConfig:
     cfg.stage2 = dataclasses.replace(cfg.stage2, priors=absolute(cfg.stage2.priors),
                                      recognizer=absolute(cfg.stage2.recognizer),
                                      perceptual_weights=weights if weights in ("imagenet", "priors") else absolute(weights))
+    cfg.stage3 = dataclasses.replace(cfg.stage3, srnet=absolute(cfg.stage3.srnet))
     if any(_is_uri(p) for p in (cfg.cluster.storage_path, run_dir, cfg.data.shards, cfg.stage1.shards, cfg.stage2.priors,
-                                cfg.stage2.recognizer)):
+                                cfg.stage2.recognizer, cfg.stage3.srnet)):
         from shards.store import settings
 
         # the driver's endpoint and region travel to every worker in the config (credentials do not)
@@ -787,7 +843,27 @@ def check(cfg: TrainConfig) -> dict[int, dict]:
         _check_recognizer(cfg)
     if 2 in cfg.run.stages and cfg.stage2.loss == "perceptual" and cfg.stage2.perceptual_weights != "priors":
         _check_perceptual(cfg)
+    if cfg.run.stages == [3]:
+        _check_srnet(cfg)
     return manifests
+
+
+def _check_srnet(cfg: TrainConfig) -> None:
+    """Stage 3's cascade (stage3.srnet, or this run's srnet.safetensors) is there and is a cascade with the skip."""
+    from facesr.weights import read_meta
+    from shards.store import local_copy
+
+    key = "stage3.srnet" if cfg.stage3.srnet else "run.stages"
+    src = cfg.srnet_path
+    try:
+        meta = read_meta(local_copy(src))
+    except Exception as e:
+        raise ConfigError(key, f"{src}: no readable SR network to gate ({_clip(str(e))}); train stage 2 first or "
+                          "point stage3.srnet at an srnet.safetensors") from None
+    if meta.get("kind") != "srnet" or meta.get("model", "cascade") != "cascade" or \
+            not (meta.get("sr") or {}).get("image_skip", True):
+        raise ConfigError(key, f"{src}: holds {str(meta.get('model', meta.get('kind')))[:40]!r}, not a cascade with "
+                          "its bicubic skip, whose corrections a gate scales")
 
 
 def _check_stores(cfg: TrainConfig) -> None:
@@ -798,7 +874,8 @@ def _check_stores(cfg: TrainConfig) -> None:
     for key, uri, write in (("run.run_dir", cfg.run.run_dir, True), ("data.shards", cfg.data.shards, False),
                             ("stage1.shards", cfg.stage1.shards if 1 in cfg.run.stages else "", False),
                             ("stage2.priors", cfg.stage2.priors if 2 in cfg.run.stages else "", False),
-                            ("stage2.recognizer", cfg.stage2.recognizer if 2 in cfg.run.stages else "", False)):
+                            ("stage2.recognizer", cfg.stage2.recognizer if 2 in cfg.run.stages else "", False),
+                            ("stage3.srnet", cfg.stage3.srnet if 3 in cfg.run.stages else "", False)):
         if _is_uri(uri):
             try:
                 check_reachable(uri, "", write=write)

@@ -34,6 +34,14 @@ def _sr_levels(cfg: TrainConfig) -> tuple[str, ...]:
     return ("lr", "x2", "x4", "hr") if cfg.data.degradation_model() == PAPER else ("x2", "x4", "hr")
 
 
+def _levels(cfg: TrainConfig, number: int) -> tuple[str, ...]:
+    """What stage ``number`` decodes: the priors' levels (a recognizer's hr), the cascade's, or the gate's hr
+    (which it degrades itself)."""
+    if number == 1:
+        return ("hr",) if cfg.stage1.model == "recognizer" else PRIOR_LEVELS
+    return ("hr",) if number == 3 else _sr_levels(cfg)
+
+
 def split_name(cfg: TrainConfig, number: int, split: str, manifest: dict | None = None) -> str:
     """The manifest split behind (stage ``number``, ``train|val``); ``manifest`` resolves stage 1's ``auto``."""
     if split == "train":
@@ -64,7 +72,7 @@ def build_loader(cfg: TrainConfig, number: int, split: str, micro_batch: int, ra
         workers=cfg.data.loader_workers,
         shuffle=cfg.data.shuffle_buffer if train else 0,
         labelled_only=priors,
-        levels=(("hr",) if cfg.stage1.model == "recognizer" else PRIOR_LEVELS) if priors else _sr_levels(cfg),
+        levels=_levels(cfg, number),
         seed=cfg.run.seed,
         pin_memory=cfg.cluster.use_gpu,  # asynchronous host-to-device copies of the uint8 batches
         cache_dir=cfg.data.shard_cache,

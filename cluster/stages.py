@@ -1,7 +1,8 @@
-"""What differs between the two training stages: model, forward, validation, final artefact.
+"""What differs between the training stages: model, forward, validation, final artefact.
 
 The generic worker loop (``cluster.loop``) asks a ``Stage`` for these and does
-the rest (engine, data, checkpoints, logging) the same way for both.
+the rest (engine, data, checkpoints, logging) the same way for all three: 1 the
+priors (or the recognizer), 2 the cascade, 3 the cascade's detail gate.
 """
 
 from __future__ import annotations
@@ -14,15 +15,17 @@ import torch
 import torch.nn as nn
 
 from facesr.augment import flip_crop
-from facesr.detail import with_detail
+from facesr.detail import at_detail, with_detail, with_gate
 from facesr.degradations import PAPER, degrade_lr, sample_params
 from facesr.losses import AdversarialLoss, CSRIPLoss, MarginLoss, MSELoss, PerceptualLoss, PriorLoss
-from facesr.models import build_critic, build_prior, build_recognizer, build_sr, get_preset
+from facesr.models import DetailGate, build_critic, build_prior, build_recognizer, build_sr, get_preset
 from facesr.models.perceptual import PriorFeatures
 from facesr.quality import finish, image_scores
-from facesr.step import Precision, prior_forward, sr_forward
+from facesr.resample import upsample_bicubic
+from facesr.step import Precision, gate_forward, prior_forward, sr_forward
 from facesr.vocab import KEY_OF, SCALE_OF, TARGETS
-from facesr.weights import load_priors, load_recognizer, load_squeezenet, save_priors, save_recognizer, save_srnet
+from facesr.weights import (load_priors, load_recognizer, load_squeezenet, load_srnet, read_meta, save_priors,
+                            save_recognizer, save_srnet)
 from shards.manifest import class_counts, read_manifest
 from shards.store import local_copy, staged
 
@@ -32,7 +35,7 @@ from .config import StageConfig, TrainConfig
 class Stage(Protocol):
     """What the worker loop needs from a training stage (``STAGES[number](cfg, classes, device, precision)``)."""
 
-    number: ClassVar[int]  # 1 = priors, 2 = cascade: run.stages, done markers, checkpoint folders
+    number: ClassVar[int]  # 1 = priors, 2 = cascade, 3 = its gate: run.stages, done markers, checkpoint folders
     telemetry_name: ClassVar[str]  # the `stage` label of its metrics
     stage_cfg: StageConfig  # its optimiser and schedule (cfg.stage1 / cfg.stage2)
 
@@ -249,7 +252,68 @@ class SRStage:
         return path
 
 
-STAGES: dict[int, type[Stage]] = {1: PriorStage, 2: SRStage}
+class GateStage:
+    """Stage 3: the detail gate of the cascade stage 2 wrote (or ``stage3.srnet``), frozen at full strength on every
+    worker (outside DeepSpeed, like stage 2's priors). From each face's lr, degraded on the device by
+    ``stage3.degradation``, the gate learns the strength of the cascade's x8 correction that maximises that
+    face's PSNR (``facesr.step.gate_forward``); the stage writes the cascade with the gate, its predictions
+    scaled by ``stage3.strength``, as the run's ``srnet.safetensors``."""
+
+    number = 3
+    telemetry_name = "gate"
+
+    def __init__(self, cfg: TrainConfig, classes: list[str], device: torch.device, precision: Precision):
+        self.cfg, self.classes, self.device, self.precision = cfg, classes, device, precision
+        self.stage_cfg = cfg.stage3
+        self.degradation = self.stage_cfg.degradation_model(cfg.data)
+        self.source = local_copy(cfg.srnet_path)
+        self.meta = read_meta(self.source)
+        self.cascade = at_detail(load_srnet(self.source, device), self.source, 1.0)  # full strength, no gate
+        self.deploy = precision.module(self.cascade.deploy()).requires_grad_(False).eval()
+
+    def build_model(self) -> nn.Module:
+        return DetailGate()
+
+    def build_critic(self) -> None:
+        return None
+
+    def begin_epoch(self, epoch: int) -> None:
+        pass
+
+    def train_batch(self, batch: dict, generator: torch.Generator) -> dict:
+        lr = degrade_lr(batch["hr"], self.degradation, generator)  # (B, 3, 24, 24)
+        return {**batch, "lr": self.precision.tensor(lr)}
+
+    def val_batch(self, batch: dict, generator: torch.Generator) -> dict:
+        return self.train_batch(batch, generator)
+
+    def forward(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        return gate_forward(model, self.deploy, batch, self.precision, self.stage_cfg.target_max)[0]
+
+    @torch.no_grad()
+    def validate_batch(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        """The loss, the mean prediction and target, and x8 PSNR as `facesr eval quality` scores it of the gated
+        output that ships (prediction × stage3.strength, clamped to [0, 1]), of the cascade at full strength and
+        of bicubic: whether the gate beats its network on these inputs."""
+        terms, c, pred = gate_forward(model, self.deploy, batch, self.precision, self.stage_cfg.target_max)
+        bic = upsample_bicubic(batch["lr"].float(), c.shape[-1])
+        d = (self.stage_cfg.strength * pred).clamp(0, 1).view(-1, 1, 1, 1)
+        for name, img in (("psnr", bic + d * c), ("psnr_full", bic + c), ("psnr_bicubic", bic)):
+            terms[f"{name}/x8"] = image_scores(finish(img), batch["hr"])["psnr"].mean()
+        return {k: v.float() for k, v in terms.items()}
+
+    def finish(self, model: nn.Module, run_dir: Path) -> Path:
+        path = run_dir / "srnet.safetensors"
+        net = with_gate(self.cascade, model, self.stage_cfg.strength)
+        keep = {k: v for k, v in self.meta.items() if k in ("preset", "run", "loss")}
+        extra = {**keep, "gate_strength": self.stage_cfg.strength, "gate_run": self.cfg.run.name,
+                 "gate_degradation": str(self.stage_cfg.degradation or self.cfg.data.degradation)}
+        with staged(path) as local:
+            save_srnet(local, net, extra=extra)
+        return path
+
+
+STAGES: dict[int, type[Stage]] = {1: PriorStage, 2: SRStage, 3: GateStage}
 
 
 

@@ -10,8 +10,10 @@ Run folder (``run.run_dir``, default ``<cluster.storage_path>/<run.name>``)::
     recognizer.safetensors   or, with stage1.model=recognizer, the face recognizer of the identity term
     stage1.done.json         final step, epoch, LR of stage 1
     stage2/checkpoint_*/     ... of stage 2
-    srnet.safetensors        the trained cascade
+    srnet.safetensors        the trained cascade (stage 3 rewrites it with its detail gate)
     stage2.done.json
+    stage3/checkpoint_*/     ... of stage 3, the detail gate (run.stages=[1, 2, 3])
+    stage3.done.json
 
 Resume: starting a run with a name whose folder exists skips the stages that
 have a ``done`` marker; a stage that was interrupted is restored by Ray Train
@@ -32,7 +34,8 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig, _check_priors, _check_recognizer, _is_uri, check, resolve, to_yaml
+from .config import (ConfigError, TrainConfig, _check_priors, _check_recognizer, _check_srnet, _is_uri, check, resolve,
+                     to_yaml)
 from .recorder import done_path
 
 log = logging.getLogger("facesr.train")
@@ -76,6 +79,8 @@ def train(cfg: TrainConfig) -> Path:
                 _check_priors(cfg, manifests[2])  # stage 1 of this run must have produced them
             if cfg.stage2.uses_recognizer:
                 _check_recognizer(cfg)
+        if number == 3 and 2 in cfg.run.stages:
+            _check_srnet(cfg)  # stage 2 of this run must have written the cascade the gate learns on
         _fit(cfg, number, manifests[number])
         log.info("stage %d finished: %s", number, json.dumps(json.loads(done.read_text())) if done.exists() else "no marker")
     _summarise(run_dir)
@@ -142,7 +147,8 @@ def _fit(cfg: TrainConfig, number: int, manifest: dict) -> None:
     )
     steps = planned_steps(cfg, number, manifest)
     # a Table 1 peer says which network stage 2 trains (and SRGAN that a discriminator trains beside it)
-    title = "stage 1 (recognizer)" if number == 1 and cfg.stage1.model == "recognizer" else ""
+    title = "stage 1 (recognizer)" if number == 1 and cfg.stage1.model == "recognizer" else \
+        "stage 3 (detail gate)" if number == 3 else ""
     if number == 2 and (cfg.stage2.model != "cascade" or cfg.stage2.loss == "adversarial"):
         name = {"srresnet": "SRResNet"}.get(cfg.stage2.model, cfg.stage2.model.upper())
         title = f"stage 2 ({name}{' + discriminator' if cfg.stage2.loss == 'adversarial' else ''})"

@@ -167,3 +167,22 @@ def prior_forward(priors: nn.ModuleDict, loss_fn: nn.Module, batch: dict, precis
     with precision.autocast(batch["cls"].device):
         logits = {k: priors[k](x) for k, x in inputs.items()}
     return loss_fn(logits, batch["cls"])
+
+
+def gate_forward(gate: nn.Module, cascade: nn.Module, batch: dict, precision: Precision,
+                 target_max: float) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Stage 3: the frozen full-strength ``cascade`` (an ``SRNetDeploy``) draws its x8 correction to bicubic for
+    ``lr``; each face's PSNR-optimal strength of it (``facesr.detail.optimal_strength``, clipped to [0,
+    target_max]) is the target the detail ``gate`` regresses from ``lr``. Returns the terms (squared error as
+    ``loss``, the mean prediction and target), the correction (fp32) and the gate's predictions (B,). The
+    correction is taken before the bicubic skip is added, so bf16 rounds it, not the whole image."""
+    from .detail import optimal_strength
+
+    lr = batch["lr"]
+    with torch.no_grad(), precision.autocast(lr.device):
+        c = cascade.correction(lr).float()
+    target = optimal_strength(c, lr, batch["hr"]).clamp(0, target_max)
+    with precision.autocast(lr.device):
+        pred = gate(lr).float()
+    terms = {"loss": ((pred - target) ** 2).mean(), "strength/x8": pred.detach().mean(), "optimal/x8": target.mean()}
+    return terms, c, pred

@@ -113,6 +113,11 @@ def test_overrides_are_typed():
         (["engine.precision=fp16"], "engine.precision"),
         (["engine.bucket_mb=0"], "engine.bucket_mb"),
         (["stage1.crop_pad=24"], "stage1.crop_pad"),
+        (["run.stages=[1,2,3]", "stage3.srnet=/some/srnet.safetensors"], "stage3.srnet"),  # stage 2 writes it
+        (["run.stages=[2,3]", "stage2.model=srcnn", "stage2.loss=mse"], "run.stages"),  # no correction to gate
+        (["run.stages=[2,3]", "stage2.alpha=0", "stage3.degradation=nope"], "stage3.degradation"),
+        (["run.stages=[3]", "stage3.batch_size=8"], "run.stages"),  # no srnet.safetensors in the run folder yet
+        (["run.stages=[3]", "stage3.batch_size=8", "stage3.srnet=/no/such/srnet.safetensors"], "stage3.srnet"),
         # elastic 2..4 workers: 16 and 8 split over 2 and 4 but not over 3
         (["cluster.min_workers=2", "cluster.num_workers=4", "engine.zero_stage=0"], "stage1.batch_size"),
     ],
@@ -210,7 +215,10 @@ def test_warmup_rises_linearly_then_follows_the_epoch_schedule():
 @pytest.mark.parametrize(
     "section,kwargs,field",
     [
-        ("RunConfig", {"stages": [3]}, "run.stages"),
+        ("RunConfig", {"stages": [4]}, "run.stages"),
+        ("RunConfig", {"stages": [1, 3]}, "run.stages"),  # the gate needs the cascade stage 2 trains
+        ("GateStageConfig", {"strength": 0.0}, "stage3.strength"),
+        ("GateStageConfig", {"target_max": float("nan")}, "stage3.target_max"),
         ("DataConfig", {"degradation": "nope"}, "data.degradation"),
         ("ClusterConfig", {"num_workers": 0}, "cluster.num_workers"),
         ("EngineConfig", {"precision": "fp16"}, "engine.precision"),
