@@ -51,7 +51,10 @@ def _common(p, data: bool = True) -> None:
     p.add_argument("--detail", type=_details, default=None, metavar="D[,D...]",
                    help="each model at these detail strengths (facesr.detail: every output = bicubic + D x the "
                    "network's correction to it; 1 = as trained, whatever the file ships with), as NAME@detailD; "
-                   "choose on validation identities (--split val)")
+                   "choose on validation identities (--split val); a detail gate, if the file has one, replaced")
+    p.add_argument("--gate-strength", type=_details, default=None, metavar="K[,K...]",
+                   help="a gated network (training's stage 3) with its per-face strength scaled by K instead of "
+                   "the one it ships with, as NAME@gateK; beside --detail's variants")
 
 
 def _details(text: str) -> list[float]:
@@ -233,11 +236,12 @@ def _faces(args, n: int = 0):
 
 
 def _load_models(paths: list[str], device: str, precision: str = "fp32", tta: str = "none",
-                 details: list[float] | None = None):
+                 details: list[float] | None = None, gates: list[float] | None = None):
     """{label: the cascade ready for inference (channels_last, bf16 autocast per ``precision``, flip-averaged per
     ``tta``)}, {label: path}. ``tta="both"``: each model twice, ``NAME`` and ``NAME+flip``. ``details``: each
-    model at each of these detail strengths (absolute: the file's own ``detail`` undone first), ``NAME@detailD``."""
-    from facesr.detail import at_detail
+    model at each of these detail strengths (absolute: the file's own ``detail`` undone first, a gate removed),
+    ``NAME@detailD``; ``gates``: a gated model at each of these gate strengths, ``NAME@gateK``."""
+    from facesr.detail import at_detail, at_gate_strength
     from facesr.evaluate import model_label
     from facesr.infer import FlipEnsemble, Fast, inference_bf16, load_cascade
     from shards.store import local_model
@@ -249,12 +253,17 @@ def _load_models(paths: list[str], device: str, precision: str = "fp32", tta: st
         local = Path(local_model(p))  # a run in a bucket: its srnet downloaded
         cascade = load_cascade(local, device)
         variants = [(name, str(p), cascade)]
-        if details is not None:
+        if details is not None or gates is not None:
             try:
                 variants = [(f"{name}@detail{d:g}", f"{p} (detail {d:g})", at_detail(cascade, local, d))
-                            for d in details]
+                            for d in details or []]
             except ValueError as e:
                 raise SystemExit(f"{p}: --detail: {e}") from None
+            try:
+                variants += [(f"{name}@gate{k:g}", f"{p} (gate strength {k:g})", at_gate_strength(cascade, local, k))
+                             for k in gates or []]
+            except ValueError as e:
+                raise SystemExit(f"{p}: --gate-strength: {e}") from None
         for label, src, net in variants:
             net = Fast(net, bf16)
             if tta in ("none", "both"):
@@ -281,7 +290,7 @@ def run_quality(args) -> int:
 
     names = _degradations(args.degradations)
     rows = list(dict.fromkeys(["paper", *names])) if names != ["paper"] else []  # robustness rows; none by default
-    models, where = _load_models(args.models, args.device, args.precision, args.tta, args.detail)
+    models, where = _load_models(args.models, args.device, args.precision, args.tta, args.detail, args.gate_strength)
     skipped: list = []
     if _is_shard_root(args.data):
         source = f"shards {args.data} split {args.split}"
@@ -329,7 +338,7 @@ def run_grid(args) -> int:
     names = _degradations(args.degradations)
     if not args.models:
         raise SystemExit("facesr eval grid: give at least one MODEL")
-    models, _ = _load_models(args.models, args.device, args.precision, args.tta, args.detail)
+    models, _ = _load_models(args.models, args.device, args.precision, args.tta, args.detail, args.gate_strength)
     if args.faces:
         faces = [Face(f.split("/")[0], Path(args.data) / f) for f in args.faces]
     else:
@@ -390,7 +399,7 @@ def run_identity(args) -> int:
                                  usable_pairs, verify_degradations)
 
     extra = _drift_faces(args.lfw, _identities(args)) if args.drift_all else []  # refused before any loading
-    models, where = _load_models(args.models, args.device, args.precision, args.tta, args.detail)
+    models, where = _load_models(args.models, args.device, args.precision, args.tta, args.detail, args.gate_strength)
     if args.drawn_pairs:
         if _identities(args) is None:
             raise SystemExit("--drawn-pairs needs chosen people (--manifest with --split, or --ids)")

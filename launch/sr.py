@@ -42,8 +42,9 @@ def configure(p) -> None:
                    help="flip: each face's output averaged with the mirror of its mirror's output (twice the "
                    "arithmetic; README: identity section)")
     p.add_argument("--detail", type=float, default=None, metavar="D",
-                   help="the network's corrections to bicubic times D (1 = as trained; default: as the model "
-                   "ships, e.g. the demo's 0.7; README: identity section); run folder or .safetensors only")
+                   help="the network's corrections to bicubic times D for every face (1 = as trained; default: as "
+                   "the model ships, e.g. the demo's 0.6, or a detail gate's strength per face, which D replaces; "
+                   "README: identity section); run folder or .safetensors only")
 
 
 def run(args) -> int:
