@@ -65,8 +65,9 @@ def test_naive_degradation_is_what_the_probe_compares_against():
 
 @pytest.mark.slow  # 16 DeepSpeed engines: a few minutes on 2 quiet cores
 def test_every_shipped_configuration_steps_without_host_syncs():
-    """Every distinct step of launch/configs/*.yaml (both stages; robust and paper degradation, the SRGAN critic,
-    ℓp, MSE peers, class-balanced priors, the face recognizer and the identity term, the weights' moving average,
+    """Every distinct step of launch/configs/*.yaml (all three stages; robust and paper degradation, the SRGAN critic,
+    ℓp, MSE peers, class-balanced priors, the face recognizer and the identity term, the detail gate (stage 3, its
+    frozen cascade inside the step), the weights' moving average,
     BatchNorm local and sync, bf16 and fp32, accumulation 2) runs three DeepSpeed optimizer steps with no host synchronisation; the log
     step's one transfer brings every term."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
@@ -85,6 +86,7 @@ def test_every_shipped_configuration_steps_without_host_syncs():
     assert any(r["signature"].get("model") == "recognizer" for r in rows)  # identity-term.yaml's stage 1 (issue 25)
     assert any(r["signature"].get("identity") for r in rows)  # and its stage 2's identity term
     assert any(r["signature"].get("ema") for r in rows)  # demo.yaml's stage 2 writes its weights' moving average
+    assert any(r["signature"].get("model") == "gate" for r in rows)  # identity-term.yaml's stage 3
     for r in rows:
         ours = r["ours"]
         assert ours["accumulation"] == 2

@@ -39,6 +39,9 @@ def signature(cfg, number: int) -> dict:
         s = cfg.stage1
         return {**common, "model": s.model, "augment": s.augment, "crop_pad": s.crop_pad if s.augment else 0,
                 "class_balance": s.class_balance, "input": s.input}
+    if number == 3:  # the detail gate: its inputs' degradation; the frozen cascade and the gate are fixed
+        deg = cfg.stage3.degradation or cfg.data.degradation
+        return {**common, "model": "gate", "degradation": deg if isinstance(deg, str) else "custom"}
     s = cfg.stage2
     deg = cfg.data.degradation if isinstance(cfg.data.degradation, str) else "custom"
     weights = s.perceptual_weights if s.loss == "perceptual" else ""
@@ -146,13 +149,13 @@ def _bn_layers(*modules) -> int:
 # ---------------------------------------------------------------- the probe
 
 
-def _files(tmp: Path, classes: list[str]) -> tuple[Path, Path, Path]:
-    """Random tiny identity priors, a random tiny face recognizer and random SqueezeNet 1.1 weights: the frozen
-    networks a step reads."""
-    from facesr.models import build_prior, build_recognizer, get_preset
+def _files(tmp: Path, classes: list[str]) -> tuple[Path, Path, Path, Path]:
+    """Random tiny identity priors, a random tiny face recognizer, random SqueezeNet 1.1 weights and a random tiny
+    cascade: the frozen networks a step reads."""
+    from facesr.models import build_prior, build_recognizer, build_sr, get_preset
     from facesr.models.perceptual import squeezenet1_1
     from facesr.vocab import TARGETS
-    from facesr.weights import save_priors, save_recognizer
+    from facesr.weights import save_priors, save_recognizer, save_srnet
 
     torch.manual_seed(0)
     prior = get_preset("tiny").prior
@@ -162,7 +165,9 @@ def _files(tmp: Path, classes: list[str]) -> tuple[Path, Path, Path]:
                                  build_recognizer(get_preset("tiny").recognizer, len(classes)), classes)
     squeeze = tmp / "squeezenet1_1-random.pth"
     torch.save(squeezenet1_1(weights=None).state_dict(), squeeze)
-    return priors, recognizer, squeeze
+    srnet = tmp / "srnet.safetensors"
+    save_srnet(srnet, build_sr("cascade", preset="tiny"))
+    return priors, recognizer, squeeze, srnet
 
 
 def probe(sig: dict, tmp: Path, steps: int = 2, naive: bool = False) -> dict:
@@ -177,7 +182,7 @@ def probe(sig: dict, tmp: Path, steps: int = 2, naive: bool = False) -> dict:
     from facesr.vocab import SIZES
 
     classes = [f"id{i}" for i in range(10)]
-    priors, recognizer, squeeze = _files(tmp, classes)
+    priors, recognizer, squeeze, srnet = _files(tmp, classes)
     number = sig["stage"]
     over = [f"engine.precision={sig['precision']}", f"engine.batchnorm={sig['batchnorm']}",
             f"engine.zero_stage={sig['zero_stage']}", f"engine.compile={str(sig['compile']).lower()}",
@@ -185,6 +190,8 @@ def probe(sig: dict, tmp: Path, steps: int = 2, naive: bool = False) -> dict:
     if number == 1:
         over += [f"stage1.augment={str(sig['augment']).lower()}", f"stage1.crop_pad={sig['crop_pad']}",
                  f"stage1.input={sig['input']}", f"stage1.model={sig['model']}"]
+    elif number == 3:
+        over += [f"stage3.srnet={srnet}", f"stage3.degradation={sig['degradation']}"]
     else:
         over += [f"stage2.model={sig['model']}", f"stage2.loss={sig['loss']}", f"data.degradation={sig['degradation']}",
                  f"stage2.alpha={0.001 if sig['priors'] and sig['loss'] == 'csrip' else 0}"]
