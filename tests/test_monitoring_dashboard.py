@@ -30,6 +30,7 @@ REQUIRED = {
     r"Checkpoint age": "facesr_last_checkpoint_timestamp_seconds", r"Decode errors": "facesr_decode_errors_total",
     r"Restarts": "facesr_restarts_total", r"Epoch": "facesr_epoch", r"Step$": "facesr_step",
     r"MFU": "facesr_mfu_ratio", r"Peak memory": "facesr_peak_memory_bytes",
+    r"Detail gate: strength": "facesr_strength", r"Detail gate: x8 PSNR": "facesr_psnr_full",
 }
 
 
