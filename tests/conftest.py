@@ -282,7 +282,7 @@ def prometheus(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def monitored_job(request) -> dict:
-    """Both stages of cpu.yaml on 2 workers with ZeRO-1, submitted with `ray job submit` to a token-auth head,
+    """The three stages of cpu.yaml on 2 workers with ZeRO-1, submitted with `ray job submit` to a token-auth head,
     exporters on and found by the session's Prometheus: one run that tests/test_train.py checks as a training
     job and tests/test_monitoring_prometheus.py as a monitored one (each used to train its own).
     Without Prometheus on the machine (outside CI) the job runs unwatched and the monitoring tests skip.
@@ -306,7 +306,10 @@ def monitored_job(request) -> dict:
                f"cluster.storage_path={storage}", "run.name=job", f"run.telemetry_port={monitor.free_port()}",
                f"run.telemetry_sd_dir={sd_dir}", *FAST,
                "engine.zero_stage=1",  # the configs use 0; this run keeps the sharded-optimizer path tested
-               "run.val_every=2"]  # validation after epochs 2, 4, 6 of stage 1 and 2, 3 (the last) of stage 2
+               "run.val_every=2",  # validation after epochs 2, 4, 6 of stage 1 and 2, 3 (the last) of stage 2
+               # and the cascade's detail gate (stage 3): 2 epochs of 4 steps, validated after the last
+               "run.stages=[1,2,3]", "stage3.epochs=2", "stage3.steps_per_epoch=4", "stage3.batch_size=8",
+               "stage3.max_micro_batch=4"]
         start = time.time()
         res = subprocess.run(cmd, cwd=ROOT, env=head.env, capture_output=True, text=True, timeout=600)
         end = time.time()

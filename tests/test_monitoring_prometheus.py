@@ -111,18 +111,19 @@ def test_dashboard_query_returns_series(prometheus, run_window, title, expr):
     assert series, f"{title}: no series for {substitute(expr, VARIABLES)}"
     if PER_SCALE.search(expr):
         scales = {s["metric"].get("scale") for s in series}
-        assert scales == set(SCALES), f"{title}: scales {scales}"
+        want = {"x8"} if 'stage="gate"' in expr else set(SCALES)  # the detail gate (stage 3) scores x8 only
+        assert scales == want, f"{title}: scales {scales}"
     ranks = {s["metric"]["rank"] for s in series if "rank" in s["metric"]}
     if ranks:
         assert ranks == {str(r) for r in range(WORKERS)}, f"{title}: ranks {ranks}"
 
 
 def test_dashboard_variables_resolve(prometheus, run_window):
-    """Each template variable's label_values() lists this run's values (both stages, all ranks)."""
+    """Each template variable's label_values() lists this run's values (all three stages, all ranks)."""
     url = prometheus[0]
     t_start, t_end, _ = run_window
     dash = json.loads(DASHBOARD.read_text())
-    expected = {"run": {RUN}, "stage": {"prior", "sr"}, "rank": {str(r) for r in range(WORKERS)}}
+    expected = {"run": {RUN}, "stage": {"prior", "sr", "gate"}, "rank": {str(r) for r in range(WORKERS)}}
     for var in (v for v in dash["templating"]["list"] if v["type"] == "query"):  # not the datasource picker
         m = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", var["query"])
         assert m, var["query"]

@@ -225,20 +225,33 @@ def test_head_refuses_requests_without_token(head):
     assert head.status(token=head.token) == 200
 
 
-def test_job_submit_trains_both_stages_on_two_workers(job_run):
-    """`ray job submit` of the cpu config completes: run folder with resolved config, priors, weights, logs."""
+def test_job_submit_trains_all_three_stages_on_two_workers(job_run):
+    """`ray job submit` of the cpu config completes: run folder with resolved config, priors, weights, logs; stage
+    3 rewrote srnet.safetensors as the cascade with its detail gate, whose checkpoints hold the gate alone."""
+    import torch
+
+    from cluster.engine import TAG, _safe_globals
+    from facesr.weights import load_srnet, read_meta
+
     for name in ("config.yaml", "metrics.jsonl", "priors.safetensors", "srnet.safetensors",
-                 "logs/driver.log", "logs/stage1-rank0.log", "logs/stage1-rank1.log", "logs/stage2-rank1.log"):
+                 "logs/driver.log", "logs/stage1-rank0.log", "logs/stage1-rank1.log", "logs/stage2-rank1.log",
+                 "logs/stage3-rank1.log"):
         assert (job_run / name).is_file(), name
-    assert list((job_run / "stage1").glob("checkpoint_*")) and list((job_run / "stage2").glob("checkpoint_*"))
-    for stage, steps in ((1, 6 * 4), (2, 3 * 8)):
+    for stage in (1, 2, 3):
+        assert list((job_run / f"stage{stage}").glob("checkpoint_*")), stage
+    for stage, steps in ((1, 6 * 4), (2, 3 * 8), (3, 2 * 4)):
         d = done(job_run, stage)
         assert d["world_size"] == 2 and d["global_step"] == steps
     assert done(job_run, 2)["lr"] == pytest.approx(10 / 3 * 1e-3 / 3)  # one milestone passed
-    from facesr.weights import read_meta
-
     meta = read_meta(job_run / "priors.safetensors")
     assert meta["kind"] == "priors" and meta["preset"] == "tiny" and meta["num_classes"] == 4
+    meta = read_meta(job_run / "srnet.safetensors")
+    assert meta["gate_strength"] == 0.7 and meta["sr"]["gate"] and meta["loss"] == "csrip"
+    assert load_srnet(job_run / "srnet.safetensors").gate is not None
+    latest = sorted((job_run / "stage3").glob("checkpoint_*"))[-1] / TAG
+    with torch.serialization.safe_globals(_safe_globals()):
+        module = torch.load(latest / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+    assert module and all(k.startswith("body.") for k in module)  # the gate alone: the frozen cascade is not in it
 
 
 def test_checkpoints_load_weights_only_and_hold_no_priors(job_run):
@@ -291,8 +304,8 @@ def test_resuming_zero1_checkpoints_at_another_world_size_is_refused_before_ray(
 
 
 def test_losses_fall_and_metrics_are_recorded(job_run):
-    """Train losses fall in both stages; validation reports top-1 per scale (stage 1), SSIM/PSNR per scale (2),
-    at the epochs run.val_every names."""
+    """Train losses fall in stages 1 and 2; validation reports top-1 per scale (stage 1), SSIM/PSNR per scale (2),
+    the gate's figures (3), at the epochs run.val_every names."""
     recs = records(job_run)
     for r in recs:
         assert {"stage", "split", "epoch", "step", "time"} <= set(r)
@@ -311,6 +324,11 @@ def test_losses_fall_and_metrics_are_recorded(job_run):
     assert val1[-1]["acc_chance"] == 0.25  # 4 classes
     assert {"ssim/x2", "ssim/x4", "ssim/x8", "psnr/x2", "psnr/x4", "psnr/x8", "loss"} <= set(val2[-1])
     assert val2[-1]["loss"] < val2[0]["loss"]
+    # stage 3: the gate's prediction and target, and x8 PSNR of the gated output, the full correction and bicubic
+    val3 = [r for r in recs if r["stage"] == 3 and r["split"] == "val"]
+    assert [r["epoch"] for r in val3] == [1]
+    assert {"loss", "strength/x8", "optimal/x8", "psnr/x8", "psnr_full/x8", "psnr_bicubic/x8"} <= set(val3[-1])
+    assert val3[-1]["psnr_full/x8"] != val3[-1]["psnr_bicubic/x8"] and 0 <= val3[-1]["optimal/x8"] <= 2.5
 
 
 def test_tensorboard_event_files_hold_every_record(job_run):
