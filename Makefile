@@ -32,8 +32,8 @@ SHARDS  ?= runs/demo/shards
 
 # Issue 25's identity term (launch/configs/identity-term.yaml): a face recognizer on LFW + CelebA less the demo's
 # val and test people (its face set prepped first, ~30 s), then the demo's stage 2 with the identity term through
-# it, on the demo's shards (`make demo` first; ~16 min of training on 2 cores); then its identity table beside the
-# demo's model on the validation identities, every row (~15 min).
+# it, then the cascade's detail gate (stage 3), on the demo's shards (`make demo` first; ~26 min of training on 2
+# cores); then its identity table beside the demo's model on the validation identities, every row (~15 min).
 DEGRADATIONS ?= paper,decimate0,bicubic_aa,area,bilinear_noise,jpeg50,heldout
 identity-term: $(STAMP)
 	$(BIN)/facesr prep $(FACES) ../shared/data/celeba-ids runs/demo/shards-rec --split-by none --exclude $(SHARDS) \
