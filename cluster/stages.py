@@ -37,7 +37,7 @@ class Stage(Protocol):
 
     number: ClassVar[int]  # 1 = priors, 2 = cascade, 3 = its gate: run.stages, done markers, checkpoint folders
     telemetry_name: ClassVar[str]  # the `stage` label of its metrics
-    stage_cfg: StageConfig  # its optimiser and schedule (cfg.stage1 / cfg.stage2)
+    stage_cfg: StageConfig  # its optimiser and schedule (cfg.stage1 / cfg.stage2 / cfg.stage3)
 
     def build_model(self) -> nn.Module: ...  # the trained module (DeepSpeed wraps it)
 
