@@ -43,12 +43,17 @@ def check_detail(detail: float, where: str = "detail") -> float:
     return d
 
 
-def _cascade(net: nn.Module, what: str) -> SRNet:
-    """The cascade inside ``net`` (DeepSpeed / DDP / torch.compile wrappers removed); ValueError naming ``what``
-    for a network without the bicubic skip (a Table 1 peer, or a cascade built with ``image_skip=False``)."""
+def _inner(net: nn.Module) -> nn.Module:
+    """The network inside DeepSpeed / DDP / torch.compile wrappers."""
     while isinstance(getattr(net, "module", None), nn.Module):  # a DeepSpeed / DDP wrapper: the network inside
         net = net.module
-    net = getattr(net, "_orig_mod", net)  # torch.compile's wrapper
+    return getattr(net, "_orig_mod", net)  # torch.compile's wrapper
+
+
+def _cascade(net: nn.Module, what: str) -> SRNet:
+    """The cascade inside ``net`` (wrappers removed); ValueError naming ``what`` for a network without the bicubic
+    skip (a Table 1 peer, or a cascade built with ``image_skip=False``)."""
+    net = _inner(net)
     if not isinstance(net, SRNet) or not net.cfg.image_skip:
         raise ValueError(f"{what}: only the cascade with its bicubic skip (image_skip) draws corrections to "
                          f"bicubic; this network is {type(net).__name__}")
@@ -83,9 +88,7 @@ def with_gate(net: nn.Module, gate: DetailGate, strength: float = 1.0) -> SRNet:
     ``clamp(strength · gate(lr), 0, 1)``, ``strength`` folded into the gate's last layer. ``net``'s weights are
     taken as they are (``at_detail(net, path, 1)`` first for a file that ships a fixed strength)."""
     k = check_detail(strength, "gate strength")
-    while isinstance(getattr(gate, "module", None), nn.Module):
-        gate = gate.module
-    gate = getattr(gate, "_orig_mod", gate)
+    gate = _inner(gate)
     if not isinstance(gate, DetailGate):
         raise ValueError(f"with_gate: expected a DetailGate, got {type(gate).__name__}")
     out = without_gate(net)
