@@ -203,6 +203,10 @@ class ClusterConfig:
     # load at any world size, so engine.zero_stage must be 0, and the global batch must split at every size.
     min_workers: int = 0
     elastic_resize_s: float = 60.0  # elastic: how often a healthy worker group checks whether it can grow
+    # elastic: how long a restart waits to place the worker group it sized from the cluster's resources before it
+    # sizes again. Right after a node dies the cluster still lists the node's CPUs (~15 s of GCS health checks);
+    # a restart sized to them waited Ray Train's 60 s before shrinking (tests/test_cluster.py, elastic)
+    elastic_placement_s: float = 10.0
     use_gpu: bool = False  # one GPU per worker, NCCL; False = CPU workers, DeepSpeed's CPU accelerator over gloo
     cpus_per_worker: float = 1.0  # CPUs reserved per worker; also its torch thread count
     gpus_per_worker: float = 1.0  # GPUs reserved per worker when use_gpu
@@ -223,7 +227,7 @@ class ClusterConfig:
         if not 0 <= self.min_workers <= self.num_workers:
             raise ConfigError(f"{key}.min_workers", f"expected 0 (fixed) to num_workers={self.num_workers}, "
                               f"got {self.min_workers}")
-        for name in ("cpus_per_worker", "gpus_per_worker", "elastic_resize_s"):
+        for name in ("cpus_per_worker", "gpus_per_worker", "elastic_resize_s", "elastic_placement_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{key}.{name}", f"must be positive, got {getattr(self, name)}")
         _at_least(self, key, max_failures=0)  # Ray's -1 (retry forever) would loop on a deterministic failure

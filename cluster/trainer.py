@@ -128,6 +128,8 @@ def _fit(cfg: TrainConfig, number: int, manifest: dict) -> None:
 
         filesystem, storage = store_filesystem(storage)
     workers = (c.min_workers, c.num_workers) if cfg.elastic else c.num_workers
+    if cfg.elastic:  # the controller reads it from the driver's environment (Ray Train propagates it)
+        os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(c.elastic_placement_s)
     trainer = TorchTrainer(
         worker_main,
         train_loop_config={"cfg": cfg.to_dict(), "stage": number},

@@ -466,7 +466,10 @@ def test_garbled_shard_skipped_and_counted(faulted):
 
 # ---------------------------------------------------------------- elastic: a node lost, then back (runs last)
 
-ELASTIC_EPOCHS = 16  # 64 steps: long enough for the node to come back while the run still goes on (32 were not once steps got faster)
+# 80 steps: long enough for the node to come back while the run still goes on. The run shrinks ~35 s after the
+# node loss (cluster.elastic_placement_s), then steps on one worker for the ~25 s Ray Train takes to see the node
+# back: 40 steps there in a run of 64 (32 were not enough once steps got faster, 64 left 20 to spare)
+ELASTIC_EPOCHS = 20
 
 
 @pytest.fixture(scope="module")
