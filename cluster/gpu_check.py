@@ -188,8 +188,11 @@ def init_one_rank(backend: str) -> str:
     import os
     import socket
 
-    if backend == "gloo":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from .engine import set_accelerator_env
+
+    # DeepSpeed's CPU accelerator for gloo, and its ops from where `make venv` built them (torch's default
+    # folder would JIT-build the CPU comm op again, ~30 s, or find it stale)
+    set_accelerator_env(use_gpu=backend != "gloo")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
