@@ -111,9 +111,14 @@ COUNTERS = {"decode_errors"}  # cumulative counts: exported as <name>_total coun
 INCREMENTS = {"samples"}  # counts since the last log: added up into <name>_total counters
 HISTOGRAMS = {"step_seconds"}  # durations: observed into a histogram (once per step of the interval)
 # step-time buckets (s): a tiny CPU step ~0.3 s, a paper step on an H200 in CUDA graphs ~0.013 s
-# close(linger_s): a registry polled this recently has a Prometheus behind it (refresh intervals are ~15-60 s);
-# after the final values were collected, the response still has to reach Prometheus
+# close(linger_s): a registry polled this recently, or a file_sd folder whose exporters were scraped this recently,
+# has a Prometheus behind it (refresh intervals are ~15-60 s); after the final values were collected, the response
+# still has to reach Prometheus
 WATCHED_WITHIN_S, LINGER_GRACE_S = 120.0, 0.3
+# in a file_sd folder: touched (every few seconds at most) when one of its exporters is scraped. A stage too short
+# for Prometheus to find its exporter (file_sd changes reach the scrape loop at most every 5 s) still lingers for
+# its scrape when the folder's earlier exporters (the run's previous stages) were scraped. Not *.json: unseen.
+SCRAPED_MARK, MARK_EVERY_S = ".scraped", 5.0
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 IGNORED = {"stage", "split", "time", "run", "rank", "node"}  # jsonl bookkeeping, not metrics
 # metrics.jsonl's precomputed rate: Prometheus takes rate(facesr_samples_total) instead
@@ -229,6 +234,7 @@ class Telemetry:
         self._last_step: dict[str, float] = {}  # split -> the step key of the last log()
         self._version = 0  # bumped by every update; a scrape records the version it collected
         self._scraped_version = -1  # -1: never scraped
+        self._marked = 0.0  # monotonic time this exporter last touched its file_sd folder's SCRAPED_MARK
         self._httpd = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
@@ -306,7 +312,8 @@ class Telemetry:
         """Withdraw from discovery and stop serving. Safe to call twice.
 
         ``linger_s`` > 0 (a stage that ended normally): when a Prometheus watches this exporter (it has scraped
-        it, or the registry it is advertised in is being polled) but has not scraped it since the last update,
+        it, the registry it is advertised in is being polled, or exporters of its file_sd folder were scraped
+        within ``WATCHED_WITHIN_S``) but has not scraped it since the last update,
         keep serving until it has, ``linger_s`` at most. So a stage's final values reach Prometheus, and so does
         a stage shorter than discovery's refresh plus one scrape interval; an exporter nobody watches closes at
         once."""
@@ -333,7 +340,7 @@ class Telemetry:
         if scraped():
             return
         watched = self._scraped_version >= 0 or (
-            self.registration is not None and self.registration.watched(WATCHED_WITHIN_S))
+            self.registration is not None and self.registration.watched(WATCHED_WITHIN_S)) or self._folder_watched()
         if not watched:
             return
         t0 = time.monotonic()
@@ -397,6 +404,29 @@ class Telemetry:
 
         self.registration = Registration.join(f"{self.run}/{self.node}/r{self.rank}", self.target, self.sd_labels)
 
+    def _folder_watched(self) -> bool:
+        """Whether an exporter of this one's file_sd folder was scraped within ``WATCHED_WITHIN_S``."""
+        if not self.sd_file:
+            return False
+        try:
+            age = time.time() - os.stat(os.path.join(os.path.dirname(self.sd_file), SCRAPED_MARK)).st_mtime
+        except OSError:
+            return False
+        return age < WATCHED_WITHIN_S
+
+    def _mark_scraped(self) -> None:
+        """Touch the file_sd folder's SCRAPED_MARK (at most every ``MARK_EVERY_S``): a Prometheus reads it."""
+        now = time.monotonic()
+        if not self.sd_file or now - self._marked < MARK_EVERY_S:
+            return
+        self._marked = now
+        try:
+            with open(os.path.join(os.path.dirname(self.sd_file), SCRAPED_MARK), "a"):
+                pass
+            os.utime(os.path.join(os.path.dirname(self.sd_file), SCRAPED_MARK))
+        except OSError:
+            pass  # a read-only or vanished folder: the exporter only lingers less
+
     def _advertise(self, sd_dir: str) -> None:
         safe = lambda s: re.sub(r"[^A-Za-z0-9_.-]", "_", str(s))  # noqa: E731
         path = os.path.join(sd_dir, f"{safe(self.run)}-{safe(self.node)}-r{self.rank}.json")
@@ -415,6 +445,7 @@ class Telemetry:
             stage = self.stage
             checkpoint_time = self._checkpoint_time
             self._scraped_version = self._version
+        self._mark_scraped()
         base = [self.run, stage, self.node, str(self.rank)]
         families: dict[str, Metric] = {}
 

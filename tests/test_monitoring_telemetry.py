@@ -303,3 +303,38 @@ def test_close_does_not_linger_unwatched_or_already_scraped(tmp_path):
         closing.start()
         closing.join(timeout=20)
         assert not closing.is_alive(), f"watched={watched}: waited for a scrape it did not need"
+
+
+def test_a_stage_too_short_to_be_found_lingers_where_the_previous_stage_was_scraped(tmp_path):
+    """file_sd: a stage that ends before Prometheus has found its exporter (file_sd changes reach the scrape loop
+    at most every 5 s; a CI run's 8-step stage 3 did) was never scraped itself, but its folder's earlier exporter
+    was: it keeps serving until its final values are scraped. A folder scraped long ago is not watched."""
+    import os
+    import threading
+
+    from cluster.telemetry import SCRAPED_MARK, WATCHED_WITHIN_S
+
+    sd = tmp_path / "sd"
+    before = Telemetry(run="r", stage="sr", rank=0, node="n0", port=0, sd_dir=str(sd))
+    before.log({"loss": 0.5, "step": 4}, split="train")
+    scrape(before)  # the previous stage, watched
+    before.close(linger_s=60)
+    short = Telemetry(run="r", stage="gate", rank=0, node="n0", port=0, sd_dir=str(sd))
+    short.log({"loss": 0.2, "step": 8}, split="val")
+    closing = threading.Thread(target=short.close, kwargs={"linger_s": 60})
+    closing.start()
+    time.sleep(1.0)
+    assert closing.is_alive(), "closed before its final values were scraped"
+    assert scrape(short)["facesr_loss"][0].value == 0.2
+    closing.join(timeout=20)
+    assert not closing.is_alive()
+
+    old = time.time() - WATCHED_WITHIN_S - 1  # the same folder, its last scrape long ago: nobody watches
+    os.utime(sd / SCRAPED_MARK, (old, old))
+    stale = Telemetry(run="r", stage="gate", rank=0, node="n0", port=0, sd_dir=str(sd))
+    stale.log({"loss": 0.2, "step": 8}, split="val")
+    closing = threading.Thread(target=stale.close, kwargs={"linger_s": 60})
+    closing.start()
+    closing.join(timeout=20)
+    assert not closing.is_alive(), "lingered for a folder nobody has scraped for minutes"
+    assert sorted(p.name for p in sd.iterdir()) == [SCRAPED_MARK]  # every exporter withdrew its *.json
