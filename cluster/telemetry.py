@@ -82,6 +82,7 @@ import tempfile
 import threading
 import time
 import weakref
+from pathlib import Path
 from typing import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
@@ -409,7 +410,7 @@ class Telemetry:
         if not self.sd_file:
             return False
         try:
-            age = time.time() - os.stat(os.path.join(os.path.dirname(self.sd_file), SCRAPED_MARK)).st_mtime
+            age = time.time() - Path(self.sd_file).with_name(SCRAPED_MARK).stat().st_mtime
         except OSError:
             return False
         return age < WATCHED_WITHIN_S
@@ -421,9 +422,7 @@ class Telemetry:
             return
         self._marked = now
         try:
-            with open(os.path.join(os.path.dirname(self.sd_file), SCRAPED_MARK), "a"):
-                pass
-            os.utime(os.path.join(os.path.dirname(self.sd_file), SCRAPED_MARK))
+            Path(self.sd_file).with_name(SCRAPED_MARK).touch()
         except OSError:
             pass  # a read-only or vanished folder: the exporter only lingers less
 

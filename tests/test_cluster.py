@@ -468,7 +468,7 @@ def test_garbled_shard_skipped_and_counted(faulted):
 
 # 80 steps: long enough for the node to come back while the run still goes on. The run shrinks ~35 s after the
 # node loss (cluster.elastic_placement_s), then steps on one worker for the ~25 s Ray Train takes to see the node
-# back: 40 steps there in a run of 64 (32 were not enough once steps got faster, 64 left 20 to spare)
+# back: a probe's one-worker phase ran 40 of 64 steps (32 in all were not enough once steps got faster)
 ELASTIC_EPOCHS = 20
 
 
