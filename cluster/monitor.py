@@ -10,7 +10,7 @@ Finds the training workers' exporters two ways, both rendered into cluster/prome
   ``--sd-url`` names the registry directly. Without a reachable cluster, says so and goes on with file_sd.
 * file_sd from ``--sd-dir`` (a folder every worker writes to: one machine, or a shared mount).
 Then starts ``prometheus`` bound to ``--host`` (loopback by default), prints the URL and runs in the
-foreground until Ctrl-C. The tests start Prometheus through the same functions.
+foreground until Ctrl-C or SIGTERM, which stop Prometheus with it. The tests start Prometheus through the same functions.
 """
 
 from __future__ import annotations
@@ -133,6 +133,10 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
     raise TimeoutError(f"prometheus not ready at {url} after {timeout:.0f}s")
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1", help="interface to serve on")
@@ -155,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     proc = start(text, args.data_dir, args.host, args.port, args.install, log_file=sys.stderr)
     prom = f"http://{args.host}:{args.port}"
     found = " and ".join(x for x in (url and f"registry {url}", args.sd_dir and f"{args.sd_dir}/*.json") if x)
+    # SIGTERM (a supervisor's or a script's stop; the one a background job still hears, as it starts with SIGINT
+    # ignored) ends Prometheus too, as Ctrl-C does
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         wait_ready(prom, proc)
         print(f"Prometheus: {prom}  (targets: {prom}/targets)\n"

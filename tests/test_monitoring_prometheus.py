@@ -212,3 +212,36 @@ def test_a_stage_s_final_values_reach_prometheus_before_its_exporter_closes(prom
                  end=f"{time.time():.3f}", step="0.5")["result"]
     values = {float(v) for s in series for _, v in s["values"]}
     assert 0.125 in values, values
+
+
+def test_monitor_started_in_the_background_stops_with_its_prometheus_on_sigterm(tmp_path):
+    """`python -m cluster.monitor` (`make monitor`) started as a background job is (SIGINT ignored, as a
+    non-interactive shell starts `cmd &`): SIGTERM ends it, and the Prometheus it started with it, at once."""
+    import os
+    import signal
+    import sys
+
+    needs_system("prometheus")
+    port = monitor.free_port()
+    log = tmp_path / "monitor.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "cluster.monitor", "--address=none", f"--port={port}",
+                                 f"--sd-dir={tmp_path / 'sd'}", f"--data-dir={tmp_path / 'data'}",
+                                 f"--ray-sd-file={tmp_path / 'ray_sd.json'}"], cwd=ROOT, stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        wait_until(lambda: "Prometheus: http" in log.read_text() or proc.poll() is not None, "monitor ready")
+        assert proc.poll() is None, log.read_text()[-2000:]
+        children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        assert children, "no Prometheus under the monitor"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()[-2000:]
+        for pid in children:  # Prometheus gone too (its zombie reaped by the monitor's wait)
+            assert not Path(f"/proc/{pid}").exists(), log.read_text()[-2000:]
+    finally:
+        try:  # whatever is left of the monitor's process group (an orphaned Prometheus when the test fails)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
