@@ -110,3 +110,32 @@ def test_resumed_stage_eta_ignores_the_gap_before_this_attempt(tmp_path):
     with StageProgress(path, 2, total_steps=200, epochs=4, stream=out, interval_s=3600):
         pass
     assert "0.25 s/step, ETA 25s" in out.getvalue()  # median of 2 intervals at 0.5, the gap and 6 at 0.25
+
+
+def test_console_script_exit_keeps_what_a_normal_exit_would_have_done(tmp_path):
+    """`facesr` ends through ``launch.cli.exit_now`` (no Python finalization): a non-daemon thread still writing,
+    a thread pool's queued work, an atexit handler, a file opened and never closed, buffered stdout, and the
+    command's exit code all come out as after a normal exit."""
+    import subprocess
+    import textwrap
+
+    out = tmp_path / "out"
+    code = textwrap.dedent(f"""
+        import atexit, sys, threading, time
+        from concurrent.futures import ThreadPoolExecutor
+        from pathlib import Path
+        from launch.cli import exit_now
+        out = Path({str(out)!r}); out.mkdir()
+        def late(): time.sleep(0.5); (out / "thread").write_text("done")
+        threading.Thread(target=late).start()
+        ThreadPoolExecutor(1).submit(lambda: (time.sleep(0.5), (out / "pool").write_text("done")))
+        atexit.register(lambda: (out / "atexit").write_text("done"))
+        f = open(out / "unclosed", "w"); f.write("kept"); f = None
+        sys.stdout.write("buffered, no newline")
+        exit_now(7)
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 7, res.stderr
+    assert res.stdout == "buffered, no newline"
+    assert {p.name: p.read_text() for p in out.iterdir()} == {
+        "thread": "done", "pool": "done", "atexit": "done", "unclosed": "kept"}
