@@ -10,7 +10,8 @@ Finds the training workers' exporters two ways, both rendered into cluster/prome
   ``--sd-url`` names the registry directly. Without a reachable cluster, says so and goes on with file_sd.
 * file_sd from ``--sd-dir`` (a folder every worker writes to: one machine, or a shared mount).
 Then starts ``prometheus`` bound to ``--host`` (loopback by default), prints the URL and runs in the
-foreground until Ctrl-C or SIGTERM, which stop Prometheus with it. The tests start Prometheus through the same functions.
+foreground until Ctrl-C or SIGTERM, which stop Prometheus with it. The tests start Prometheus through the same
+functions.
 """
 
 from __future__ import annotations

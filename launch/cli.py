@@ -94,8 +94,9 @@ def entry() -> NoReturn:
 
 def exit_now(code: int) -> NoReturn:
     """End the process without Python's finalization, which tears torch's and Ray's modules down object by object:
-    0.7 s after any command that imported torch, 2-3 s after a training driver of a new local Ray, at every exit
-    (on 2 cores; a script calling facesr in a loop, or the test suite, pays it each time). What finalization does
+    ~0.85 s after any command that imported torch (`facesr info` 4.6 -> 3.75 s), ~2.3 s after a training driver of
+    a new local Ray (its end after the last line 4.2 -> 2.65 s), at every exit (2 cores; a script calling facesr in
+    a loop, or the test suite, pays it each time). What finalization does
     that matters happens first: threads joined as at a normal exit (``threading._shutdown``: non-daemon threads,
     thread pools), atexit handlers run (Ray's shutdown, logging's flush, temporary folders removed), files no
     longer referenced closed, stdout and stderr flushed. Only for a process's own end: never call it from code
