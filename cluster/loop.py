@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from facesr.augment import step_generator, step_seed
-from facesr.hardware import retain_freed_memory
+from facesr.hardware import retain_freed_memory, use_device
 from facesr.step import TermSums, build_ema, compile_forward, resolve_precision, to_device
 from facesr.structured import build
 
@@ -78,13 +78,8 @@ def worker_main(config: dict) -> None:
     from .stages import STAGES
 
     recorder = Recorder(cfg, number, STAGES[number].telemetry_name, rank, local_rank, world, socket.gethostname())
-    if cfg.cluster.use_gpu:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest conv algorithm once
-    else:
-        device = torch.device("cpu")
-        torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
+    device = use_device(torch.device("cuda", local_rank) if cfg.cluster.use_gpu else "cpu",
+                        threads=cfg.cluster.cpus_per_worker)  # cuDNN's autotuner on a GPU; threads on the CPU
 
     precision = resolve_precision(cfg.engine.precision, device, cfg.engine.channels_last)
     classes = read_classes(cfg, number)

@@ -107,6 +107,21 @@ def retain_freed_memory() -> bool:
     return applied
 
 
+def use_device(device: str | torch.device, threads: int | None = None) -> torch.device:
+    """Set this process up to compute on ``device`` as a training worker does, so that what a benchmark times is
+    what trains: on CUDA that GPU current and cuDNN's autotuner on (a step's sizes are fixed, so each
+    convolution's fastest algorithm is timed once, in the first steps, instead of picked by heuristics); on the
+    CPU ``threads`` intra-op threads where given. The worker loop, `bench step` (and its conv peak) and
+    gpu_check's worker step call it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    elif threads:
+        torch.set_num_threads(max(1, int(threads)))
+    return device
+
+
 def conv_peak(seconds: float = 3.0, bf16: bool = True, device: str = "cpu", batch: int = 16) -> dict:
     """Throughput of a large 3×3 convolution (forward), the machine's practical conv peak."""
     dtype = torch.bfloat16 if bf16 else torch.float32

@@ -88,6 +88,7 @@ def _worker_setup(device: str, shards: str, tmp: Path, preset: str, batch: int, 
     """The demo config's stage 2 (robust degradation, cascade + identity priors, precision auto) on ``device``."""
     from cluster.config import load_config
     from cluster.stages import SRStage
+    from facesr.hardware import use_device
     from facesr.step import resolve_precision
 
     manifest = Path(shards) / "manifest.json" if shards else None
@@ -99,7 +100,7 @@ def _worker_setup(device: str, shards: str, tmp: Path, preset: str, batch: int, 
     if shards:
         over.append(f"data.shards={shards}")
     cfg = load_config(ROOT / "launch/configs/demo.yaml", over)
-    dev = torch.device(device)
+    dev = use_device(device)  # as the worker loop: cuDNN's autotuner on
     precision = resolve_precision(cfg.engine.precision, dev)
     torch.manual_seed(0)
     return cfg, classes, dev, precision, SRStage(cfg, classes, dev, precision)

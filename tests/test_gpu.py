@@ -104,3 +104,14 @@ def test_cuda_graph_step_matches_eager():
         sums.add(graphed(net, b))
     eager = float(forward(net, b)["loss"])
     assert abs(sums.mean()["loss"] - eager) < 2e-2 * abs(eager)
+
+
+def test_bench_step_times_convolutions_as_the_workers_pick_them():
+    """`bench step` (and through it gpu_check's step stages) runs with cuDNN's autotuner on, as the worker loop
+    does (facesr.hardware.use_device): its img/s and MFU are the training step's, not heuristics' algorithms."""
+    from launch.bench.step import StepBench, run_bench
+
+    torch.backends.cudnn.benchmark = False
+    r = run_bench(StepBench(preset="tiny", device="cuda", seconds=0.2, peak_seconds=0.1, warmup=2, modes=("off",)),
+                  log=lambda *_: None)
+    assert torch.backends.cudnn.benchmark and r["variants"]

@@ -62,3 +62,16 @@ def test_freed_tensor_memory_stays_in_the_process_once_retained():
 
     assert returned("default") == 6  # above glibc's mmap threshold: unmapped at every free
     assert returned("retain") == 0
+
+
+def test_use_device_sets_the_threads_on_the_cpu_and_leaves_cudnn_alone():
+    """The worker loop and `bench step` set up their device through one function (on CUDA: cuDNN's autotuner,
+    tests/test_gpu.py); on the CPU it sets the intra-op threads asked for and touches nothing of cuDNN."""
+    before, bench = torch.get_num_threads(), torch.backends.cudnn.benchmark
+    try:
+        assert hardware.use_device("cpu", threads=1) == torch.device("cpu")
+        assert torch.get_num_threads() == 1
+        hardware.use_device("cpu")  # no threads given: PyTorch's own count stays
+        assert torch.get_num_threads() == 1 and torch.backends.cudnn.benchmark == bench
+    finally:
+        torch.set_num_threads(before)

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from facesr.hardware import conv_peak, machine_info, synchronize
+from facesr.hardware import conv_peak, machine_info, synchronize, use_device
 from facesr.losses import CSRIPLoss
 from facesr.models import PRESETS, FrozenPrior, SRNet, build_prior, get_preset
 from facesr.step import Precision, TermSums, compile_forward, resolve_precision, sr_forward, to_device
@@ -220,8 +220,7 @@ def time_steps(cfg: StepBench, precision: Precision, mode: str = "off") -> dict:
 
 
 def run_bench(cfg: StepBench, log=print) -> dict:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    use_device(cfg.device, cfg.threads)  # as a worker: cuDNN's autotuner on a GPU (facesr.hardware)
     machine = machine_info(cfg.device)
     log(f"machine: {machine.get('gpu', machine['cpu'])}; ISA {' '.join(machine['isa']) or '?'}; "
         f"{torch.get_num_threads()} threads")
