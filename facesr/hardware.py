@@ -140,6 +140,23 @@ def conv_peak(seconds: float = 3.0, bf16: bool = True, device: str = "cpu", batc
     return {"dtype": str(dtype), "gflops_per_s": flops / dt / 1e9, "shape": f"{batch}x256x56x56 * 256x256x3x3"}
 
 
+def memory_bandwidth(seconds: float = 3.0, device: str = "cpu", mib: int = 256) -> dict:
+    """Bytes a device moves a second copying one large tensor into another (read + write), the roofline's
+    memory side where no datasheet gives it (``launch/bench/roofline.py``)."""
+    n = mib * 2**20 // 4
+    src, dst = torch.rand(n, device=device), torch.empty(n, device=device)
+    for _ in range(2):
+        dst.copy_(src)
+    synchronize(device)
+    k, t0 = 0, time.perf_counter()
+    while k < 3 or time.perf_counter() - t0 < seconds:
+        dst.copy_(src)
+        k += 1
+    synchronize(device)
+    dt = (time.perf_counter() - t0) / k
+    return {"gbytes_per_s": 2 * n * 4 / dt / 1e9, "tensor_mib": mib}
+
+
 def synchronize(device: str | torch.device) -> None:
     """Wait for queued device work (timing); nothing to wait for on the CPU."""
     if torch.device(device).type == "cuda":

@@ -13,6 +13,8 @@ Stages, in order of what matters most:
   step:P:M          `facesr bench step` of preset P (tiny, paper) in engine.step_compile mode M (off = eager,
                     reduce-overhead = CUDA graphs, default = compiled): img/s, MFU against the nominal dense bf16
                     peak and the measured conv peak, launches per step
+  roofline:P        `facesr bench roofline` of preset P: each op class's FLOPs, bytes, roofline bound on this GPU
+                    (datasheet peak and bandwidth) and measured time: where the step's time goes
   deepspeed         a one-process DeepSpeed engine on NCCL: save, load into other weights, same weights
   gpu_tests         pytest -m gpu tests/test_gpu.py
   train_kill_resume needs a full GPU host (Ray, DeepSpeed, WebDataset, 2+ GPUs): a stage-2 run on every GPU
@@ -87,13 +89,16 @@ def plan(a, site: Path | None) -> list[tuple[str, dict, float, str | None]]:
                 caps[mode] * (1.5 if preset == "paper" else 1), no_cuda)
 
     # in order of what matters most, so that the default budget (6 min) runs the first six on one H200 and a
-    # larger --budget-s the rest: the paper step eager and in CUDA graphs, DeepSpeed, the GPU tests, then the
-    # tiny preset, the worker loop's own path to CUDA graphs, and inductor without graphs
+    # larger --budget-s the rest: the paper step eager and in CUDA graphs, DeepSpeed, the GPU tests, then where
+    # the paper step's time goes (roofline), the tiny preset, the worker loop's own path to CUDA graphs, and
+    # inductor without graphs
     first = [m for m in modes if m != "default"]
     out = [("driver", {}, 60, None), ("worker_step", worker, 120, no_cuda)]
     out += [step(p, m) for p in presets if p == "paper" for m in first]
     out.append(("deepspeed", {"shards": ""}, 120, no_cuda or importable("deepspeed")))
     out.append(("gpu_tests", {}, 180, "needs CUDA (--device cpu)" if not cuda else no_cuda))
+    rp = presets[-1]  # where the paper step's time goes against this GPU's roofline (bench roofline)
+    out.append((f"roofline:{rp}", {"preset": rp, "batch": a.batch}, 90 if rp == "paper" else 60, no_cuda))
     out += [step(p, m) for p in presets if p != "paper" for m in first]
     if cuda and not a.quick:
         out.append(("worker_step:reduce-overhead", {**worker, "compile_mode": "reduce-overhead"}, 300, no_cuda))
@@ -119,6 +124,8 @@ def run_stage(name: str, kw: dict, device: str, out: Path) -> dict:
                              kw.get("compile_mode", "off"))
     if kind == "step":
         return g.step(device, kw["preset"], kw["mode"], kw["batch"], kw["seconds"])
+    if kind == "roofline":
+        return g.roofline(device, kw["preset"], kw["batch"])
     if kind == "deepspeed":
         return g.deepspeed_engine(device, kw["shards"])
     if kind == "gpu_tests":
@@ -273,7 +280,9 @@ def _brief(r: dict) -> str:
         return f": {r['error'].splitlines()[0][:300]}"
     parts = [f"{r['images_per_s']:.1f} img/s" if "images_per_s" in r else "",
              f"MFU {100 * r['mfu_nominal']:.1f}% of nominal bf16" if "mfu_nominal" in r else "",
-             f"{100 * r['mfu']:.1f}% of measured conv peak" if "mfu" in r else "",
+             f"{100 * r['mfu']:.1f}% of measured conv peak" if "mfu" in r and "mfu_max_every_op" not in r else "",
+             f"MFU {100 * r['mfu']:.1f}% against a roofline of {100 * r['mfu_max_every_op']:.1f}% (each op its own "
+             f"kernel) and {100 * r['mfu_max_conv_only']:.1f}% (convolutions only)" if "mfu_max_every_op" in r else "",
              f"{r['launches']} launches/step" if "launches" in r else "",
              f"{r['host_syncs']} host syncs" if "host_syncs" in r else "", r.get("gpu", ""), r.get("pytest", "")]
     return ": " + ", ".join(x for x in parts if x) if any(parts) else ""

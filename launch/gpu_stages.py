@@ -55,6 +55,18 @@ def step(device: str, preset: str, mode: str, batch: int, seconds: float) -> dic
             **{k: v[k] for k in keep if k in v}}
 
 
+def roofline(device: str, preset: str, batch: int) -> dict:
+    """`facesr bench roofline` on this device: each op class's FLOPs, bytes, roofline bound and measured time, the
+    step's MFU beside the most it could be with each op its own kernel and with the convolutions alone."""
+    from launch.bench.roofline import roofline as run
+
+    r = run(preset, batch, device, seconds=2.0)
+    m, b = r["measured"], r["bound"]
+    return {"preset": preset, "batch": batch, "target": r["target"], "mfu": m["mfu"], "step_ms": m["step_ms"],
+            "mfu_max_every_op": b["mfu_max_every_op"], "mfu_max_conv_only": b["mfu_max_conv_only"],
+            "of_every_op_bound": m["of_every_op_bound"], "classes": r["classes"]}
+
+
 class PlainEngine:
     """What DeepSpeed ZeRO-0 does on one GPU, in plain PyTorch: loss scaled by 1/accumulation, the optimizer
     stepped at the accumulation boundary. The worker's ``train_step`` runs on it unchanged."""

@@ -46,3 +46,33 @@ def test_bench_eval_times_naive_as_it_ran_before_and_with_the_allocator_setting(
         assert abs(r[f"{k}_face_rows_per_s"] - 8 / r[f"{k}_s"]) < 1e-6
     assert abs(r["speedup"] - r["naive_default_allocator_s"] / r["facesr_s"]) < 1e-9
     assert abs(r["speedup_same_allocator"] - r["naive_s"] / r["facesr_s"]) < 1e-9
+
+
+def test_bench_roofline_counts_the_steps_flops_and_bounds_it_on_a_datasheet_gpu(tmp_path):
+    """`facesr bench roofline --gpu H200` on the tiny step: its FLOPs are the ones FlopCounterMode counts for the
+    same step, every class moves bytes, normalisation and activations compute none, the bounds are ordered
+    (FLOPs alone <= convolutions only <= each op its own kernel) and nothing is measured (the target is not here)."""
+    from launch.bench.step import StepBench, step_flops
+
+    out = tmp_path / "roof.json"
+    assert main(["bench", "roofline", "--preset", "tiny", "--batch", "4", "--gpu", "NVIDIA H200", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert abs(r["step_gflop"] - step_flops(StepBench(preset="tiny", batch=4)) / 1e9) < 1e-6 * r["step_gflop"]
+    assert r["target"]["flops_per_s"] == 989.4e12 and r["target"]["bytes_per_s"] == 4.8e12
+    c = r["classes"]
+    assert c["conv"]["gflop"] > 0.9 * r["step_gflop"] - c.get("matmul", {"gflop": 0})["gflop"]
+    assert c["norm"]["gflop"] == 0 < c["norm"]["gbytes"] and c["activation"]["gflop"] == 0 < c["activation"]["gbytes"]
+    assert all(v["gbytes"] > 0 and v["bound_ms"] > 0 for v in c.values())
+    b = r["bound"]
+    assert b["flops_only_ms"] <= b["conv_only_ms"] <= b["every_op_ms"]
+    assert abs(b["every_op_ms"] - sum(v["bound_ms"] for v in c.values())) < 1e-9 * b["every_op_ms"] + 1e-12
+    assert 0 < b["mfu_max_every_op"] <= b["mfu_max_conv_only"] <= 1 and r["measured"] is None
+
+
+def test_bench_roofline_refuses_a_gpu_it_has_no_datasheet_for(tmp_path, capsys):
+    """One line naming the GPU and the ones it knows, before any step runs; nothing written."""
+    assert main(["bench", "roofline", "--preset", "tiny", "--batch", "2", "--gpu", "Quantum 9000",
+                 "--out", str(tmp_path / "x.json")]) != 0
+    err = capsys.readouterr().err
+    assert "--gpu 'Quantum 9000': not in the datasheet tables" in err and "h200" in err
+    assert not (tmp_path / "x.json").exists()

@@ -45,14 +45,18 @@ def _run(tmp: Path, blocked: tuple[str, ...], *args: str) -> tuple[subprocess.Co
 
 
 def test_harness_on_the_cpu_of_a_bare_host(tmp_path):
-    """Ray, DeepSpeed and WebDataset blocked: the driver (machine), worker-step (no host sync) and step-benchmark
-    stages run and pass, DeepSpeed and the GPU tests are skipped with the reason, the Ray training is named as
+    """Ray, DeepSpeed and WebDataset blocked: the driver (machine), worker-step (no host sync), roofline and
+    step-benchmark stages run and pass, DeepSpeed and the GPU tests are skipped with the reason, the Ray training is named as
     needing a full GPU host with its command; exit 0; the JSON holds every stage."""
     t0 = time.monotonic()
     res, report = _run(tmp_path, ("ray", "deepspeed", "webdataset"), "--quick", "--seconds", "0.2", "--steps", "2")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     st = report["stages"]
-    assert [k for k, v in st.items() if v["status"] == "ok"] == ["driver", "worker_step", "step:tiny:off"], st
+    assert [k for k, v in st.items() if v["status"] == "ok"] == ["driver", "worker_step", "roofline:tiny",
+                                                                 "step:tiny:off"], st
+    roof = st["roofline:tiny"]  # measured here: the CPU's conv peak and copy bandwidth as the target
+    assert 0 < roof["mfu"] and 0 < roof["mfu_max_every_op"] <= roof["mfu_max_conv_only"] <= 1
+    assert roof["classes"]["conv"]["measured_ms"] > 0 and roof["step_ms"] > 0
     assert st["worker_step"]["host_syncs"] == 0 and "made here" in st["worker_step"]["batches"]
     assert st["step:tiny:off"]["launches"] > 100 and st["step:tiny:off"]["images_per_s"] > 0
     assert "deepspeed" in st["deepspeed"]["reason"] and st["deepspeed"]["status"] == "skipped"

@@ -14,6 +14,7 @@ import importlib
 
 KINDS = {  # kind -> module; heavy imports (Ray, DeepSpeed) happen inside each module's run()
     "step": "launch.bench.step",
+    "roofline": "launch.bench.roofline",
     "degrade": "launch.bench.degrade",
     "data": "launch.bench.data",
     "train": "launch.bench.train",

@@ -82,8 +82,14 @@ def nominal_bf16_peak(device: str | torch.device) -> tuple[str, float] | None:
     if torch.device(device).type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
+    tf = lookup(NOMINAL_BF16_TFLOPS, name)
+    return None if tf is None else (name, tf * 1e12)
+
+
+def lookup(table: tuple[tuple[tuple[str, ...], float], ...], name: str) -> float | None:
+    """The value of the first row of a datasheet table whose keys all occur in ``name`` (any case), or None."""
     low = name.lower()
-    return next(((name, tf * 1e12) for keys, tf in NOMINAL_BF16_TFLOPS if all(k in low for k in keys)), None)
+    return next((v for keys, v in table if all(k in low for k in keys)), None)
 
 
 def _computing(e) -> bool:
