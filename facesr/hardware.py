@@ -115,6 +115,8 @@ def use_device(device: str | torch.device, threads: int | None = None) -> torch.
     gpu_check's worker step call it."""
     device = torch.device(device)
     if device.type == "cuda":
+        if device.index is None:  # torch.cuda.set_device refuses a device without an index
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
     elif threads:
