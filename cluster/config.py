@@ -756,9 +756,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads 1e-4 as a float (YAML 1.1 wants 1.0e-4)."""
+    """SafeLoader that reads 1e-4 as a float (YAML 1.1 wants 1.0e-4), and only true/false as booleans (YAML 1.2):
+    YAML 1.1 reads off, on, yes, no, y and n as booleans too, so ``engine.step_compile=off`` (or ``off`` in a
+    file) became False and then the string 'False'. A bool field still takes those words: OmegaConf converts
+    them when it merges (facesr.structured)."""
 
 
+BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag != BOOL]
+                                   for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)$|^[-+]?\.[0-9_]+(?:[eE][-+][0-9]+)?$"),

@@ -99,6 +99,18 @@ def test_overrides_are_typed():
     assert cfg.run.telemetry_port == 9400 and isinstance(cfg.stage2.lr, float)
 
 
+def test_off_is_a_word_where_a_field_takes_words_and_false_where_it_takes_a_boolean(tmp_path):
+    """YAML 1.1 reads off/on/yes/no as booleans: ``engine.step_compile=off`` (its documented value) became False and
+    was refused as 'False'. Only true/false are booleans now; a bool field still takes the words."""
+    cfg = load_config(CPU, ["engine.step_compile=off", "stage1.augment=off", "run.stages=[1]"])
+    assert cfg.engine.step_compile == "off" and cfg.stage1.augment is False
+    assert load_config(CPU, ["stage1.augment=yes", "run.stages=[1]"]).stage1.augment is True
+    f = tmp_path / "c.yaml"
+    f.write_text("defaults: [cpu]\nengine:\n  step_compile: off\nstage1:\n  augment: on\n")
+    cfg = load_config(f)
+    assert cfg.engine.step_compile == "off" and cfg.stage1.augment is True
+
+
 @pytest.mark.parametrize(
     "overrides,field",
     [
