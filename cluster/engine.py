@@ -168,7 +168,30 @@ def initialize(model: nn.Module, stage_cfg: StageConfig, engine: EngineConfig, w
     eng.checkpoint_engine = SafeCheckpointEngine(eng.checkpoint_engine)
     if engine.compile:
         eng.compile()  # compiles the wrapped module in place: parameter names and checkpoints unchanged
+    if engine.step_compile != "off":
+        drop_forward_hooks(eng)
     return eng, b
+
+
+def drop_forward_hooks(eng) -> bool:
+    """Remove the forward pre- and post-hooks DeepSpeed puts on the module it wraps, before a compiled step
+    (``engine.step_compile``) calls that module. For facesr's engines (ZeRO 0-2, autocast its own) the hooks only
+    time, profile and log, but under torch.compile they break the graph (``time.time``) and, worse, Dynamo
+    guards on the counters they read (the engine's ``micro_steps``, its throughput timer's step count), so the
+    step was compiled again as those counted: 4 recompilations in 8 tiny steps on the CPU, each ~140 s for the
+    paper preset on an H200, and past Dynamo's limit of 8 the step would have run eagerly. DeepSpeed drops the
+    same two hooks for its own compiler (DeepCompile). Kept where they do work: ZeRO-3 (parameter discovery) and
+    fp16 auto-cast. Returns whether any hook was removed."""
+    if eng.zero_optimization_partition_weights() or eng.fp16_auto_cast():
+        return False
+    dropped = False
+    for name in ("module_forward_pre_hook", "module_forward_post_hook"):
+        handle = getattr(eng, name, None)
+        if handle is not None:
+            handle.remove()
+            setattr(eng, name, None)
+            dropped = True
+    return dropped
 
 
 def set_lr(eng, lr: float) -> None:

@@ -249,7 +249,7 @@ def train_step(eng, stage, group: list[dict], sums, device, precision, seed: tup
         torch.manual_seed(step_seed(run_seed, epoch, rank, first + j, "global"))  # dropout: the same draw on resume
         batch = to_device(micro, device, precision)
         batch = stage.train_batch(batch, step_generator(run_seed, epoch, rank, first + j, device))
-        terms = forward(eng.module, batch)  # ZeRO ≤ 2 needs no forward hooks
+        terms = forward(eng.module, batch)  # DeepSpeed's forward hooks: timers (dropped if compiled)
         critic_loss = terms.pop("critic_loss", None)
         eng.backward(terms["loss"])
         eng.step()
