@@ -165,8 +165,8 @@ def roofline(preset: str = "paper", batch: int = 8, device: str = "cpu", gpu: st
     classes = {k: v for k, v in classes.items() if v["ops"]}
     flops = sum(f for _, f, _ in costs.ops)
     every_op = sum(c["bound_ms"] for c in classes.values())
-    conv = classes.get("conv", {"bound_ms": 0.0, "gflop": 0.0})
-    conv_only = conv["bound_ms"] + (flops / 1e9 - conv["gflop"]) * 1e9 / P * 1e3  # the rest: its FLOPs, no bytes
+    conv_flops = sum(f for name, f, _ in costs.ops if op_class(name) == "conv")
+    conv_only = classes.get("conv", {}).get("bound_ms", 0.0) + (flops - conv_flops) / P * 1e3  # the rest: FLOPs only
     bound = {"every_op_ms": every_op, "mfu_max_every_op": flops / P / (every_op / 1e3),
              "conv_only_ms": conv_only, "mfu_max_conv_only": flops / P / (conv_only / 1e3),
              "flops_only_ms": flops / P * 1e3}
